@@ -1,0 +1,61 @@
+package main
+
+import (
+	"encoding/json"
+	"fmt"
+
+	"github.com/spf13/cobra"
+	"go.yaml.in/yaml/v3"
+)
+
+type configCheckOptions struct {
+	output string
+}
+
+func newConfigCommand(g *globalOptions) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "config",
+		Short: "Inspect the configuration",
+		Args:  noArgs,
+		RunE:  showHelp,
+	}
+	opts := &configCheckOptions{}
+	check := &cobra.Command{
+		Use:   "check",
+		Short: "Load and validate the configuration, then print the effective result (changes nothing)",
+		Long: `Loads the configuration file (--config), applies PVA_ environment overrides, reports every
+problem at once with its key path and a hint, and exits 2 if there is any. Otherwise prints
+the effective configuration with defaults filled in. Secrets are references (a file or a
+systemd credential), so nothing secret is printed. Changes nothing; safe to re-run.`,
+		Args: noArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			return runConfigCheck(opts, g)
+		},
+	}
+	check.Flags().StringVarP(&opts.output, "output", "o", "yaml", "output format: yaml or json")
+	cmd.AddCommand(check)
+	return cmd
+}
+
+func runConfigCheck(opts *configCheckOptions, g *globalOptions) error {
+	if err := outputFormat(opts.output, "yaml", "json"); err != nil {
+		return err
+	}
+	cfg, err := g.loadConfig()
+	if err != nil {
+		return err
+	}
+	view := cfg.View()
+	if opts.output == "json" {
+		enc := json.NewEncoder(g.stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(view)
+	}
+	out, err := yaml.Marshal(view)
+	if err != nil {
+		return fmt.Errorf("render configuration: %w", err)
+	}
+	fmt.Fprintf(g.stderr, "configuration %s is valid\n", g.configPath)
+	_, err = g.stdout.Write(out)
+	return err
+}

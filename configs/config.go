@@ -1,0 +1,214 @@
+// Package configs owns the agent's configuration: the typed schema, its defaults,
+// loading from a YAML file with PVA_ environment overrides (viper), and validation.
+//
+// Invariants:
+//   - Unknown keys are errors, reported with their full key path and a "did you mean" hint,
+//     so a typo never silently falls back to a default.
+//   - Validation reports every problem at once (errors.Join of *FieldError), each with its
+//     key path and a hint; callers map that to exit code 2.
+//   - Secrets never sit in the configuration: a secret is a SecretRef naming a file or a
+//     systemd credential. An inline value is rejected without being echoed.
+//   - The Vault container's uid/gid live in exactly one place (vault.uid, vault.gid): the
+//     hostPath is provisioned with them and the chart is installed with them.
+package configs
+
+import (
+	"time"
+)
+
+// DefaultPath is where the systemd unit and the verbs look for the configuration.
+const DefaultPath = "/etc/pve-vault-agent/config.yaml"
+
+// EnvPrefix prefixes environment overrides: vault.shares is PVA_VAULT_SHARES.
+const EnvPrefix = "PVA"
+
+// Config is the whole configuration. Field tags name the YAML keys.
+type Config struct {
+	Proxmox    Proxmox    `mapstructure:"proxmox" json:"proxmox"`
+	Nodes      []Node     `mapstructure:"nodes" json:"nodes"`
+	SSH        SSH        `mapstructure:"ssh" json:"ssh"`
+	Kubernetes Kubernetes `mapstructure:"kubernetes" json:"kubernetes"`
+	Chart      Chart      `mapstructure:"chart" json:"chart"`
+	Vault      Vault      `mapstructure:"vault" json:"vault"`
+	Snapshots  Snapshots  `mapstructure:"snapshots" json:"snapshots"`
+	Metrics    Metrics    `mapstructure:"metrics" json:"metrics"`
+}
+
+// Proxmox is the Proxmox VE API used to resolve node VMs and storage IDs.
+// Empty URL means the API is not used (every node has a static address).
+type Proxmox struct {
+	// URL of the API, e.g. https://pve.example.lan:8006/api2/json.
+	URL string `mapstructure:"url" json:"url"`
+	// TokenID is the API token id, user@realm!tokenname.
+	TokenID string `mapstructure:"token_id" json:"token_id"`
+	// TokenSecret names where the token's secret UUID is read from.
+	TokenSecret SecretRef `mapstructure:"token_secret" json:"token_secret"`
+	// CAFile verifies the API's TLS certificate (e.g. /etc/pve/pve-root-ca.pem).
+	CAFile string `mapstructure:"ca_file" json:"ca_file"`
+	// InsecureSkipVerify disables TLS verification; prints a warning on every use.
+	InsecureSkipVerify bool `mapstructure:"insecure_skip_verify" json:"insecure_skip_verify"`
+	// PreferCIDR picks the guest-agent address inside this network when a VM has several.
+	PreferCIDR string `mapstructure:"prefer_cidr" json:"prefer_cidr"`
+	// Timeout bounds each API request.
+	Timeout time.Duration `mapstructure:"timeout" json:"timeout"`
+}
+
+// Node is one Kubernetes node VM that carries a Vault pod and its hostPath.
+// Exactly one of Address, VMID and VMName locates it.
+type Node struct {
+	// Name is the Kubernetes node name (used for PV node affinity).
+	Name string `mapstructure:"name" json:"name"`
+	// Address is a static host name or IP for SSH.
+	Address string `mapstructure:"address" json:"address,omitempty"`
+	// VMID is the Proxmox VM id; the address comes from the QEMU guest agent.
+	VMID int `mapstructure:"vmid" json:"vmid,omitempty"`
+	// VMName is the Proxmox VM name; resolved to a VMID through cluster resources.
+	VMName string `mapstructure:"vm_name" json:"vm_name,omitempty"`
+	// HostPath is the Vault data directory on the node; empty means vault.host_path.
+	HostPath string `mapstructure:"host_path" json:"host_path,omitempty"`
+}
+
+// SSH is how the agent reaches node VMs.
+type SSH struct {
+	User     string    `mapstructure:"user" json:"user"`
+	Port     int       `mapstructure:"port" json:"port"`
+	Identity SecretRef `mapstructure:"identity" json:"identity"`
+	// KnownHosts is verified with x/crypto/ssh/knownhosts; unknown hosts are refused
+	// unless the verb is given --accept-new-host-key.
+	KnownHosts string `mapstructure:"known_hosts" json:"known_hosts"`
+	// Sudo: "auto" (sudo -n when user is not root), "always" or "never".
+	Sudo           string        `mapstructure:"sudo" json:"sudo"`
+	ConnectTimeout time.Duration `mapstructure:"connect_timeout" json:"connect_timeout"`
+	CommandTimeout time.Duration `mapstructure:"command_timeout" json:"command_timeout"`
+}
+
+// Kubernetes is the cluster Vault runs in.
+type Kubernetes struct {
+	Kubeconfig string `mapstructure:"kubeconfig" json:"kubeconfig"`
+	Context    string `mapstructure:"context" json:"context"`
+}
+
+// Chart is the Vault Helm chart and release.
+type Chart struct {
+	// Repository is an https chart repository or an oci:// registry path.
+	Repository string `mapstructure:"repository" json:"repository"`
+	Name       string `mapstructure:"name" json:"name"`
+	// Version pins the chart version exactly (no ranges).
+	Version string `mapstructure:"version" json:"version"`
+	// Path is a local chart directory or .tgz; when set, repository/name/version are ignored.
+	Path        string        `mapstructure:"path" json:"path"`
+	Release     string        `mapstructure:"release" json:"release"`
+	Namespace   string        `mapstructure:"namespace" json:"namespace"`
+	ValuesFiles []string      `mapstructure:"values_files" json:"values_files"`
+	CacheDir    string        `mapstructure:"cache_dir" json:"cache_dir"`
+	Timeout     time.Duration `mapstructure:"timeout" json:"timeout"`
+}
+
+// Vault is how the agent talks to Vault and keeps its keys.
+type Vault struct {
+	// UID and GID the Vault container runs as: the hostPath owner and the chart's
+	// securityContext both come from here.
+	UID int `mapstructure:"uid" json:"uid"`
+	GID int `mapstructure:"gid" json:"gid"`
+	// HostPath is the default data directory on every node.
+	HostPath string `mapstructure:"host_path" json:"host_path"`
+	// DataMode is the hostPath's mode, a quoted octal string.
+	DataMode Mode `mapstructure:"data_mode" json:"data_mode"`
+	// PodAccess: "ssh-tunnel" (pod IP through SSH to its node) or "static" (Addresses).
+	PodAccess string   `mapstructure:"pod_access" json:"pod_access"`
+	Addresses []string `mapstructure:"addresses" json:"addresses"`
+	Port      int      `mapstructure:"port" json:"port"`
+	// TLSCAFile: when set, the listener speaks TLS and is verified against this CA.
+	TLSCAFile string `mapstructure:"tls_ca_file" json:"tls_ca_file"`
+	Shares    int    `mapstructure:"shares" json:"shares"`
+	Threshold int    `mapstructure:"threshold" json:"threshold"`
+	// Keyfile is the sealed file holding the unseal shares.
+	Keyfile string `mapstructure:"keyfile" json:"keyfile"`
+	// Seal: "systemd-creds" or "age".
+	Seal string `mapstructure:"seal" json:"seal"`
+	// SystemdCredsKey is systemd-creds --with-key: auto, host, tpm2 or host+tpm2.
+	SystemdCredsKey string `mapstructure:"systemd_creds_key" json:"systemd_creds_key"`
+	// AgeIdentity decrypts an age-sealed keyfile (seal: age).
+	AgeIdentity SecretRef `mapstructure:"age_identity" json:"age_identity"`
+	// RecoveryRecipient (age1…) receives an offline copy of the keyfile at init.
+	RecoveryRecipient string `mapstructure:"recovery_recipient" json:"recovery_recipient"`
+}
+
+// Snapshots is where and when Raft snapshots are stored.
+type Snapshots struct {
+	// Dir on the Proxmox host; or ProxmoxStorage, a storage ID resolved through the API.
+	Dir            string `mapstructure:"dir" json:"dir"`
+	ProxmoxStorage string `mapstructure:"proxmox_storage" json:"proxmox_storage"`
+	// Schedule is an interval ("6h") or a five-field cron expression ("0 3 * * *").
+	Schedule  string        `mapstructure:"schedule" json:"schedule"`
+	Timeout   time.Duration `mapstructure:"timeout" json:"timeout"`
+	Retention Retention     `mapstructure:"retention" json:"retention"`
+}
+
+// Retention keeps the last N snapshots plus the newest in each period tier.
+type Retention struct {
+	KeepLast int `mapstructure:"keep_last" json:"keep_last"`
+	Hourly   int `mapstructure:"hourly" json:"hourly"`
+	Daily    int `mapstructure:"daily" json:"daily"`
+	Weekly   int `mapstructure:"weekly" json:"weekly"`
+	Monthly  int `mapstructure:"monthly" json:"monthly"`
+}
+
+// Metrics is the Prometheus endpoint of the daemon; empty Listen disables it.
+type Metrics struct {
+	Listen string `mapstructure:"listen" json:"listen"`
+}
+
+// Defaults returns the configuration used where the file and environment say nothing.
+// The values follow the deployment the product was designed from (uid/gid 100, 5/3 shares).
+func Defaults() Config {
+	return Config{
+		Proxmox: Proxmox{Timeout: 30 * time.Second},
+		SSH: SSH{
+			User:           "root",
+			Port:           22,
+			KnownHosts:     "/etc/pve-vault-agent/known_hosts",
+			Sudo:           "auto",
+			ConnectTimeout: 10 * time.Second,
+			CommandTimeout: 60 * time.Second,
+		},
+		Kubernetes: Kubernetes{Kubeconfig: "/etc/pve-vault-agent/kubeconfig"},
+		Chart: Chart{
+			Repository: "https://helm.releases.hashicorp.com",
+			Name:       "vault",
+			Version:    "0.31.0",
+			Release:    "vault",
+			Namespace:  "vault",
+			CacheDir:   "/var/cache/pve-vault-agent/charts",
+			Timeout:    5 * time.Minute,
+		},
+		Vault: Vault{
+			UID:             100,
+			GID:             100,
+			HostPath:        "/srv/vault",
+			DataMode:        0o700,
+			PodAccess:       "ssh-tunnel",
+			Port:            8200,
+			Shares:          5,
+			Threshold:       3,
+			Keyfile:         "/var/lib/pve-vault-agent/unseal.cred",
+			Seal:            "systemd-creds",
+			SystemdCredsKey: "auto",
+		},
+		Snapshots: Snapshots{
+			Dir:       "/var/lib/pve-vault-agent/snapshots",
+			Schedule:  "6h",
+			Timeout:   10 * time.Minute,
+			Retention: Retention{KeepLast: 8, Daily: 7, Weekly: 4, Monthly: 6},
+		},
+		Metrics: Metrics{Listen: "127.0.0.1:9465"},
+	}
+}
+
+// NodeHostPath is the data directory of node n: its own host_path or vault.host_path.
+func (c *Config) NodeHostPath(n Node) string {
+	if n.HostPath != "" {
+		return n.HostPath
+	}
+	return c.Vault.HostPath
+}

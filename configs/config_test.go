@@ -1,0 +1,245 @@
+package configs
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+	"reflect"
+	"sort"
+	"strings"
+	"testing"
+
+	"go.yaml.in/yaml/v3"
+)
+
+const minimal = `
+nodes:
+  - name: w1
+    address: 10.0.0.21
+ssh:
+  identity:
+    file: /etc/pve-vault-agent/id_ed25519
+`
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+func problemPaths(t *testing.T, err error) []string {
+	t.Helper()
+	var ve *ValidationError
+	if !errors.As(err, &ve) {
+		t.Fatalf("error %v is not a *ValidationError", err)
+	}
+	if !errors.Is(err, ErrInvalidConfig) {
+		t.Fatalf("error does not match ErrInvalidConfig")
+	}
+	var out []string
+	for _, p := range ve.Problems {
+		out = append(out, p.Path)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func TestLoadMinimalAppliesDefaults(t *testing.T) {
+	cfg, err := Load(writeConfig(t, minimal))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := Defaults()
+	if cfg.Vault.UID != 100 || cfg.Vault.GID != 100 || cfg.Vault.DataMode != 0o700 || cfg.Vault.Shares != 5 || cfg.Vault.Threshold != 3 {
+		t.Fatalf("vault defaults not applied: %+v", cfg.Vault)
+	}
+	if cfg.SSH != (SSH{User: "root", Port: 22, Identity: SecretRef{File: "/etc/pve-vault-agent/id_ed25519"}, KnownHosts: d.SSH.KnownHosts,
+		Sudo: "auto", ConnectTimeout: d.SSH.ConnectTimeout, CommandTimeout: d.SSH.CommandTimeout}) {
+		t.Fatalf("ssh: %+v", cfg.SSH)
+	}
+	if got := cfg.NodeHostPath(cfg.Nodes[0]); got != "/srv/vault" {
+		t.Fatalf("node host path %q", got)
+	}
+}
+
+func TestLoadExampleIsValid(t *testing.T) {
+	if _, err := Load("config.example.yaml"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Every key of the schema appears in the example, so the example documents all of them.
+func TestExampleDocumentsEveryKey(t *testing.T) {
+	b, err := os.ReadFile("config.example.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var raw map[string]any
+	if err := yaml.Unmarshal(b, &raw); err != nil {
+		t.Fatal(err)
+	}
+	var missing []string
+	var walk func(t reflect.Type, m map[string]any, prefix string)
+	walk = func(t reflect.Type, m map[string]any, prefix string) {
+		for i := 0; i < t.NumField(); i++ {
+			f := t.Field(i)
+			key := f.Tag.Get("mapstructure")
+			v, ok := m[key]
+			if !ok {
+				missing = append(missing, prefix+key)
+				continue
+			}
+			switch {
+			case f.Type == reflect.TypeOf(SecretRef{}):
+				// a leaf: one of file or credential is shown
+			case f.Type.Kind() == reflect.Struct:
+				sub, _ := v.(map[string]any)
+				walk(f.Type, sub, prefix+key+".")
+			case f.Type.Kind() == reflect.Slice && f.Type.Elem().Kind() == reflect.Struct:
+				items, _ := v.([]any)
+				seen := map[string]any{}
+				for _, it := range items {
+					for k, x := range it.(map[string]any) {
+						seen[k] = x
+					}
+				}
+				walk(f.Type.Elem(), seen, prefix+key+"[].")
+			}
+		}
+	}
+	walk(reflect.TypeOf(Config{}), raw, "")
+	if len(missing) > 0 {
+		t.Fatalf("config.example.yaml does not document: %s", strings.Join(missing, ", "))
+	}
+}
+
+func TestLoadReportsEveryProblemWithItsPath(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		body string
+		want []string
+	}{
+		{"three mistakes", `
+nodes:
+  - name: w1
+    adress: 10.0.0.1
+ssh:
+  port: 70000
+  identity: {file: /k}
+vault:
+  threshold: 9
+`, []string{"nodes[0].adress", "ssh.port", "vault.threshold"}},
+		{"no nodes, no identity", `vault: {shares: 1, threshold: 1}`, []string{"nodes", "ssh.identity"}},
+		{"node located twice and duplicated", `
+ssh: {identity: {file: /k}}
+nodes:
+  - name: w1
+    address: 10.0.0.21
+  - name: w1
+    address: 10.0.0.22
+    vmid: 201
+    host_path: /srv/../etc
+proxmox:
+  url: https://pve:8006/api2/json
+  token_id: agent@pve!x
+  token_secret: {file: /etc/pve-vault-agent/pve-token}
+`, []string{"nodes[1]", "nodes[1].host_path", "nodes[1].name"}},
+		{"proxmox needed", `
+nodes: [{name: w1, vm_name: worker-1}]
+ssh: {identity: {credential: ssh-key}}
+`, []string{"proxmox.url"}},
+		{"bad proxmox section", minimal + `
+proxmox:
+  url: http://pve:8006
+  token_id: root
+  token_secret: {file: relative/path}
+  prefer_cidr: 10.0.0.0/33
+`, []string{"proxmox.prefer_cidr", "proxmox.token_id", "proxmox.token_secret.file", "proxmox.url"}},
+		{"modes and schedules", minimal + `
+vault:
+  data_mode: "0755"
+  seal: gpg
+  pod_access: static
+snapshots:
+  schedule: "every day"
+  retention: {keep_last: 0}
+chart:
+  version: "^0.31"
+  release: Vault_Prod
+metrics:
+  listen: "nope"
+`, []string{"chart.release", "chart.version", "metrics.listen", "snapshots.retention.keep_last", "snapshots.schedule", "vault.addresses", "vault.data_mode", "vault.seal"}},
+		{"unquoted mode", minimal + "vault: {data_mode: 0700}\n", []string{"vault.data_mode"}},
+		{"inline secret", minimal + "proxmox: {url: 'https://pve:8006/api2/json', token_id: 'a@pve!b', token_secret: 'deadbeef-secret'}\n", []string{"proxmox.token_secret"}},
+		{"typo in section", minimal + "snapshot: {dir: /x}\n", []string{"snapshot"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Load(writeConfig(t, tc.body))
+			if err == nil {
+				t.Fatal("loaded without error")
+			}
+			got := problemPaths(t, err)
+			if !reflect.DeepEqual(got, tc.want) {
+				t.Fatalf("problem paths %q, want %q\n%v", got, tc.want, err)
+			}
+			if strings.Contains(err.Error(), "deadbeef-secret") {
+				t.Fatalf("error echoes the inline secret: %v", err)
+			}
+		})
+	}
+}
+
+func TestUnknownKeySuggestsTheKnownOne(t *testing.T) {
+	_, err := Load(writeConfig(t, minimal+"vault: {treshold: 3}\n"))
+	if err == nil || !strings.Contains(err.Error(), `vault.treshold: unknown key (did you mean "threshold"?)`) {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestEnvironmentOverrides(t *testing.T) {
+	t.Setenv("PVA_SSH_PORT", "2222")
+	t.Setenv("PVA_VAULT_SHARES", "7")
+	t.Setenv("PVA_SNAPSHOTS_RETENTION_DAILY", "14")
+	t.Setenv("PVA_SSH_IDENTITY_FILE", "/run/key")
+	cfg, err := Load(writeConfig(t, minimal))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.SSH.Port != 2222 || cfg.Vault.Shares != 7 || cfg.Snapshots.Retention.Daily != 14 || cfg.SSH.Identity.File != "/run/key" {
+		t.Fatalf("overrides not applied: port %d shares %d daily %d identity %v", cfg.SSH.Port, cfg.Vault.Shares, cfg.Snapshots.Retention.Daily, cfg.SSH.Identity)
+	}
+	t.Setenv("PVA_SSH_PORT", "twenty-two")
+	_, err = Load(writeConfig(t, minimal))
+	if got := problemPaths(t, err); !reflect.DeepEqual(got, []string{"ssh.port"}) {
+		t.Fatalf("paths %q: %v", got, err)
+	}
+}
+
+func TestMissingFileSaysHowToFix(t *testing.T) {
+	_, err := Load(filepath.Join(t.TempDir(), "absent.yaml"))
+	if !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), "config.example.yaml") {
+		t.Fatalf("got %v", err)
+	}
+	_, err = Load(writeConfig(t, "nodes: [\n"))
+	if !errors.Is(err, ErrInvalidConfig) || !strings.Contains(err.Error(), "not valid YAML") {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func TestViewShowsReferencesOnly(t *testing.T) {
+	cfg, err := Load("config.example.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := cfg.View()
+	px := v["proxmox"].(map[string]any)
+	if !reflect.DeepEqual(px["token_secret"], map[string]any{"credential": "pve-token"}) {
+		t.Fatalf("token_secret view %v", px["token_secret"])
+	}
+	if v["vault"].(map[string]any)["data_mode"] != "0700" || v["ssh"].(map[string]any)["connect_timeout"] != "10s" {
+		t.Fatalf("vault/ssh view %v %v", v["vault"], v["ssh"])
+	}
+}

@@ -1,0 +1,323 @@
+package configs
+
+import (
+	"fmt"
+	"net"
+	"net/url"
+	"path/filepath"
+	"regexp"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/pve-vault-agent/pve-vault-agent/provision"
+)
+
+var (
+	tokenIDRe = regexp.MustCompile(`^[^@!\s]+@[^@!\s]+![A-Za-z][A-Za-z0-9._-]*$`)
+	dns1123Re = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+	nodeRe    = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`)
+	semverRe  = regexp.MustCompile(`^v?\d+\.\d+\.\d+(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$`)
+	cronField = regexp.MustCompile(`^[0-9*,/-]+$`)
+	credRe    = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
+)
+
+type problems []*FieldError
+
+func (p *problems) add(path, problem, hint string) {
+	*p = append(*p, &FieldError{Path: path, Problem: problem, Hint: hint})
+}
+
+// validate checks the decoded configuration and returns every problem found.
+func (c *Config) validate() []*FieldError {
+	var p problems
+	c.validateProxmox(&p)
+	c.validateNodes(&p)
+	c.validateSSH(&p)
+	c.validateKubernetes(&p)
+	c.validateChart(&p)
+	c.validateVault(&p)
+	c.validateSnapshots(&p)
+	if c.Metrics.Listen != "" {
+		if _, port, err := net.SplitHostPort(c.Metrics.Listen); err != nil || !validPort(port) {
+			p.add("metrics.listen", fmt.Sprintf("%q is not host:port", c.Metrics.Listen), `e.g. "127.0.0.1:9465", or "" to disable`)
+		}
+	}
+	return p
+}
+
+func (c *Config) usesProxmox() bool {
+	for _, n := range c.Nodes {
+		if n.VMID != 0 || n.VMName != "" {
+			return true
+		}
+	}
+	return c.Snapshots.ProxmoxStorage != ""
+}
+
+func (c *Config) validateProxmox(p *problems) {
+	px := c.Proxmox
+	if px.URL == "" {
+		if c.usesProxmox() {
+			p.add("proxmox.url", "required: a node is given by vmid/vm_name or snapshots.proxmox_storage is set", "e.g. https://pve.example.lan:8006/api2/json")
+		}
+		return
+	}
+	u, err := url.Parse(px.URL)
+	if err != nil || u.Scheme != "https" || u.Host == "" {
+		p.add("proxmox.url", fmt.Sprintf("%q is not an https URL", px.URL), "e.g. https://pve.example.lan:8006/api2/json")
+	}
+	if !tokenIDRe.MatchString(px.TokenID) {
+		p.add("proxmox.token_id", fmt.Sprintf("%q is not an API token id", px.TokenID), "write it as user@realm!tokenname, e.g. vault-agent@pve!agent")
+	}
+	validateSecretRef(p, "proxmox.token_secret", px.TokenSecret, true)
+	if px.CAFile != "" && !filepath.IsAbs(px.CAFile) {
+		p.add("proxmox.ca_file", "must be an absolute path", "e.g. /etc/pve/pve-root-ca.pem")
+	}
+	if px.CAFile != "" && px.InsecureSkipVerify {
+		p.add("proxmox.insecure_skip_verify", "set together with ca_file", "remove insecure_skip_verify: the CA file already verifies the API")
+	}
+	if px.PreferCIDR != "" {
+		if _, _, err := net.ParseCIDR(px.PreferCIDR); err != nil {
+			p.add("proxmox.prefer_cidr", fmt.Sprintf("%q is not a CIDR", px.PreferCIDR), "e.g. 192.168.10.0/24")
+		}
+	}
+	if px.Timeout <= 0 {
+		p.add("proxmox.timeout", "must be positive", `e.g. "30s"`)
+	}
+}
+
+func (c *Config) validateNodes(p *problems) {
+	if len(c.Nodes) == 0 {
+		p.add("nodes", "at least one node is required", "list the node VM(s) that carry Vault: name plus address, vmid or vm_name")
+		return
+	}
+	seen := map[string]int{}
+	for i, n := range c.Nodes {
+		at := fmt.Sprintf("nodes[%d]", i)
+		if n.Name == "" {
+			p.add(at+".name", "required", "the Kubernetes node name of this VM (kubectl get nodes)")
+		} else if !nodeRe.MatchString(n.Name) || len(n.Name) > 253 {
+			p.add(at+".name", fmt.Sprintf("%q is not a Kubernetes node name", n.Name), "lower-case letters, digits, '-' and '.'")
+		} else if j, dup := seen[n.Name]; dup {
+			p.add(at+".name", fmt.Sprintf("%q is already used by nodes[%d]", n.Name, j), "each node appears once")
+		} else {
+			seen[n.Name] = i
+		}
+		set := 0
+		for _, b := range []bool{n.Address != "", n.VMID != 0, n.VMName != ""} {
+			if b {
+				set++
+			}
+		}
+		if set != 1 {
+			p.add(at, fmt.Sprintf("exactly one of address, vmid and vm_name must be set (found %d)", set), "a static address, or the Proxmox VM by id or name")
+		}
+		if n.VMID < 0 || (n.VMID != 0 && n.VMID < 100) {
+			p.add(at+".vmid", fmt.Sprintf("%d is not a Proxmox VMID", n.VMID), "VMIDs start at 100")
+		}
+		if n.HostPath != "" {
+			if err := provision.CheckHostPath(n.HostPath); err != nil {
+				p.add(at+".host_path", err.Error(), "")
+			}
+		}
+	}
+}
+
+func (c *Config) validateSSH(p *problems) {
+	s := c.SSH
+	if s.User == "" {
+		p.add("ssh.user", "required", `e.g. "root", or a user with passwordless sudo`)
+	}
+	if s.Port < 1 || s.Port > 65535 {
+		p.add("ssh.port", fmt.Sprintf("%d is not a TCP port", s.Port), "1-65535, usually 22")
+	}
+	validateSecretRef(p, "ssh.identity", s.Identity, true)
+	if !filepath.IsAbs(s.KnownHosts) {
+		p.add("ssh.known_hosts", "must be an absolute path", "e.g. /etc/pve-vault-agent/known_hosts")
+	}
+	switch s.Sudo {
+	case "auto", "always", "never":
+	default:
+		p.add("ssh.sudo", fmt.Sprintf("%q is not one of auto, always, never", s.Sudo), `"auto" uses sudo -n when ssh.user is not root`)
+	}
+	if s.ConnectTimeout <= 0 {
+		p.add("ssh.connect_timeout", "must be positive", `e.g. "10s"`)
+	}
+	if s.CommandTimeout <= 0 {
+		p.add("ssh.command_timeout", "must be positive", `e.g. "60s"`)
+	}
+}
+
+func (c *Config) validateKubernetes(p *problems) {
+	if c.Kubernetes.Kubeconfig == "" || !filepath.IsAbs(c.Kubernetes.Kubeconfig) {
+		p.add("kubernetes.kubeconfig", "must be an absolute path", "e.g. /etc/pve-vault-agent/kubeconfig")
+	}
+}
+
+func (c *Config) validateChart(p *problems) {
+	ch := c.Chart
+	if ch.Path != "" {
+		if !filepath.IsAbs(ch.Path) {
+			p.add("chart.path", "must be an absolute path", "a chart directory or .tgz archive")
+		}
+	} else {
+		switch {
+		case strings.HasPrefix(ch.Repository, "oci://"):
+		case strings.HasPrefix(ch.Repository, "https://") || strings.HasPrefix(ch.Repository, "http://"):
+			if _, err := url.Parse(ch.Repository); err != nil {
+				p.add("chart.repository", "not a URL", "e.g. https://helm.releases.hashicorp.com")
+			}
+		default:
+			p.add("chart.repository", fmt.Sprintf("%q is not an https:// repository or oci:// reference", ch.Repository), "e.g. https://helm.releases.hashicorp.com, or set chart.path for a local chart")
+		}
+		if ch.Name == "" {
+			p.add("chart.name", "required", `the chart's name in the repository, e.g. "vault"`)
+		}
+		if !semverRe.MatchString(ch.Version) {
+			p.add("chart.version", fmt.Sprintf("%q is not an exact version", ch.Version), `pin one release, e.g. "0.31.0"; ranges are not accepted`)
+		}
+	}
+	if !dns1123Re.MatchString(ch.Release) || len(ch.Release) > 53 {
+		p.add("chart.release", fmt.Sprintf("%q is not a valid release name", ch.Release), "lower-case letters, digits and '-', at most 53 characters")
+	}
+	if !dns1123Re.MatchString(ch.Namespace) || len(ch.Namespace) > 63 {
+		p.add("chart.namespace", fmt.Sprintf("%q is not a valid namespace", ch.Namespace), "lower-case letters, digits and '-', at most 63 characters")
+	}
+	for i, f := range ch.ValuesFiles {
+		if !filepath.IsAbs(f) {
+			p.add(fmt.Sprintf("chart.values_files[%d]", i), "must be an absolute path", "e.g. /etc/pve-vault-agent/values.yaml")
+		}
+	}
+	if !filepath.IsAbs(ch.CacheDir) {
+		p.add("chart.cache_dir", "must be an absolute path", "e.g. /var/cache/pve-vault-agent/charts")
+	}
+	if ch.Timeout <= 0 {
+		p.add("chart.timeout", "must be positive", `e.g. "5m"`)
+	}
+}
+
+func (c *Config) validateVault(p *problems) {
+	v := c.Vault
+	if v.UID < 0 || v.UID > 65535 {
+		p.add("vault.uid", fmt.Sprintf("%d is out of range", v.UID), "the chart runs Vault as 100")
+	}
+	if v.GID < 0 || v.GID > 65535 {
+		p.add("vault.gid", fmt.Sprintf("%d is out of range", v.GID), "the chart runs Vault with group 100")
+	}
+	if err := provision.CheckHostPath(v.HostPath); err != nil {
+		p.add("vault.host_path", err.Error(), "")
+	}
+	if v.DataMode&0o007 != 0 || v.DataMode&0o700 != 0o700 || v.DataMode > 0o777 {
+		p.add("vault.data_mode", fmt.Sprintf("%s is not a tight mode for Vault's data", v.DataMode), `the owner needs rwx and others nothing: "0700" (default) or "0750"`)
+	}
+	switch v.PodAccess {
+	case "ssh-tunnel":
+	case "static":
+		if len(v.Addresses) == 0 {
+			p.add("vault.addresses", "required when pod_access is static", "one URL per Vault pod, e.g. http://10.0.0.21:8200")
+		}
+	default:
+		p.add("vault.pod_access", fmt.Sprintf("%q is not ssh-tunnel or static", v.PodAccess), `"ssh-tunnel" reaches each pod through its node`)
+	}
+	for i, a := range v.Addresses {
+		if u, err := url.Parse(a); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			p.add(fmt.Sprintf("vault.addresses[%d]", i), fmt.Sprintf("%q is not an http(s) URL", a), "e.g. http://10.0.0.21:8200")
+		}
+	}
+	if v.Port < 1 || v.Port > 65535 {
+		p.add("vault.port", fmt.Sprintf("%d is not a TCP port", v.Port), "the chart listens on 8200")
+	}
+	if v.TLSCAFile != "" && !filepath.IsAbs(v.TLSCAFile) {
+		p.add("vault.tls_ca_file", "must be an absolute path", "the CA that signed Vault's listener certificate")
+	}
+	if v.Shares < 1 || v.Shares > 255 {
+		p.add("vault.shares", fmt.Sprintf("%d is out of range", v.Shares), "1-255; 5 is usual")
+	}
+	switch {
+	case v.Threshold < 1 || v.Threshold > v.Shares:
+		p.add("vault.threshold", fmt.Sprintf("%d must be between 1 and vault.shares (%d)", v.Threshold, v.Shares), "3 of 5 is usual")
+	case v.Shares > 1 && v.Threshold < 2:
+		p.add("vault.threshold", "must be at least 2 when there is more than one share", "Vault refuses a threshold of 1 with several shares")
+	}
+	if !filepath.IsAbs(v.Keyfile) {
+		p.add("vault.keyfile", "must be an absolute path", "e.g. /var/lib/pve-vault-agent/unseal.cred")
+	}
+	switch v.Seal {
+	case "systemd-creds":
+		switch v.SystemdCredsKey {
+		case "auto", "host", "tpm2", "host+tpm2":
+		default:
+			p.add("vault.systemd_creds_key", fmt.Sprintf("%q is not auto, host, tpm2 or host+tpm2", v.SystemdCredsKey), "passed to systemd-creds encrypt --with-key")
+		}
+	case "age":
+		validateSecretRef(p, "vault.age_identity", v.AgeIdentity, true)
+	default:
+		p.add("vault.seal", fmt.Sprintf("%q is not systemd-creds or age", v.Seal), `"systemd-creds" seals with the host key (TPM2 where present)`)
+	}
+	if v.RecoveryRecipient != "" && !strings.HasPrefix(v.RecoveryRecipient, "age1") {
+		p.add("vault.recovery_recipient", "not an age public key", "it starts with age1…; create one offline with age-keygen")
+	}
+}
+
+func (c *Config) validateSnapshots(p *problems) {
+	s := c.Snapshots
+	if s.ProxmoxStorage == "" && !filepath.IsAbs(s.Dir) {
+		p.add("snapshots.dir", "must be an absolute path", "e.g. /var/lib/pve-vault-agent/snapshots")
+	}
+	if s.ProxmoxStorage != "" && !dns1123Re.MatchString(strings.ToLower(s.ProxmoxStorage)) {
+		p.add("snapshots.proxmox_storage", fmt.Sprintf("%q is not a storage ID", s.ProxmoxStorage), "as in pvesm status, e.g. local")
+	}
+	if err := checkSchedule(s.Schedule); err != nil {
+		p.add("snapshots.schedule", err.Error(), `an interval like "6h" or a cron expression like "0 3 * * *"`)
+	}
+	if s.Timeout <= 0 {
+		p.add("snapshots.timeout", "must be positive", `e.g. "10m"`)
+	}
+	r := s.Retention
+	if r.KeepLast < 1 {
+		p.add("snapshots.retention.keep_last", "must be at least 1", "the newest snapshot is always kept")
+	}
+	for name, n := range map[string]int{"hourly": r.Hourly, "daily": r.Daily, "weekly": r.Weekly, "monthly": r.Monthly} {
+		if n < 0 {
+			p.add("snapshots.retention."+name, "must not be negative", "0 disables the tier")
+		}
+	}
+}
+
+func checkSchedule(s string) error {
+	if d, err := time.ParseDuration(s); err == nil {
+		if d < time.Minute {
+			return fmt.Errorf("interval %s is shorter than a minute", d)
+		}
+		return nil
+	}
+	fields := strings.Fields(s)
+	if len(fields) != 5 {
+		return fmt.Errorf("%q is neither an interval nor a five-field cron expression", s)
+	}
+	for _, f := range fields {
+		if !cronField.MatchString(f) {
+			return fmt.Errorf("cron field %q is not valid", f)
+		}
+	}
+	return nil
+}
+
+func validateSecretRef(p *problems, at string, r SecretRef, required bool) {
+	switch {
+	case r.File != "" && r.Credential != "":
+		p.add(at, "both file and credential are set", "keep one")
+	case r.File != "" && !filepath.IsAbs(r.File):
+		p.add(at+".file", "must be an absolute path", "a file with mode 0600")
+	case r.Credential != "" && !credRe.MatchString(r.Credential):
+		p.add(at+".credential", fmt.Sprintf("%q is not a credential name", r.Credential), "as in LoadCredentialEncrypted=NAME:…")
+	case !r.IsSet() && required:
+		p.add(at, "required", "set file: /path/to/0600-file or credential: NAME")
+	}
+}
+
+func validPort(s string) bool {
+	n, err := strconv.Atoi(s)
+	return err == nil && n >= 0 && n <= 65535
+}

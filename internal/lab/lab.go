@@ -1,0 +1,181 @@
+// Package lab runs the real servers that the tests and `make demo` use, all on
+// loopback: a Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager),
+// OpenSSH sshd "node VMs", Vault servers with Raft storage, and a fake Proxmox VE API
+// (the one stand-in: it answers with the real API's JSON shapes and status lines).
+//
+// Every Start function waits for its server to answer (a condition with a deadline,
+// never a fixed sleep) and returns a value whose Close stops it and removes nothing the
+// caller owns. The binaries are built by scripts/lab-bins.sh into a cache outside the
+// repository; Need reports them missing as a skip on a laptop and a failure under CI=true.
+package lab
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// Versions of the lab binaries; scripts/lab-bins.sh builds exactly these.
+const (
+	VaultVersion = "1.21.4"
+	KubeVersion  = "1.37.2"
+	EtcdVersion  = "3.7.3"
+)
+
+// Bins are the absolute paths of the lab's server binaries.
+type Bins struct {
+	Vault                 string
+	Etcd                  string
+	KubeAPIServer         string
+	KubeControllerManager string
+	SSHD                  string
+	SSHKeygen             string
+	SystemdCreds          string
+}
+
+// CacheDir is where scripts/lab-bins.sh keeps the binaries: $PVA_LAB_CACHE, else
+// /var/cache/pve-vault-agent-lab for root (readable by the uid-100 Vault the tests run),
+// else $XDG_CACHE_HOME/pve-vault-agent-lab.
+func CacheDir() string {
+	if d := os.Getenv("PVA_LAB_CACHE"); d != "" {
+		return d
+	}
+	if os.Geteuid() == 0 {
+		return "/var/cache/pve-vault-agent-lab"
+	}
+	if d, err := os.UserCacheDir(); err == nil {
+		return filepath.Join(d, "pve-vault-agent-lab")
+	}
+	return filepath.Join(os.TempDir(), "pve-vault-agent-lab")
+}
+
+// FindBins locates every lab binary and reports all that are missing at once.
+func FindBins() (Bins, error) {
+	c := CacheDir()
+	b := Bins{
+		Vault:                 filepath.Join(c, "vault-"+VaultVersion, "vault"),
+		Etcd:                  filepath.Join(c, "etcd-"+EtcdVersion, "etcd"),
+		KubeAPIServer:         filepath.Join(c, "kube-"+KubeVersion, "kube-apiserver"),
+		KubeControllerManager: filepath.Join(c, "kube-"+KubeVersion, "kube-controller-manager"),
+		SSHD:                  "/usr/sbin/sshd",
+	}
+	var missing []string
+	for _, p := range []string{b.Vault, b.Etcd, b.KubeAPIServer, b.KubeControllerManager, b.SSHD} {
+		if fi, err := os.Stat(p); err != nil || fi.Mode()&0o111 == 0 {
+			missing = append(missing, p)
+		}
+	}
+	for _, name := range []string{"ssh-keygen", "systemd-creds"} {
+		p, err := exec.LookPath(name)
+		if err != nil {
+			missing = append(missing, name)
+		}
+		switch name {
+		case "ssh-keygen":
+			b.SSHKeygen = p
+		case "systemd-creds":
+			b.SystemdCreds = p
+		}
+	}
+	if len(missing) > 0 {
+		return b, fmt.Errorf("lab prerequisites missing: %s; run `make lab-bins` (installs openssh-server and builds Vault %s, etcd %s, Kubernetes %s into %s)",
+			strings.Join(missing, ", "), VaultVersion, EtcdVersion, KubeVersion, c)
+	}
+	return b, nil
+}
+
+// InCI reports whether missing prerequisites must fail rather than skip (CI=true).
+func InCI() bool {
+	v := strings.ToLower(os.Getenv("CI"))
+	return v == "true" || v == "1"
+}
+
+// Need returns the lab binaries, or ends the test: a failure under CI=true, a skip
+// (with the reason and the fix) on a developer's machine.
+func Need(t testing.TB) Bins {
+	t.Helper()
+	if testing.Short() {
+		t.Skip("lab test: skipped with -short")
+	}
+	b, err := FindBins()
+	if err == nil {
+		return b
+	}
+	if InCI() {
+		t.Fatalf("CI=true: %v", err)
+	}
+	t.Skipf("skipped outside CI: %v", err) // never silent under CI=true: see above
+	return b
+}
+
+// FreePort returns a TCP port on ip that was free a moment ago.
+func FreePort(ip string) (int, error) {
+	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
+	if err != nil {
+		return 0, fmt.Errorf("find a free port on %s: %w", ip, err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// Permanent marks a condition error that polling cannot fix (the server exited):
+// WaitFor returns it at once instead of waiting out its timeout.
+func Permanent(err error) error { return &permanentError{err} }
+
+type permanentError struct{ err error }
+
+func (e *permanentError) Error() string { return e.err.Error() }
+func (e *permanentError) Unwrap() error { return e.err }
+
+// WaitFor polls cond every 25ms until it returns nil, the timeout passes, ctx ends or
+// cond returns a Permanent error; the error says what was awaited and why it failed.
+func WaitFor(ctx context.Context, timeout time.Duration, what string, cond func(context.Context) error) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	tick := time.NewTicker(25 * time.Millisecond)
+	defer tick.Stop()
+	var last error
+	for {
+		if last = cond(ctx); last == nil {
+			return nil
+		}
+		var perm *permanentError
+		if errors.As(last, &perm) {
+			return fmt.Errorf("%s: %w", what, perm.err)
+		}
+		select {
+		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return fmt.Errorf("%s: not ready after %s: %w", what, timeout, last)
+			}
+			return fmt.Errorf("%s: %w", what, ctx.Err())
+		case <-tick.C:
+		}
+	}
+}
+
+// MakeTraversable adds search (o+x) permission to every ancestor of dir below the
+// system temp directory, so a server running as another uid (Vault as 100) can reach
+// dir. dir itself is left alone: its owner and mode are what the test is about.
+func MakeTraversable(dir string) error {
+	tmp := filepath.Clean(os.TempDir())
+	for p := filepath.Dir(filepath.Clean(dir)); strings.HasPrefix(p, tmp+string(os.PathSeparator)); p = filepath.Dir(p) {
+		fi, err := os.Stat(p)
+		if err != nil {
+			return err
+		}
+		if fi.Mode().Perm()&0o001 == 0 {
+			if err := os.Chmod(p, fi.Mode().Perm()|0o011); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}

@@ -1,0 +1,164 @@
+package lab
+
+import (
+	"bufio"
+	"context"
+	"crypto/ed25519"
+	"crypto/rand"
+	"encoding/pem"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"golang.org/x/crypto/ssh"
+	"golang.org/x/crypto/ssh/knownhosts"
+)
+
+// SSHD is an OpenSSH server playing a node VM: its own host key, listening on a
+// loopback address, accepting public keys listed per user under Dir/authorized_keys.
+type SSHD struct {
+	Host    string // e.g. 127.0.0.1
+	Port    int
+	Dir     string
+	HostKey ssh.PublicKey
+	// ClientKeyPath is an OpenSSH private key (mode 0600) authorised for root.
+	ClientKeyPath string
+	ClientSigner  ssh.Signer
+	proc          *Process
+}
+
+// Addr is host:port.
+func (s *SSHD) Addr() string { return net.JoinHostPort(s.Host, strconv.Itoa(s.Port)) }
+
+// KnownHostsLine is the known_hosts entry for this server's host key.
+func (s *SSHD) KnownHostsLine() string {
+	return knownhosts.Line([]string{knownhosts.Normalize(s.Addr())}, s.HostKey)
+}
+
+// WriteKnownHosts writes a known_hosts file trusting this server, mode 0600.
+func (s *SSHD) WriteKnownHosts(path string) error {
+	return os.WriteFile(path, []byte(s.KnownHostsLine()+"\n"), 0o600)
+}
+
+// Authorize lets user log in with pub (appends to that user's authorized_keys).
+func (s *SSHD) Authorize(user string, pub ssh.PublicKey) error {
+	f, err := os.OpenFile(filepath.Join(s.Dir, "authorized_keys", user), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = f.Write(ssh.MarshalAuthorizedKey(pub))
+	return err
+}
+
+// Process is the sshd process (for logs or a crash).
+func (s *SSHD) Process() *Process { return s.proc }
+
+// Close stops sshd.
+func (s *SSHD) Close() { s.proc.Stop() }
+
+// NewKey creates an ed25519 key and writes it as an OpenSSH private key file (0600).
+func NewKey(path string) (ssh.Signer, error) {
+	_, priv, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	block, err := ssh.MarshalPrivateKey(priv, "lab")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(path, pem.EncodeToMemory(block), 0o600); err != nil {
+		return nil, err
+	}
+	return ssh.NewSignerFromKey(priv)
+}
+
+// StartSSHD starts sshd on host (a loopback address) and a free port, with state in dir.
+func StartSSHD(ctx context.Context, bins Bins, dir, host string) (*SSHD, error) {
+	if host == "" {
+		host = "127.0.0.1"
+	}
+	if err := os.MkdirAll(filepath.Join(dir, "authorized_keys"), 0o755); err != nil {
+		return nil, err
+	}
+	// sshd insists on its privilege-separation directory.
+	if err := os.MkdirAll("/run/sshd", 0o755); err != nil {
+		return nil, fmt.Errorf("sshd needs /run/sshd: %w", err)
+	}
+	hostSigner, err := NewKey(filepath.Join(dir, "ssh_host_ed25519_key"))
+	if err != nil {
+		return nil, err
+	}
+	clientSigner, err := NewKey(filepath.Join(dir, "client_ed25519"))
+	if err != nil {
+		return nil, err
+	}
+	port, err := FreePort(host)
+	if err != nil {
+		return nil, err
+	}
+	s := &SSHD{Host: host, Port: port, Dir: dir, HostKey: hostSigner.PublicKey(),
+		ClientKeyPath: filepath.Join(dir, "client_ed25519"), ClientSigner: clientSigner}
+	if err := s.Authorize("root", clientSigner.PublicKey()); err != nil {
+		return nil, err
+	}
+	cfg := strings.Join([]string{
+		"ListenAddress " + s.Addr(),
+		"HostKey " + filepath.Join(dir, "ssh_host_ed25519_key"),
+		"PidFile " + filepath.Join(dir, "sshd.pid"),
+		"AuthorizedKeysFile " + filepath.Join(dir, "authorized_keys", "%u"),
+		"StrictModes no",
+		"UsePAM no",
+		"PermitRootLogin prohibit-password",
+		"PasswordAuthentication no",
+		"KbdInteractiveAuthentication no",
+		"PubkeyAuthentication yes",
+		"AllowTcpForwarding yes",
+		"LogLevel VERBOSE",
+		"MaxStartups 100",
+		"", // trailing newline
+	}, "\n")
+	cfgPath := filepath.Join(dir, "sshd_config")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		return nil, err
+	}
+	p, err := startProcess("sshd", filepath.Join(dir, "sshd.log"), bins.SSHD, []string{"-D", "-e", "-f", cfgPath}, nil, nil)
+	if err != nil {
+		return nil, err
+	}
+	s.proc = p
+	err = WaitFor(ctx, 10*time.Second, "sshd on "+s.Addr(), func(ctx context.Context) error {
+		if err := p.errIfExited(); err != nil {
+			return err
+		}
+		return readBanner(ctx, s.Addr())
+	})
+	if err != nil {
+		p.Stop()
+		return nil, err
+	}
+	return s, nil
+}
+
+// readBanner connects and reads the SSH identification line.
+func readBanner(ctx context.Context, addr string) error {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if !strings.HasPrefix(line, "SSH-2.0-") {
+		return fmt.Errorf("unexpected banner %q", line)
+	}
+	return nil
+}
