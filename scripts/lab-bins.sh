@@ -30,6 +30,8 @@ command -v openssl >/dev/null || need_pkgs+=(openssl)
 command -v systemd-creds >/dev/null || need_pkgs+=(systemd)
 command -v sudo >/dev/null || need_pkgs+=(sudo)
 command -v curl >/dev/null || need_pkgs+=(curl)
+command -v ip >/dev/null || need_pkgs+=(iproute2)
+command -v useradd >/dev/null || need_pkgs+=(passwd)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
 	log "apt-get install ${need_pkgs[*]}"
 	if [ "$(id -u)" -ne 0 ]; then

@@ -48,13 +48,12 @@ func (c *ControlPlane) Close() {
 // StartControlPlane brings up etcd, the API server (waits for /readyz) and the
 // controller-manager (waits for its first leader-less sync: the default service
 // account in "default"), with all state in dir.
-func StartControlPlane(ctx context.Context, bins Bins, dir string) (cp *ControlPlane, err error) {
+func StartControlPlane(ctx context.Context, bins Bins, dir string) (_ *ControlPlane, err error) {
 	t0 := time.Now()
-	cp = &ControlPlane{Dir: dir}
+	cp := &ControlPlane{Dir: dir}
 	defer func() {
 		if err != nil {
 			cp.Close()
-			cp = nil
 		}
 	}()
 	pki := filepath.Join(dir, "pki")
@@ -73,7 +72,9 @@ func StartControlPlane(ctx context.Context, bins Bins, dir string) (cp *ControlP
 	if err != nil {
 		return nil, err
 	}
-	kcmCert, err := ca.Issue("system:kube-controller-manager", nil, nil, false)
+	// The lab runs every controller under one identity with full rights (no
+	// --use-service-account-credentials), so it is a cluster admin.
+	kcmCert, err := ca.Issue("system:kube-controller-manager", []string{"system:masters"}, nil, false)
 	if err != nil {
 		return nil, err
 	}
@@ -174,7 +175,7 @@ func StartControlPlane(ctx context.Context, bins Bins, dir string) (cp *ControlP
 		"--kubeconfig=" + kcmConfig,
 		"--secure-port=0",
 		"--leader-elect=false",
-		"--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-route,-service-lb-controller",
+		"--controllers=*,-node-ipam-controller,-node-lifecycle-controller",
 		"--service-account-private-key-file=" + filepath.Join(pki, "sa.key"),
 		"--root-ca-file=" + cp.CAFile,
 		"--use-service-account-credentials=false",

@@ -38,6 +38,7 @@ type Bins struct {
 	SSHD                  string
 	SSHKeygen             string
 	SystemdCreds          string
+	IP                    string // iproute2, for network namespaces
 }
 
 // CacheDir is where scripts/lab-bins.sh keeps the binaries: $PVA_LAB_CACHE, else
@@ -72,17 +73,12 @@ func FindBins() (Bins, error) {
 			missing = append(missing, p)
 		}
 	}
-	for _, name := range []string{"ssh-keygen", "systemd-creds"} {
+	for name, dst := range map[string]*string{"ssh-keygen": &b.SSHKeygen, "systemd-creds": &b.SystemdCreds, "ip": &b.IP, "sudo": new(string), "useradd": new(string)} {
 		p, err := exec.LookPath(name)
 		if err != nil {
 			missing = append(missing, name)
 		}
-		switch name {
-		case "ssh-keygen":
-			b.SSHKeygen = p
-		case "systemd-creds":
-			b.SystemdCreds = p
-		}
+		*dst = p
 	}
 	if len(missing) > 0 {
 		return b, fmt.Errorf("lab prerequisites missing: %s; run `make lab-bins` (installs openssh-server and builds Vault %s, etcd %s, Kubernetes %s into %s)",

@@ -237,6 +237,41 @@ func TestSSHDAcceptsKeyAndVerifiesHost(t *testing.T) {
 	}
 }
 
+// A node VM in its own network namespace: sshd listens on the node address, port 22,
+// reached from the host over the veth pair.
+func TestSSHDInNetns(t *testing.T) {
+	bins := Need(t)
+	ctx := testCtx(t, 30*time.Second)
+	ns, err := NewNetns(ctx, bins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Close)
+	s, err := StartSSHDIn(ctx, bins, t.TempDir(), ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	if s.Addr() != ns.NodeIP+":22" {
+		t.Fatalf("sshd on %s, want %s:22", s.Addr(), ns.NodeIP)
+	}
+	client, err := ssh.Dial("tcp", s.Addr(), &ssh.ClientConfig{
+		User: "root", Auth: []ssh.AuthMethod{ssh.PublicKeys(s.ClientSigner)}, HostKeyCallback: ssh.FixedHostKey(s.HostKey), Timeout: 5 * time.Second,
+	})
+	if err != nil {
+		t.Fatalf("ssh into the namespace: %v\n%s", err, s.Process().Tail(10))
+	}
+	defer client.Close()
+	sess, err := client.NewSession()
+	if err != nil {
+		t.Fatal(err)
+	}
+	out, err := sess.Output("ip -4 -o addr show")
+	if err != nil || !strings.Contains(string(out), ns.NodeIP+"/30") {
+		t.Fatalf("the session does not run in the namespace: %v %s", err, out)
+	}
+}
+
 func vaultClient(t *testing.T, addr string) *vaultapi.Client {
 	t.Helper()
 	cfg := vaultapi.DefaultConfig()

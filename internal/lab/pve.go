@@ -5,6 +5,8 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"io"
+	"log"
 	"net"
 	"net/http"
 	"net/netip"
@@ -103,7 +105,8 @@ func StartPVE(dir, tokenID, secret string) (*PVE, error) {
 		storages:    map[string]*FakeStorage{},
 	}
 	// HTTP/1.1 only (TLSNextProto set): the real API's reason phrases need a raw status line.
-	p.srv = &http.Server{Handler: p, TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){}}
+	p.srv = &http.Server{Handler: p, TLSNextProto: map[string]func(*http.Server, *tls.Conn, http.Handler){},
+		ErrorLog: log.New(io.Discard, "", 0)} // clients that refuse the certificate are expected
 	tlsLn := tls.NewListener(ln, &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12})
 	go func() { _ = p.srv.Serve(tlsLn) }()
 	return p, nil

@@ -82,6 +82,19 @@ func StartSSHD(ctx context.Context, bins Bins, dir, host string) (*SSHD, error) 
 	if host == "" {
 		host = "127.0.0.1"
 	}
+	port, err := FreePort(host)
+	if err != nil {
+		return nil, err
+	}
+	return startSSHD(ctx, bins, dir, host, port, nil)
+}
+
+// StartSSHDIn starts sshd inside ns on its node address, port 22, like a VM's sshd.
+func StartSSHDIn(ctx context.Context, bins Bins, dir string, ns *Netns) (*SSHD, error) {
+	return startSSHD(ctx, bins, dir, ns.NodeIP, 22, ns)
+}
+
+func startSSHD(ctx context.Context, bins Bins, dir, host string, port int, ns *Netns) (*SSHD, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "authorized_keys"), 0o755); err != nil {
 		return nil, err
 	}
@@ -94,10 +107,6 @@ func StartSSHD(ctx context.Context, bins Bins, dir, host string) (*SSHD, error) 
 		return nil, err
 	}
 	clientSigner, err := NewKey(filepath.Join(dir, "client_ed25519"))
-	if err != nil {
-		return nil, err
-	}
-	port, err := FreePort(host)
 	if err != nil {
 		return nil, err
 	}
@@ -126,7 +135,11 @@ func StartSSHD(ctx context.Context, bins Bins, dir, host string) (*SSHD, error) 
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return nil, err
 	}
-	p, err := startProcess("sshd", filepath.Join(dir, "sshd.log"), bins.SSHD, []string{"-D", "-e", "-f", cfgPath}, nil, nil)
+	bin, args := bins.SSHD, []string{"-D", "-e", "-f", cfgPath}
+	if ns != nil {
+		bin, args = ns.Wrap(bin, args...)
+	}
+	p, err := startProcess("sshd", filepath.Join(dir, "sshd.log"), bin, args, nil, nil)
 	if err != nil {
 		return nil, err
 	}
