@@ -52,3 +52,39 @@ func RunTests(m *testing.M) int {
 	}
 	return code
 }
+
+// NodeVM is a lab node VM: sshd on port 22 in its own network namespace, optionally
+// registered in a fake Proxmox API as a running VM whose guest agent reports the
+// namespace address on eth0 (plus loopback and a CNI bridge, as a real k8s node would).
+type NodeVM struct {
+	Netns *Netns
+	SSHD  *SSHD
+	VMID  int
+	Name  string
+}
+
+// StartNodeVM starts a NodeVM for a test and registers it in pve (when not nil).
+// Everything is torn down by t.Cleanup.
+func StartNodeVM(t testing.TB, pve *PVE, vmid int, name string) *NodeVM {
+	t.Helper()
+	bins := Need(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	ns, err := NewNetns(ctx, bins)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(ns.Close)
+	s, err := StartSSHDIn(ctx, bins, t.TempDir(), ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(s.Close)
+	if pve != nil {
+		pve.PutVM(FakeVM{VMID: vmid, Name: name, Status: "running", Agent: true, Interfaces: []FakeIface{
+			{Name: "eth0", MAC: "bc:24:11:00:00:" + fmt.Sprintf("%02x", vmid%256), Addrs: []string{ns.NodeIP + "/30", "fe80::be24:11ff:fe00:1/64"}},
+			{Name: "cni0", MAC: "0a:58:c6:13:00:01", Addrs: []string{"198.19.0.1/24"}},
+		}})
+	}
+	return &NodeVM{Netns: ns, SSHD: s, VMID: vmid, Name: name}
+}

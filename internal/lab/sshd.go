@@ -98,6 +98,10 @@ func startSSHD(ctx context.Context, bins Bins, dir, host string, port int, ns *N
 	if err := os.MkdirAll(filepath.Join(dir, "authorized_keys"), 0o755); err != nil {
 		return nil, err
 	}
+	// sshd reads a user's authorized_keys as that user: let non-root test users reach it.
+	if err := MakeTraversable(filepath.Join(dir, "authorized_keys", "user")); err != nil {
+		return nil, err
+	}
 	// sshd insists on its privilege-separation directory.
 	if err := os.MkdirAll("/run/sshd", 0o755); err != nil {
 		return nil, fmt.Errorf("sshd needs /run/sshd: %w", err)

@@ -112,11 +112,13 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 	fmt.Fprintf(out, "pve-vault-agent demo: the lab on loopback, state in %s\n\n", dir)
 	var (
 		cp    *lab.ControlPlane
+		ns    *lab.Netns
 		node  *lab.SSHD
 		pve   *lab.PVE
 		vault *lab.Vault
 	)
 	const tokenID, tokenSecret = "vault-agent@pve!demo", "5b0c1e2d-demo-4a7f-9e3b-0c1d2e3f4a5b"
+	hostPath := filepath.Join(dir, "node1-root", "srv", "vault")
 	steps := []struct {
 		title string
 		f     func() error
@@ -129,30 +131,44 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			}
 			return err
 		}},
-		{"start the node VM (OpenSSH sshd on 127.0.0.1)", func() (err error) {
-			node, err = lab.StartSSHD(ctx, bins, filepath.Join(dir, "node1"), "127.0.0.1")
+		{"start the node VM: sshd on port 22 in its own network namespace", func() (err error) {
+			if ns, err = lab.NewNetns(ctx, bins); err != nil {
+				return err
+			}
+			cleanup = append(cleanup, ns.Close)
+			node, err = lab.StartSSHDIn(ctx, bins, filepath.Join(dir, "node1"), ns)
 			if err == nil {
 				cleanup = append(cleanup, node.Close)
-				d.say("sshd %s, host key %s", node.Addr(), fingerprint(node))
+				d.say("node address %s, host key %s", node.Addr(), fingerprint(node))
 			}
 			return err
 		}},
-		{"start the fake Proxmox VE API (VM 201 running its guest agent)", func() (err error) {
+		{"start the fake Proxmox VE API: VM 201 running, its guest agent reporting the node address", func() (err error) {
 			pve, err = lab.StartPVE(dir, tokenID, tokenSecret)
 			if err == nil {
 				cleanup = append(cleanup, pve.Close)
 				pve.PutVM(lab.FakeVM{VMID: 201, Name: "k8s-node-1", Status: "running", Agent: true,
-					Interfaces: []lab.FakeIface{{Name: "eth0", MAC: "bc:24:11:00:02:01", Addrs: []string{"127.0.0.1/8"}}}})
+					Interfaces: []lab.FakeIface{{Name: "eth0", MAC: "bc:24:11:00:02:01", Addrs: []string{ns.NodeIP + "/30"}}}})
 				d.say("API %s", pve.URL)
 			}
 			return err
 		}},
-		{"start a Vault server with Raft storage (the pod-to-be)", func() (err error) {
-			data := filepath.Join(dir, "vault-data")
-			if err := os.MkdirAll(data, 0o700); err != nil {
-				return err
-			}
-			vault, err = lab.StartVault(ctx, bins, lab.VaultOptions{DataDir: data, StateDir: filepath.Join(dir, "vault"), IP: "127.0.0.1"})
+		{"write the agent's configuration for the lab (node = VMID 201, data in " + hostPath + ")", func() error {
+			return writeConfig(dir, hostPath, cp, node, pve, tokenID, tokenSecret)
+		}},
+		{"pve-vault-agent version", func() error { return d.agentCmd(ctx, "version") }},
+		{"pve-vault-agent config check (validates, prints the effective config; secrets are references)", func() error {
+			return d.agentCmd(ctx, "config", "check", "--config", filepath.Join(dir, "config.yaml"), "-o", "json")
+		}},
+		{"pve-vault-agent provision: resolve VM 201 through Proxmox, SSH in, prepare the hostPath", func() error {
+			return d.agentCmd(ctx, "provision", "--config", filepath.Join(dir, "config.yaml"))
+		}},
+		{"pve-vault-agent provision again: nothing to do", func() error {
+			return d.agentCmd(ctx, "provision", "--config", filepath.Join(dir, "config.yaml"))
+		}},
+		{"start Vault as uid 100 on the provisioned directory (what the chart's pod does)", func() (err error) {
+			uid, gid := uint32(100), uint32(100)
+			vault, err = lab.StartVault(ctx, bins, lab.VaultOptions{DataDir: hostPath, StateDir: filepath.Join(dir, "vault"), UID: &uid, GID: &gid})
 			if err != nil {
 				return err
 			}
@@ -162,15 +178,8 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 				return err
 			}
 			resp.Body.Close()
-			d.say("Vault %s answers sys/health with %d (501 = not initialised yet)", vault.Addr, resp.StatusCode)
+			d.say("Vault %s runs as uid 100 with Raft data in %s; sys/health says %d (501 = ready to initialise)", vault.Addr, hostPath, resp.StatusCode)
 			return nil
-		}},
-		{"write the agent's configuration for the lab", func() error {
-			return writeConfig(dir, cp, node, pve, tokenID, tokenSecret)
-		}},
-		{"pve-vault-agent version", func() error { return d.agentCmd(ctx, "version") }},
-		{"pve-vault-agent config check (validates, prints the effective config; secrets are references)", func() error {
-			return d.agentCmd(ctx, "config", "check", "--config", filepath.Join(dir, "config.yaml"))
 		}},
 	}
 	for _, s := range steps {
@@ -186,7 +195,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 	return 0
 }
 
-func writeConfig(dir string, cp *lab.ControlPlane, node *lab.SSHD, pve *lab.PVE, tokenID, tokenSecret string) error {
+func writeConfig(dir, hostPath string, cp *lab.ControlPlane, node *lab.SSHD, pve *lab.PVE, tokenID, tokenSecret string) error {
 	secretFile := filepath.Join(dir, "pve-token")
 	if err := os.WriteFile(secretFile, []byte(tokenSecret+"\n"), 0o600); err != nil {
 		return err
@@ -203,7 +212,7 @@ func writeConfig(dir string, cp *lab.ControlPlane, node *lab.SSHD, pve *lab.PVE,
 nodes:
   - name: k8s-node-1
     vmid: 201
-    host_path: /srv/pva-demo/vault
+    host_path: %s
 ssh:
   user: root
   port: %d
@@ -215,7 +224,7 @@ snapshots:
   dir: %s
 metrics:
   listen: 127.0.0.1:0
-`, pve.URL, tokenID, secretFile, pve.CAFile, node.Port, node.ClientKeyPath, known, cp.Kubeconfig, filepath.Join(dir, "snapshots"))
+`, pve.URL, tokenID, secretFile, pve.CAFile, hostPath, node.Port, node.ClientKeyPath, known, cp.Kubeconfig, filepath.Join(dir, "snapshots"))
 	return os.WriteFile(filepath.Join(dir, "config.yaml"), []byte(cfg), 0o600)
 }
 
