@@ -176,7 +176,7 @@ func Defaults() Config {
 		Chart: Chart{
 			Repository: "https://helm.releases.hashicorp.com",
 			Name:       "vault",
-			Version:    "0.31.0",
+			Version:    "0.34.1",
 			Release:    "vault",
 			Namespace:  "vault",
 			CacheDir:   "/var/cache/pve-vault-agent/charts",

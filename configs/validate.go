@@ -175,7 +175,7 @@ func (c *Config) validateChart(p *problems) {
 			p.add("chart.name", "required", `the chart's name in the repository, e.g. "vault"`)
 		}
 		if !semverRe.MatchString(ch.Version) {
-			p.add("chart.version", fmt.Sprintf("%q is not an exact version", ch.Version), `pin one release, e.g. "0.31.0"; ranges are not accepted`)
+			p.add("chart.version", fmt.Sprintf("%q is not an exact version", ch.Version), `pin one release, e.g. "0.34.1"; ranges are not accepted`)
 		}
 	}
 	if !dns1123Re.MatchString(ch.Release) || len(ch.Release) > 53 {

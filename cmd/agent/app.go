@@ -110,7 +110,7 @@ Exit codes: 0 ok, 1 operation failed, 2 usage or invalid configuration, 130 inte
 	pf.StringVarP(&g.configPath, "config", "c", configs.DefaultPath, "configuration file (YAML)")
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 
-	root.AddCommand(newVersionCommand(g), newConfigCommand(g), newProvisionCommand(g))
+	root.AddCommand(newVersionCommand(g), newConfigCommand(g), newProvisionCommand(g), newInstallCommand(g))
 	return root
 }
 

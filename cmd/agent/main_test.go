@@ -11,6 +11,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
 )
 
 // binary is the pve-vault-agent built once for this test binary, so verbs are tested
@@ -30,7 +32,7 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, "build pve-vault-agent:", err)
 		os.Exit(1)
 	}
-	code := m.Run()
+	code := lab.RunTests(m)
 	os.RemoveAll(dir)
 	os.Exit(code)
 }

@@ -2,6 +2,7 @@ package lab
 
 import (
 	"crypto/ecdsa"
+
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"

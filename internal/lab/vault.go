@@ -32,6 +32,8 @@ type VaultOptions struct {
 	UID, GID *uint32
 	// Config replaces the generated HCL entirely (for configs rendered by a chart).
 	Config string
+	// Env is added to the process environment (VAULT_RAFT_NODE_ID, VAULT_API_ADDR …).
+	Env []string
 }
 
 // Vault is a running Vault server process.
@@ -125,7 +127,7 @@ func (v *Vault) Start(ctx context.Context) error {
 		}
 	}
 	p, err := startProcess("vault "+v.Opts.NodeID, filepath.Join(v.Opts.StateDir, "vault.log"), v.bin,
-		[]string{"server", "-config=" + v.ConfigPath, "-log-level=info"}, cred, []string{"VAULT_LOG_FORMAT=standard"})
+		[]string{"server", "-config=" + v.ConfigPath, "-log-level=info"}, cred, append([]string{"VAULT_LOG_FORMAT=standard"}, v.Opts.Env...))
 	if err != nil {
 		return err
 	}

@@ -15,8 +15,13 @@ import (
 	"os/signal"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
 )
@@ -58,20 +63,32 @@ func (d *demo) timed(title string, f func() error) error {
 func (d *demo) agentCmd(ctx context.Context, args ...string) error {
 	fmt.Fprintf(d.out, "      $ pve-vault-agent %s\n", strings.Join(args, " "))
 	cmd := exec.CommandContext(ctx, d.agent, args...)
-	cmd.Stdout = prefixed{d.out}
-	cmd.Stderr = prefixed{d.out}
+	var mu sync.Mutex
+	cmd.Stdout = &prefixed{w: d.out, mu: &mu}
+	cmd.Stderr = &prefixed{w: d.out, mu: &mu}
 	return cmd.Run()
 }
 
-type prefixed struct{ w io.Writer }
+// prefixed indents whole lines of a command's output; stdout and stderr share mu so
+// their lines never interleave mid-line.
+type prefixed struct {
+	w   io.Writer
+	mu  *sync.Mutex
+	buf []byte
+}
 
-func (p prefixed) Write(b []byte) (int, error) {
-	for _, line := range strings.SplitAfter(string(b), "\n") {
-		if line != "" {
-			fmt.Fprint(p.w, "      | "+line)
+func (p *prefixed) Write(b []byte) (int, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.buf = append(p.buf, b...)
+	for {
+		i := strings.IndexByte(string(p.buf), '\n')
+		if i < 0 {
+			return len(b), nil
 		}
+		fmt.Fprint(p.w, "      | "+string(p.buf[:i+1]))
+		p.buf = p.buf[i+1:]
 	}
-	return len(b), nil
 }
 
 func run(ctx context.Context, args []string, out io.Writer) int {
@@ -111,14 +128,18 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 
 	fmt.Fprintf(out, "pve-vault-agent demo: the lab on loopback, state in %s\n\n", dir)
 	var (
-		cp    *lab.ControlPlane
-		ns    *lab.Netns
-		node  *lab.SSHD
-		pve   *lab.PVE
-		vault *lab.Vault
+		cp   *lab.ControlPlane
+		ns   *lab.Netns
+		node *lab.SSHD
+		pve  *lab.PVE
+		pods *lab.VaultPods
 	)
 	const tokenID, tokenSecret = "vault-agent@pve!demo", "5b0c1e2d-demo-4a7f-9e3b-0c1d2e3f4a5b"
 	hostPath := filepath.Join(dir, "node1-root", "srv", "vault")
+	if _, err := os.Stat("k8s/testdata/vault-chart"); err != nil {
+		fmt.Fprintln(out, "demo: run it from the repository root (make demo)")
+		return 2
+	}
 	steps := []struct {
 		title string
 		f     func() error
@@ -158,7 +179,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		}},
 		{"pve-vault-agent version", func() error { return d.agentCmd(ctx, "version") }},
 		{"pve-vault-agent config check (validates, prints the effective config; secrets are references)", func() error {
-			return d.agentCmd(ctx, "config", "check", "--config", filepath.Join(dir, "config.yaml"), "-o", "json")
+			return d.agentCmd(ctx, "config", "check", "--config", filepath.Join(dir, "config.yaml"))
 		}},
 		{"pve-vault-agent provision: resolve VM 201 through Proxmox, SSH in, prepare the hostPath", func() error {
 			return d.agentCmd(ctx, "provision", "--config", filepath.Join(dir, "config.yaml"))
@@ -166,19 +187,40 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		{"pve-vault-agent provision again: nothing to do", func() error {
 			return d.agentCmd(ctx, "provision", "--config", filepath.Join(dir, "config.yaml"))
 		}},
-		{"start Vault as uid 100 on the provisioned directory (what the chart's pod does)", func() (err error) {
-			uid, gid := uint32(100), uint32(100)
-			vault, err = lab.StartVault(ctx, bins, lab.VaultOptions{DataDir: hostPath, StateDir: filepath.Join(dir, "vault"), UID: &uid, GID: &gid})
+		{"register the node in Kubernetes and let the lab play kubelet: pods run as real Vault processes (uid 100, data on the hostPath)", func() error {
+			cs, err := kubeClient(cp.Kubeconfig)
 			if err != nil {
 				return err
 			}
-			cleanup = append(cleanup, vault.Close)
-			resp, err := http.Get(vault.Addr + "/v1/sys/health")
+			if err := lab.RegisterNodes(ctx, cs, "k8s-node-1"); err != nil {
+				return err
+			}
+			uid, gid := uint32(100), uint32(100)
+			pods = &lab.VaultPods{Bins: bins, Clients: cs, Release: "vault", StateDir: filepath.Join(dir, "pods"), UID: &uid, GID: &gid,
+				IP:      func(*corev1.Pod) string { return "127.0.2.1" },
+				DataDir: func(*corev1.Pod) string { return hostPath }}
+			cleanup = append(cleanup, pods.Close)
+			k := lab.StartKubelet(cs, "vault", pods.Hooks())
+			cleanup = append(cleanup, k.Stop)
+			return nil
+		}},
+		{"pve-vault-agent install: the Vault chart via the Helm SDK, Raft on the provisioned hostPath", func() error {
+			return d.agentCmd(ctx, "install", "--config", filepath.Join(dir, "config.yaml"))
+		}},
+		{"pve-vault-agent install again: same chart and values, no new revision", func() error {
+			return d.agentCmd(ctx, "install", "--config", filepath.Join(dir, "config.yaml"))
+		}},
+		{"the pod's Vault answers (sealed and uninitialised until `init` exists)", func() error {
+			v := pods.Vault("vault-0")
+			if v == nil {
+				return fmt.Errorf("no Vault process for pod vault-0")
+			}
+			resp, err := http.Get(v.Addr + "/v1/sys/health")
 			if err != nil {
 				return err
 			}
 			resp.Body.Close()
-			d.say("Vault %s runs as uid 100 with Raft data in %s; sys/health says %d (501 = ready to initialise)", vault.Addr, hostPath, resp.StatusCode)
+			d.say("vault-0 at %s, data in %s owned by uid 100: sys/health %d (501 = not initialised)", v.Addr, hostPath, resp.StatusCode)
 			return nil
 		}},
 	}
@@ -195,7 +237,33 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 	return 0
 }
 
+// seedValues are the operator's own chart values from the deployment the product was
+// designed from: resources and probes that keep a sealed pod from being restarted.
+const seedValues = `global:
+  enabled: true
+  tlsDisable: true   # lab only
+server:
+  resources:
+    requests: {cpu: 100m, memory: 256Mi}
+    limits: {cpu: 500m, memory: 512Mi}
+  readinessProbe:
+    enabled: true
+    path: /v1/sys/health?standbyok=true&sealedcode=204&uninitcode=204
+  livenessProbe:
+    enabled: true
+    path: /v1/sys/health?standbyok=true
+    initialDelaySeconds: 60
+`
+
 func writeConfig(dir, hostPath string, cp *lab.ControlPlane, node *lab.SSHD, pve *lab.PVE, tokenID, tokenSecret string) error {
+	chartPath, err := filepath.Abs("k8s/testdata/vault-chart")
+	if err != nil {
+		return err
+	}
+	valuesFile := filepath.Join(dir, "values.yaml")
+	if err := os.WriteFile(valuesFile, []byte(seedValues), 0o600); err != nil {
+		return err
+	}
 	secretFile := filepath.Join(dir, "pve-token")
 	if err := os.WriteFile(secretFile, []byte(tokenSecret+"\n"), 0o600); err != nil {
 		return err
@@ -220,12 +288,26 @@ ssh:
   known_hosts: %s
 kubernetes:
   kubeconfig: %s
+chart:
+  path: %s
+  values_files: [%s]
+  cache_dir: %s
+  timeout: 2m
 snapshots:
   dir: %s
 metrics:
   listen: 127.0.0.1:0
-`, pve.URL, tokenID, secretFile, pve.CAFile, hostPath, node.Port, node.ClientKeyPath, known, cp.Kubeconfig, filepath.Join(dir, "snapshots"))
+`, pve.URL, tokenID, secretFile, pve.CAFile, hostPath, node.Port, node.ClientKeyPath, known, cp.Kubeconfig,
+		chartPath, valuesFile, filepath.Join(dir, "charts"), filepath.Join(dir, "snapshots"))
 	return os.WriteFile(filepath.Join(dir, "config.yaml"), []byte(cfg), 0o600)
+}
+
+func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
+	rc, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	return kubernetes.NewForConfig(rc)
 }
 
 func fingerprint(s *lab.SSHD) string {

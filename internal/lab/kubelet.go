@@ -1,0 +1,232 @@
+package lab
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/util/retry"
+)
+
+// RegisterNodes creates Ready Node objects (there is no kubelet to register them).
+func RegisterNodes(ctx context.Context, cs kubernetes.Interface, names ...string) error {
+	for _, name := range names {
+		n := &corev1.Node{
+			ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{"kubernetes.io/hostname": name, "kubernetes.io/os": "linux"}},
+		}
+		_, err := cs.CoreV1().Nodes().Create(ctx, n, metav1.CreateOptions{})
+		if apierrors.IsAlreadyExists(err) {
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("register node %s: %w", name, err)
+		}
+		// Controllers touch a new node too (TTL annotations): retry on conflict.
+		err = retry.RetryOnConflict(retry.DefaultRetry, func() error {
+			cur, err := cs.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			cur.Status = nodeStatus(name)
+			_, err = cs.CoreV1().Nodes().UpdateStatus(ctx, cur, metav1.UpdateOptions{})
+			return err
+		})
+		if err != nil {
+			return fmt.Errorf("mark node %s ready: %w", name, err)
+		}
+	}
+	return nil
+}
+
+func nodeStatus(name string) corev1.NodeStatus {
+	return corev1.NodeStatus{
+		Conditions:  []corev1.NodeCondition{{Type: corev1.NodeReady, Status: corev1.ConditionTrue, Reason: "KubeletReady", LastHeartbeatTime: metav1.Now()}},
+		Addresses:   []corev1.NodeAddress{{Type: corev1.NodeHostName, Address: name}},
+		Capacity:    corev1.ResourceList{corev1.ResourcePods: *resourceQty("110")},
+		Allocatable: corev1.ResourceList{corev1.ResourcePods: *resourceQty("110")},
+	}
+}
+
+// PodHooks let a test decide what "running a pod" means (start a Vault process, say).
+type PodHooks struct {
+	// Start runs when a bound pod is to become Running; it returns the pod IP.
+	Start func(ctx context.Context, pod *corev1.Pod) (ip string, err error)
+	// Stop runs when a pod is being deleted, before it disappears.
+	Stop func(pod *corev1.Pod)
+}
+
+// Kubelet plays scheduler and kubelet for one namespace: a pod whose PVCs are bound is
+// bound to the node its local PersistentVolume requires (or the first node), then
+// started through the hooks and marked Running (not Ready) with the returned IP; a
+// deleted pod is stopped and removed at once. It polls; Stop ends it.
+type Kubelet struct {
+	cs      kubernetes.Interface
+	ns      string
+	hooks   PodHooks
+	cancel  context.CancelFunc
+	done    chan struct{}
+	mu      sync.Mutex
+	started map[string]string // pod UID → name
+	errs    []error
+}
+
+// StartKubelet starts the loop.
+func StartKubelet(cs kubernetes.Interface, ns string, hooks PodHooks) *Kubelet {
+	ctx, cancel := context.WithCancel(context.Background())
+	k := &Kubelet{cs: cs, ns: ns, hooks: hooks, cancel: cancel, done: make(chan struct{}), started: map[string]string{}}
+	go k.loop(ctx)
+	return k
+}
+
+// Stop ends the loop.
+func (k *Kubelet) Stop() {
+	k.cancel()
+	<-k.done
+}
+
+// Errors returns the errors the loop met (hooks failing, API errors).
+func (k *Kubelet) Errors() []error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return append([]error(nil), k.errs...)
+}
+
+func (k *Kubelet) fail(err error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if len(k.errs) < 100 {
+		k.errs = append(k.errs, err)
+	}
+}
+
+func (k *Kubelet) loop(ctx context.Context) {
+	defer close(k.done)
+	t := time.NewTicker(100 * time.Millisecond)
+	defer t.Stop()
+	for {
+		k.sync(ctx)
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+func (k *Kubelet) sync(ctx context.Context) {
+	pods, err := k.cs.CoreV1().Pods(k.ns).List(ctx, metav1.ListOptions{})
+	if err != nil {
+		if ctx.Err() == nil {
+			k.fail(err)
+		}
+		return
+	}
+	for i := range pods.Items {
+		p := &pods.Items[i]
+		switch {
+		case p.DeletionTimestamp != nil:
+			if k.hooks.Stop != nil {
+				k.hooks.Stop(p)
+			}
+			zero := int64(0)
+			uid := p.UID
+			err := k.cs.CoreV1().Pods(k.ns).Delete(ctx, p.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero, Preconditions: &metav1.Preconditions{UID: &uid}})
+			if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) && ctx.Err() == nil {
+				k.fail(fmt.Errorf("remove pod %s: %w", p.Name, err))
+			}
+			k.mu.Lock()
+			delete(k.started, string(p.UID))
+			k.mu.Unlock()
+		case p.Spec.NodeName == "":
+			k.schedule(ctx, p)
+		case p.Status.Phase != corev1.PodRunning:
+			k.run(ctx, p)
+		}
+	}
+}
+
+// schedule binds p to the node its bound PVs require, once all its claims are bound.
+func (k *Kubelet) schedule(ctx context.Context, p *corev1.Pod) {
+	node := ""
+	for _, v := range p.Spec.Volumes {
+		if v.PersistentVolumeClaim == nil {
+			continue
+		}
+		pvc, err := k.cs.CoreV1().PersistentVolumeClaims(k.ns).Get(ctx, v.PersistentVolumeClaim.ClaimName, metav1.GetOptions{})
+		if err != nil || pvc.Status.Phase != corev1.ClaimBound {
+			return // a real scheduler would wait too
+		}
+		pv, err := k.cs.CoreV1().PersistentVolumes().Get(ctx, pvc.Spec.VolumeName, metav1.GetOptions{})
+		if err != nil {
+			return
+		}
+		if na := pv.Spec.NodeAffinity; na != nil && na.Required != nil {
+			for _, term := range na.Required.NodeSelectorTerms {
+				for _, e := range term.MatchExpressions {
+					if e.Key == "kubernetes.io/hostname" && len(e.Values) > 0 {
+						node = e.Values[0]
+					}
+				}
+			}
+		}
+	}
+	if node == "" {
+		nodes, err := k.cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+		if err != nil || len(nodes.Items) == 0 {
+			return
+		}
+		node = nodes.Items[0].Name
+	}
+	err := k.cs.CoreV1().Pods(k.ns).Bind(ctx, &corev1.Binding{
+		ObjectMeta: metav1.ObjectMeta{Name: p.Name, UID: p.UID},
+		Target:     corev1.ObjectReference{Kind: "Node", Name: node},
+	}, metav1.CreateOptions{})
+	if err != nil && !apierrors.IsConflict(err) && ctx.Err() == nil {
+		k.fail(fmt.Errorf("bind pod %s to %s: %w", p.Name, node, err))
+	}
+}
+
+func (k *Kubelet) run(ctx context.Context, p *corev1.Pod) {
+	ip := "127.0.0.1"
+	if k.hooks.Start != nil {
+		var err error
+		if ip, err = k.hooks.Start(ctx, p); err != nil {
+			k.fail(fmt.Errorf("start pod %s: %w", p.Name, err))
+			return
+		}
+	}
+	k.mu.Lock()
+	k.started[string(p.UID)] = p.Name
+	k.mu.Unlock()
+	now := metav1.Now()
+	p.Status.Phase = corev1.PodRunning
+	p.Status.HostIP = "127.0.0.1"
+	p.Status.PodIP = ip
+	p.Status.PodIPs = []corev1.PodIP{{IP: ip}}
+	p.Status.StartTime = &now
+	p.Status.Conditions = []corev1.PodCondition{
+		{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now},
+		{Type: corev1.PodInitialized, Status: corev1.ConditionTrue, LastTransitionTime: now},
+		{Type: corev1.ContainersReady, Status: corev1.ConditionFalse, LastTransitionTime: now},
+		{Type: corev1.PodReady, Status: corev1.ConditionFalse, LastTransitionTime: now, Reason: "ContainersNotReady"},
+	}
+	var statuses []corev1.ContainerStatus
+	for _, c := range p.Spec.Containers {
+		statuses = append(statuses, corev1.ContainerStatus{Name: c.Name, Image: c.Image, Started: ptrTrue(),
+			State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}}})
+	}
+	p.Status.ContainerStatuses = statuses
+	if _, err := k.cs.CoreV1().Pods(k.ns).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) && ctx.Err() == nil {
+		k.fail(fmt.Errorf("mark pod %s running: %w", p.Name, err))
+	}
+}
+
+func ptrTrue() *bool { b := true; return &b }
+
+func resourceQty(s string) *resource.Quantity { q := resource.MustParse(s); return &q }

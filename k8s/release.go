@@ -1,0 +1,236 @@
+package k8s
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sort"
+	"strings"
+	"time"
+
+	"helm.sh/helm/v3/pkg/action"
+	"helm.sh/helm/v3/pkg/chart"
+	"helm.sh/helm/v3/pkg/release"
+	"helm.sh/helm/v3/pkg/storage/driver"
+	"sigs.k8s.io/yaml"
+)
+
+// InstallSpec is one upgrade --install.
+type InstallSpec struct {
+	Release string
+	Chart   *chart.Chart
+	Values  map[string]any
+	Timeout time.Duration
+	// DryRun renders and compares against the deployed release; changes nothing.
+	DryRun bool
+}
+
+// Action is what Install did (or, in a dry run, would do).
+type Action string
+
+const (
+	Installed Action = "installed"
+	Upgraded  Action = "upgraded"
+	Unchanged Action = "unchanged"
+)
+
+// ObjectChange is one rendered object that differs from the deployed release.
+type ObjectChange struct {
+	Object string `json:"object"` // Kind/name
+	Change string `json:"change"` // added, changed, removed
+}
+
+// InstallResult reports the release after Install.
+type InstallResult struct {
+	Release      string         `json:"release"`
+	Namespace    string         `json:"namespace"`
+	Action       Action         `json:"action"`
+	Revision     int            `json:"revision"`
+	ChartVersion string         `json:"chart_version"`
+	DryRun       bool           `json:"dry_run,omitempty"`
+	Recovered    string         `json:"recovered,omitempty"`
+	Changes      []ObjectChange `json:"changes,omitempty"`
+}
+
+// Install is Helm's upgrade --install through the SDK. Same chart version and values
+// as the deployed revision: nothing happens (no new revision). A release stuck in a
+// pending state is recovered first (rolled back to its last good revision, or removed
+// when its first install never finished); a failed one is upgraded over.
+func (c *Cluster) Install(ctx context.Context, spec InstallSpec) (*InstallResult, error) {
+	cfg, err := c.helm()
+	if err != nil {
+		return nil, err
+	}
+	res := &InstallResult{Release: spec.Release, Namespace: c.cfg.Namespace, ChartVersion: spec.Chart.Metadata.Version, DryRun: spec.DryRun}
+	hist := action.NewHistory(cfg)
+	hist.Max = 1000
+	history, err := hist.Run(spec.Release)
+	if err != nil && !errors.Is(err, driver.ErrReleaseNotFound) {
+		return nil, fmt.Errorf("read release %s history: %w", spec.Release, err)
+	}
+	sort.Slice(history, func(i, j int) bool { return history[i].Version < history[j].Version })
+
+	var last *release.Release
+	if len(history) > 0 {
+		last = history[len(history)-1]
+	}
+	if last != nil && last.Info.Status.IsPending() {
+		msg, gone, err := c.recoverPending(cfg, spec, history)
+		if err != nil {
+			return nil, err
+		}
+		res.Recovered = msg
+		c.log.Warn("recovered a stuck release", "release", spec.Release, "detail", msg)
+		if spec.DryRun {
+			last = nil // report the install/upgrade as it would go after recovery
+		} else if gone {
+			last = nil
+		} else if last, err = action.NewGet(cfg).Run(spec.Release); err != nil {
+			return nil, fmt.Errorf("read release %s after recovery: %w", spec.Release, err)
+		}
+	}
+	if last != nil && last.Info.Status == release.StatusFailed {
+		res.Recovered = fmt.Sprintf("revision %d had failed (%s); upgrading over it", last.Version, strings.TrimSpace(last.Info.Description))
+	}
+
+	if last != nil && last.Info.Status == release.StatusDeployed && sameRelease(last, spec) {
+		res.Action, res.Revision = Unchanged, last.Version
+		return res, nil
+	}
+
+	var rel *release.Release
+	if last == nil && !c.releaseExists(cfg, spec.Release) {
+		inst := action.NewInstall(cfg)
+		inst.ReleaseName = spec.Release
+		inst.Namespace = c.cfg.Namespace
+		inst.CreateNamespace = true
+		inst.Timeout = spec.Timeout
+		inst.DryRun = spec.DryRun
+		if spec.DryRun {
+			inst.DryRunOption = "client"
+			inst.ClientOnly = false
+		}
+		rel, err = inst.RunWithContext(ctx, spec.Chart, spec.Values)
+		res.Action = Installed
+	} else {
+		up := action.NewUpgrade(cfg)
+		up.Namespace = c.cfg.Namespace
+		up.Timeout = spec.Timeout
+		up.MaxHistory = 10
+		up.DryRun = spec.DryRun
+		if spec.DryRun {
+			up.DryRunOption = "client"
+		}
+		rel, err = up.RunWithContext(ctx, spec.Release, spec.Chart, spec.Values)
+		res.Action = Upgraded
+	}
+	if err != nil {
+		return nil, fmt.Errorf("helm %s %s: %w", strings.TrimSuffix(string(res.Action), "ed"), spec.Release, err)
+	}
+	res.Revision = rel.Version
+	old := ""
+	if last != nil {
+		old = last.Manifest
+	}
+	res.Changes = diffManifests(old, rel.Manifest)
+	return res, nil
+}
+
+func (c *Cluster) releaseExists(cfg *action.Configuration, name string) bool {
+	_, err := cfg.Releases.Last(name)
+	return err == nil
+}
+
+// recoverPending handles a release whose last revision is pending-*: an install or
+// upgrade that was interrupted (the process killed, the API gone) and would otherwise
+// block every later operation. Reports whether the release is gone afterwards.
+func (c *Cluster) recoverPending(cfg *action.Configuration, spec InstallSpec, history []*release.Release) (string, bool, error) {
+	last := history[len(history)-1]
+	var good *release.Release
+	for i := len(history) - 2; i >= 0; i-- {
+		if s := history[i].Info.Status; s == release.StatusDeployed || s == release.StatusSuperseded {
+			good = history[i]
+			break
+		}
+	}
+	if good == nil {
+		msg := fmt.Sprintf("revision %d was stuck in %s with no earlier good revision: removed it to install again", last.Version, last.Info.Status)
+		if spec.DryRun {
+			return "would remove it: " + msg, true, nil
+		}
+		un := action.NewUninstall(cfg)
+		un.Timeout = spec.Timeout
+		if _, err := un.Run(spec.Release); err != nil {
+			return "", false, fmt.Errorf("remove stuck release %s (%s): %w", spec.Release, last.Info.Status, err)
+		}
+		return msg, true, nil
+	}
+	msg := fmt.Sprintf("revision %d was stuck in %s (an interrupted operation): rolled back to revision %d before upgrading", last.Version, last.Info.Status, good.Version)
+	if spec.DryRun {
+		return "would roll back: " + msg, false, nil
+	}
+	// Helm refuses to act on a pending release; mark the stuck revision failed first.
+	last.SetStatus(release.StatusFailed, "marked failed by pve-vault-agent: the operation never finished")
+	if err := cfg.Releases.Update(last); err != nil {
+		return "", false, fmt.Errorf("mark stuck revision %d of %s failed: %w", last.Version, spec.Release, err)
+	}
+	rb := action.NewRollback(cfg)
+	rb.Version = good.Version
+	rb.Timeout = spec.Timeout
+	rb.MaxHistory = 10
+	if err := rb.Run(spec.Release); err != nil {
+		return "", false, fmt.Errorf("roll back %s to revision %d: %w", spec.Release, good.Version, err)
+	}
+	return msg, false, nil
+}
+
+// sameRelease reports whether the deployed revision has the chart version and values
+// Install would apply.
+func sameRelease(last *release.Release, spec InstallSpec) bool {
+	if last.Chart == nil || last.Chart.Metadata == nil {
+		return false
+	}
+	if last.Chart.Metadata.Name != spec.Chart.Metadata.Name || last.Chart.Metadata.Version != spec.Chart.Metadata.Version {
+		return false
+	}
+	return equalValue(map[string]any(last.Config), spec.Values)
+}
+
+// diffManifests compares rendered objects by kind and name.
+func diffManifests(old, new string) []ObjectChange {
+	a, b := splitManifest(old), splitManifest(new)
+	var out []ObjectChange
+	for k, v := range b {
+		switch ov, ok := a[k]; {
+		case !ok:
+			out = append(out, ObjectChange{k, "added"})
+		case !equalValue(ov, v):
+			out = append(out, ObjectChange{k, "changed"})
+		}
+	}
+	for k := range a {
+		if _, ok := b[k]; !ok {
+			out = append(out, ObjectChange{k, "removed"})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Object < out[j].Object })
+	return out
+}
+
+func splitManifest(m string) map[string]any {
+	out := map[string]any{}
+	for _, doc := range strings.Split(m, "\n---") {
+		var obj map[string]any
+		if err := yaml.Unmarshal([]byte(doc), &obj); err != nil || obj == nil {
+			continue
+		}
+		kind, _ := obj["kind"].(string)
+		meta, _ := obj["metadata"].(map[string]any)
+		name, _ := meta["name"].(string)
+		if kind == "" || name == "" {
+			continue
+		}
+		out[kind+"/"+name] = obj
+	}
+	return out
+}
