@@ -137,4 +137,3 @@ func (c *Cluster) SchedulableNodes(ctx context.Context) (int, error) {
 	}
 	return n, nil
 }
-
