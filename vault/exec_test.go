@@ -1,0 +1,10 @@
+package vault
+
+import (
+	"context"
+	"os/exec"
+)
+
+func execCommand(ctx context.Context, name string, args ...string) *exec.Cmd {
+	return exec.CommandContext(ctx, name, args...)
+}

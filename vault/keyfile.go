@@ -1,0 +1,297 @@
+package vault
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"filippo.io/age"
+)
+
+// Keyfile errors a caller branches on.
+var (
+	ErrNoKeyfile      = errors.New("no keyfile")
+	ErrKeyfileExists  = errors.New("keyfile already exists")
+	ErrKeyfileCorrupt = errors.New("keyfile cannot be opened")
+)
+
+// CredentialName is the systemd credential name of the keyfile: systemd-creds binds a
+// sealed file to it, and the unit loads it with LoadCredentialEncrypted=<name>:<path>.
+const CredentialName = "pve-vault-agent-unseal"
+
+const keyfileVersion = 1
+
+// Keyfile is what the agent keeps of a Vault cluster: the unseal shares, the snapshot
+// token, and metadata that tells one cluster's keyfile from another's.
+type Keyfile struct {
+	Version       int
+	ClusterID     string
+	ClusterName   string
+	Keyset        Keyset
+	SnapshotToken Token
+	Created       time.Time
+}
+
+// Meta is the non-secret part, for `keyfile check` and status.
+type Meta struct {
+	Version     int       `json:"version"`
+	ClusterID   string    `json:"cluster_id"`
+	ClusterName string    `json:"cluster_name"`
+	Shares      int       `json:"shares"`
+	Threshold   int       `json:"threshold"`
+	Fingerprint string    `json:"keyset_fingerprint"`
+	HasToken    bool      `json:"snapshot_token"`
+	Created     time.Time `json:"created"`
+}
+
+// Meta returns the non-secret metadata.
+func (k *Keyfile) Meta() Meta {
+	return Meta{Version: k.Version, ClusterID: k.ClusterID, ClusterName: k.ClusterName, Shares: len(k.Keyset.Keys),
+		Threshold: k.Keyset.Threshold, Fingerprint: k.Keyset.Fingerprint(), HasToken: !k.SnapshotToken.Empty(), Created: k.Created}
+}
+
+// payload is the sealed JSON; it exists only in memory and inside the sealed file.
+type payload struct {
+	Version       int       `json:"version"`
+	ClusterID     string    `json:"cluster_id"`
+	ClusterName   string    `json:"cluster_name"`
+	Threshold     int       `json:"threshold"`
+	Shares        []string  `json:"shares_b64"`
+	Fingerprint   string    `json:"keyset_fingerprint"`
+	SnapshotToken string    `json:"snapshot_token"`
+	Created       time.Time `json:"created"`
+}
+
+func (k *Keyfile) marshal() ([]byte, error) {
+	p := payload{Version: keyfileVersion, ClusterID: k.ClusterID, ClusterName: k.ClusterName, Threshold: k.Keyset.Threshold,
+		Fingerprint: k.Keyset.Fingerprint(), SnapshotToken: k.SnapshotToken.value, Created: k.Created.UTC()}
+	for _, s := range k.Keyset.Keys {
+		p.Shares = append(p.Shares, s.value)
+	}
+	return json.Marshal(p)
+}
+
+func unmarshalKeyfile(b []byte) (*Keyfile, error) {
+	var p payload
+	dec := json.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&p); err != nil {
+		return nil, fmt.Errorf("%w: payload is not a keyfile: %v", ErrKeyfileCorrupt, err)
+	}
+	if p.Version != keyfileVersion {
+		return nil, fmt.Errorf("%w: version %d, this agent reads version %d", ErrKeyfileCorrupt, p.Version, keyfileVersion)
+	}
+	if p.Threshold < 1 || len(p.Shares) < p.Threshold {
+		return nil, fmt.Errorf("%w: %d shares for threshold %d", ErrKeyfileCorrupt, len(p.Shares), p.Threshold)
+	}
+	k := &Keyfile{Version: p.Version, ClusterID: p.ClusterID, ClusterName: p.ClusterName, SnapshotToken: Token{p.SnapshotToken}, Created: p.Created}
+	k.Keyset.Threshold = p.Threshold
+	for i, s := range p.Shares {
+		k.Keyset.Keys = append(k.Keyset.Keys, Key{Index: i + 1, value: s})
+	}
+	if fp := k.Keyset.Fingerprint(); p.Fingerprint != fp {
+		return nil, fmt.Errorf("%w: keyset fingerprint %s does not match its shares (%s)", ErrKeyfileCorrupt, p.Fingerprint, fp)
+	}
+	return k, nil
+}
+
+// Sealer encrypts the keyfile on its way to disk and decrypts it on the way back.
+type Sealer interface {
+	Seal(ctx context.Context, plain []byte, out string) error
+	Open(ctx context.Context, path string) ([]byte, error)
+}
+
+// SystemdCreds seals with `systemd-creds encrypt` (the host key, a TPM2, or both).
+type SystemdCreds struct {
+	// WithKey is --with-key: auto, host, tpm2 or host+tpm2.
+	WithKey string
+	// Bin is the systemd-creds binary (default: from PATH).
+	Bin string
+}
+
+func (s SystemdCreds) bin() string {
+	if s.Bin != "" {
+		return s.Bin
+	}
+	return "systemd-creds"
+}
+
+// Seal writes the credential to out; the plaintext goes through a pipe only.
+func (s SystemdCreds) Seal(ctx context.Context, plain []byte, out string) error {
+	key := s.WithKey
+	if key == "" {
+		key = "auto"
+	}
+	cmd := exec.CommandContext(ctx, s.bin(), "encrypt", "--name="+CredentialName, "--with-key="+key, "-", out)
+	cmd.Stdin = bytes.NewReader(plain)
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("systemd-creds encrypt --with-key=%s: %v: %s", key, err, credsMessage(stderr.String()))
+	}
+	return nil
+}
+
+// Open decrypts path; a wrong name or another host's key is an error, never garbage.
+func (s SystemdCreds) Open(ctx context.Context, path string) ([]byte, error) {
+	cmd := exec.CommandContext(ctx, s.bin(), "decrypt", "--name="+CredentialName, path, "-")
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("%w: systemd-creds decrypt %s: %v: %s (was it sealed on this host, under the name %s?)", ErrKeyfileCorrupt, path, err, credsMessage(stderr.String()), CredentialName)
+	}
+	return stdout.Bytes(), nil
+}
+
+// credsMessage keeps systemd-creds' errors and drops its routine warning about the host
+// secret on unencrypted media.
+func credsMessage(s string) string {
+	var keep []string
+	for _, l := range strings.Split(strings.TrimSpace(s), "\n") {
+		if l != "" && !strings.Contains(l, "not on encrypted media") {
+			keep = append(keep, l)
+		}
+	}
+	return strings.Join(keep, "; ")
+}
+
+// Age seals with age: to Recipient, opened with Identity (either may be nil for a
+// one-way use such as the offline recovery copy).
+type Age struct {
+	Recipient age.Recipient
+	Identity  age.Identity
+}
+
+// Seal encrypts to the recipient and writes out.
+func (a Age) Seal(_ context.Context, plain []byte, out string) error {
+	if a.Recipient == nil {
+		return errors.New("age: no recipient to seal to")
+	}
+	f, err := os.OpenFile(out, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	w, err := age.Encrypt(f, a.Recipient)
+	if err == nil {
+		_, err = w.Write(plain)
+		if cerr := w.Close(); err == nil {
+			err = cerr
+		}
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	return err
+}
+
+// Open decrypts path with the identity.
+func (a Age) Open(_ context.Context, path string) ([]byte, error) {
+	if a.Identity == nil {
+		return nil, errors.New("age: no identity to open the keyfile with (vault.age_identity)")
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	r, err := age.Decrypt(f, a.Identity)
+	if err != nil {
+		return nil, fmt.Errorf("%w: age: %v (is vault.age_identity the key it was sealed to?)", ErrKeyfileCorrupt, err)
+	}
+	return io.ReadAll(r)
+}
+
+// WriteKeyfile seals k into path atomically: a temp file in the same directory (0700,
+// created if missing) receives the sealed bytes, is fsynced, renamed over path, and the
+// directory is fsynced. With exclusive, an existing path is an error (init never
+// overwrites keys).
+func WriteKeyfile(ctx context.Context, path string, k *Keyfile, s Sealer, exclusive bool) error {
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("keyfile directory: %w", err)
+	}
+	if err := os.Chmod(dir, 0o700); err != nil {
+		return fmt.Errorf("keyfile directory: %w", err)
+	}
+	if exclusive {
+		if _, err := os.Lstat(path); err == nil {
+			return fmt.Errorf("%w: %s", ErrKeyfileExists, path)
+		}
+	}
+	plain, err := k.marshal()
+	if err != nil {
+		return err
+	}
+	defer clear(plain)
+	tmp, err := os.CreateTemp(dir, ".keyfile-*.tmp")
+	if err != nil {
+		return err
+	}
+	tmpName := tmp.Name()
+	tmp.Close()
+	defer os.Remove(tmpName)
+	if err := s.Seal(ctx, plain, tmpName); err != nil {
+		return fmt.Errorf("seal keyfile: %w", err)
+	}
+	if err := os.Chmod(tmpName, 0o600); err != nil {
+		return err
+	}
+	if err := syncFile(tmpName); err != nil {
+		return err
+	}
+	if exclusive {
+		// Link fails if path appeared meanwhile: never replace another init's keys.
+		if err := os.Link(tmpName, path); err != nil {
+			if errors.Is(err, os.ErrExist) {
+				return fmt.Errorf("%w: %s", ErrKeyfileExists, path)
+			}
+			return err
+		}
+	} else if err := os.Rename(tmpName, path); err != nil {
+		return err
+	}
+	return syncFile(dir)
+}
+
+// ReadKeyfile opens the keyfile. Under systemd with LoadCredentialEncrypted=, the
+// decrypted credential in $CREDENTIALS_DIRECTORY is used; otherwise path is decrypted.
+func ReadKeyfile(ctx context.Context, path string, s Sealer) (*Keyfile, error) {
+	if dir := os.Getenv("CREDENTIALS_DIRECTORY"); dir != "" {
+		if b, err := os.ReadFile(filepath.Join(dir, CredentialName)); err == nil {
+			defer clear(b)
+			return unmarshalKeyfile(b)
+		}
+	}
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w at %s", ErrNoKeyfile, path)
+	}
+	b, err := s.Open(ctx, path)
+	if err != nil {
+		return nil, err
+	}
+	defer clear(b)
+	return unmarshalKeyfile(b)
+}
+
+// KeyfileExists reports whether a keyfile is at path.
+func KeyfileExists(path string) bool {
+	_, err := os.Lstat(path)
+	return err == nil
+}
+
+func syncFile(p string) error {
+	f, err := os.Open(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Sync()
+}
