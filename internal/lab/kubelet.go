@@ -187,7 +187,8 @@ func (k *Kubelet) schedule(ctx context.Context, p *corev1.Pod) {
 		ObjectMeta: metav1.ObjectMeta{Name: p.Name, UID: p.UID},
 		Target:     corev1.ObjectReference{Kind: "Node", Name: node},
 	}, metav1.CreateOptions{})
-	if err != nil && !apierrors.IsConflict(err) && ctx.Err() == nil {
+	// A pod deleted or rebound meanwhile is not an error: the next pass sees the truth.
+	if err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) && ctx.Err() == nil {
 		k.fail(fmt.Errorf("bind pod %s to %s: %w", p.Name, node, err))
 	}
 }
