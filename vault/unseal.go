@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
+	"time"
 
 	"github.com/hashicorp/vault/api"
 )
@@ -61,11 +62,32 @@ func (n *Node) Unseal(ctx context.Context, ks Keyset, log *slog.Logger) (UnsealR
 			return res, nil
 		}
 		if resp.Progress == 0 && res.SharesUsed >= ks.Threshold {
-			// Vault discarded the attempt without saying why.
-			return res, fmt.Errorf("%s: %w: %d shares submitted, vault still sealed with no progress", n.Name, ErrWrongKeys, res.SharesUsed)
+			// The threshold was met without an error: a follower joining a Raft cluster
+			// answers the leader's challenge now and unseals a moment later.
+			return n.awaitUnsealed(ctx, res)
 		}
 	}
 	return res, fmt.Errorf("%s: still sealed after all %d shares", n.Name, len(ks.Keys))
+}
+
+// awaitUnsealed polls until Vault reports unsealed (up to 30s).
+func (n *Node) awaitUnsealed(ctx context.Context, res UnsealResult) (UnsealResult, error) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		st, err := n.SealStatus(ctx)
+		if err == nil && !st.Sealed {
+			res.Sealed = false
+			return res, nil
+		}
+		if time.Now().After(deadline) {
+			return res, fmt.Errorf("%s: still sealed 30s after the threshold was met (a Raft follower that cannot reach its leader?)", n.Name)
+		}
+		select {
+		case <-ctx.Done():
+			return res, ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
 }
 
 func (n *Node) reset(ctx context.Context) error {

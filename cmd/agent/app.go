@@ -49,6 +49,16 @@ func (g *globalOptions) loadConfig() (*configs.Config, error) {
 	return configs.Load(g.configPath)
 }
 
+// setup builds the logger and loads the configuration, the start of most verbs.
+func (g *globalOptions) setup() (*slog.Logger, *configs.Config, error) {
+	log, err := g.logger()
+	if err != nil {
+		return nil, nil, err
+	}
+	cfg, err := g.loadConfig()
+	return log, cfg, err
+}
+
 // usageError marks a mistake in how the command was called (exit 2).
 type usageError struct{ msg string }
 
@@ -110,7 +120,8 @@ Exit codes: 0 ok, 1 operation failed, 2 usage or invalid configuration, 130 inte
 	pf.StringVarP(&g.configPath, "config", "c", configs.DefaultPath, "configuration file (YAML)")
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 
-	root.AddCommand(newVersionCommand(g), newConfigCommand(g), newProvisionCommand(g), newInstallCommand(g))
+	root.AddCommand(newVersionCommand(g), newConfigCommand(g), newProvisionCommand(g), newInstallCommand(g),
+		newInitCommand(g), newUnsealCommand(g), newKeyfileCommand(g), newRunCommand(g))
 	return root
 }
 

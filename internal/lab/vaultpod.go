@@ -2,6 +2,7 @@ package lab
 
 import (
 	"context"
+	"crypto/rand"
 	"fmt"
 	"path/filepath"
 	"regexp"
@@ -24,8 +25,10 @@ type VaultPods struct {
 	Clients  kubernetes.Interface
 	Release  string
 	StateDir string
-	// IP returns the loopback address of a pod (127.0.0.x), DataDir its hostPath.
-	IP      func(pod *corev1.Pod) string
+	// IP returns the loopback address of pod ordinal i (127.x.y.z); the chart's
+	// <release>-i.<release>-internal names in the config (retry_join) resolve to it.
+	IP func(ordinal int) string
+	// DataDir returns the hostPath of a pod.
 	DataDir func(pod *corev1.Pod) string
 	// UID/GID the Vault processes run as (nil: the caller's).
 	UID, GID *uint32
@@ -62,9 +65,13 @@ var (
 	dataDirRe = regexp.MustCompile(`"/vault/data"`)
 )
 
-// PodConfig rewrites a chart-rendered Vault config for a pod running on the host.
-func PodConfig(rendered, ip, dataDir string) string {
+// PodConfig rewrites a chart-rendered Vault config for a pod running on the host; hosts
+// maps the pods' DNS names to their loopback IPs.
+func PodConfig(rendered, ip, dataDir string, hosts map[string]string) string {
 	c := listenRe.ReplaceAllString(rendered, `"`+ip+`:$1"`)
+	for name, addr := range hosts {
+		c = strings.ReplaceAll(c, "://"+name+":", "://"+addr+":")
+	}
 	c = dataDirRe.ReplaceAllString(c, fmt.Sprintf("%q", dataDir))
 	return svcRegRe.ReplaceAllString(c, "")
 }
@@ -78,7 +85,12 @@ func (vp *VaultPods) start(ctx context.Context, pod *corev1.Pod) (string, error)
 	for _, v := range cm.Data {
 		rendered = v
 	}
-	ip, data := vp.IP(pod), vp.DataDir(pod)
+	ord := ordinal(pod.Name)
+	ip, data := vp.IP(ord), vp.DataDir(pod)
+	hosts := map[string]string{}
+	for i := 0; i < 10; i++ {
+		hosts[fmt.Sprintf("%s-%d.%s-internal", vp.Release, i, vp.Release)] = vp.IP(i)
+	}
 	env := []string{"VAULT_API_ADDR=http://" + ip + ":8200", "VAULT_CLUSTER_ADDR=https://" + ip + ":8201", "HOSTNAME=" + pod.Name}
 	if strings.Contains(podEnv(pod), "VAULT_RAFT_NODE_ID") {
 		env = append(env, "VAULT_RAFT_NODE_ID="+pod.Name)
@@ -86,7 +98,7 @@ func (vp *VaultPods) start(ctx context.Context, pod *corev1.Pod) (string, error)
 	v, err := StartVault(ctx, vp.Bins, VaultOptions{
 		DataDir: data, StateDir: filepath.Join(vp.StateDir, pod.Name+"-"+string(pod.UID)[:8]),
 		IP: ip, Port: 8200, ClusterPort: 8201, NodeID: pod.Name, UID: vp.UID, GID: vp.GID,
-		Config: PodConfig(rendered, ip, data), Env: env,
+		Config: PodConfig(rendered, ip, data, hosts), Env: env,
 	})
 	if err != nil {
 		return "", err
@@ -118,4 +130,25 @@ func podEnv(pod *corev1.Pod) string {
 		}
 	}
 	return strings.Join(names, " ")
+}
+
+func ordinal(pod string) int {
+	i := strings.LastIndexByte(pod, '-')
+	n := 0
+	for _, r := range pod[i+1:] {
+		if r < '0' || r > '9' {
+			return 0
+		}
+		n = n*10 + int(r-'0')
+	}
+	return n
+}
+
+// LoopbackBase picks a random 127.a.b.0 network for one test's pods, so tests running
+// in parallel never share an address and port.
+func LoopbackBase() func(ordinal int) string {
+	var b [2]byte
+	_, _ = rand.Read(b[:])
+	a, c := 10+int(b[0])%240, int(b[1])
+	return func(i int) string { return fmt.Sprintf("127.%d.%d.%d", a, c, 10+i) }
 }

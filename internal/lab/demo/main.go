@@ -197,7 +197,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			}
 			uid, gid := uint32(100), uint32(100)
 			pods = &lab.VaultPods{Bins: bins, Clients: cs, Release: "vault", StateDir: filepath.Join(dir, "pods"), UID: &uid, GID: &gid,
-				IP:      func(*corev1.Pod) string { return "127.0.2.1" },
+				IP:      func(int) string { return "127.0.2.1" },
 				DataDir: func(*corev1.Pod) string { return hostPath }}
 			cleanup = append(cleanup, pods.Close)
 			k := lab.StartKubelet(cs, "vault", pods.Hooks())

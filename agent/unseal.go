@@ -1,0 +1,79 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+
+	"github.com/pve-vault-agent/pve-vault-agent/configs"
+	"github.com/pve-vault-agent/pve-vault-agent/vault"
+)
+
+// PodUnseal is the outcome for one pod.
+type PodUnseal struct {
+	vault.UnsealResult
+	Error string `json:"error,omitempty"`
+}
+
+// Unseal unseals every sealed Vault pod now with the keyfile's shares. A pod that
+// reports uninitialised while no other pod is initialised means the data is gone (or the
+// wrong node answered): it is reported, never initialised. Safe to re-run.
+func Unseal(ctx context.Context, cfg *configs.Config, log *slog.Logger) ([]PodUnseal, error) {
+	log = log.With("component", "unseal")
+	s, err := sealer(cfg)
+	if err != nil {
+		return nil, err
+	}
+	kf, err := vault.ReadKeyfile(ctx, cfg.Vault.Keyfile, s)
+	if err != nil {
+		return nil, fmt.Errorf("keyfile: %w", err)
+	}
+	acc, err := newPodAccess(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	defer acc.Close()
+	pods, err := acc.Pods(ctx)
+	if err != nil {
+		return nil, err
+	}
+	if len(pods) == 0 {
+		return nil, fmt.Errorf("no running vault pod in namespace %s", cfg.Chart.Namespace)
+	}
+	anyInit := false
+	for _, p := range pods {
+		if st, err := p.API.SealStatus(ctx); err == nil && st.Initialized {
+			anyInit = true
+		}
+	}
+	var out []PodUnseal
+	var errs []error
+	for _, p := range pods {
+		res, err := unsealPod(ctx, p, kf, anyInit, log)
+		pu := PodUnseal{UnsealResult: res}
+		pu.Node = p.Name
+		if err != nil {
+			pu.Error = err.Error()
+			errs = append(errs, err)
+		} else if res.WasSealed {
+			log.Info("unsealed", "pod", p.Name, "shares", res.SharesUsed)
+		}
+		out = append(out, pu)
+	}
+	return out, errors.Join(errs...)
+}
+
+// unsealPod unseals one pod; a pod that is not initialised is a follower waiting to
+// join when a peer is initialised, and a sign of lost data otherwise.
+func unsealPod(ctx context.Context, p vaultPod, kf *vault.Keyfile, peerInitialised bool, log *slog.Logger) (vault.UnsealResult, error) {
+	st, err := p.API.SealStatus(ctx)
+	if err != nil {
+		return vault.UnsealResult{Node: p.Name}, err
+	}
+	if !st.Initialized && !peerInitialised {
+		return vault.UnsealResult{Node: p.Name, Sealed: true, WasSealed: true}, fmt.Errorf("pod %s: %w (cluster %s, keyset %s): its data directory is empty or another Vault answered. The agent never initialises over a keyfile; run `pve-vault-agent recover` to restore the latest snapshot",
+			p.Name, ErrDataGone, kf.ClusterID, kf.Keyset.Fingerprint())
+	}
+	return p.API.Unseal(ctx, kf.Keyset, log)
+}
