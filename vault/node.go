@@ -13,10 +13,10 @@ import (
 
 // Errors a caller branches on.
 var (
-	ErrNotInitialised   = errors.New("vault is not initialised")
+	ErrNotInitialised     = errors.New("vault is not initialised")
 	ErrAlreadyInitialised = errors.New("vault is already initialised")
-	ErrWrongKeys        = errors.New("unseal keys belong to another cluster")
-	ErrSealed           = errors.New("vault is sealed")
+	ErrWrongKeys          = errors.New("unseal keys belong to another cluster")
+	ErrSealed             = errors.New("vault is sealed")
 )
 
 // Node is one Vault server (a pod) reached at Addr through HTTP.

@@ -18,10 +18,10 @@ type Key struct {
 	value string
 }
 
-func (k Key) String() string                 { return "share #" + strconv.Itoa(k.Index) }
-func (k Key) GoString() string               { return k.String() }
-func (k Key) LogValue() slog.Value           { return slog.IntValue(k.Index) }
-func (k Key) MarshalJSON() ([]byte, error)   { return []byte(strconv.Quote(redacted)), nil }
+func (k Key) String() string                { return "share #" + strconv.Itoa(k.Index) }
+func (k Key) GoString() string              { return k.String() }
+func (k Key) LogValue() slog.Value          { return slog.IntValue(k.Index) }
+func (k Key) MarshalJSON() ([]byte, error)  { return []byte(strconv.Quote(redacted)), nil }
 func (k Key) Format(f fmt.State, verb rune) { _, _ = f.Write([]byte(k.String())) }
 
 // Token is a Vault token. Its value never prints.
@@ -31,11 +31,11 @@ type Token struct{ value string }
 func NewToken(v string) Token { return Token{value: v} }
 
 // Empty reports whether there is no token.
-func (t Token) Empty() bool                    { return t.value == "" }
-func (t Token) String() string                 { return redacted }
-func (t Token) GoString() string               { return redacted }
-func (t Token) LogValue() slog.Value           { return slog.StringValue(redacted) }
-func (t Token) MarshalJSON() ([]byte, error)   { return []byte(strconv.Quote(redacted)), nil }
+func (t Token) Empty() bool                   { return t.value == "" }
+func (t Token) String() string                { return redacted }
+func (t Token) GoString() string              { return redacted }
+func (t Token) LogValue() slog.Value          { return slog.StringValue(redacted) }
+func (t Token) MarshalJSON() ([]byte, error)  { return []byte(strconv.Quote(redacted)), nil }
 func (t Token) Format(f fmt.State, verb rune) { _, _ = f.Write([]byte(redacted)) }
 
 // Keyset is the unseal shares of one cluster.
