@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"os"
 	"runtime"
+	"runtime/debug"
 	"sort"
 	"strings"
 	"sync"
@@ -36,10 +37,12 @@ type DaemonOptions struct {
 	// WatchdogInterval sends WATCHDOG=1 this often (0: no watchdog).
 	WatchdogInterval time.Duration
 	Version          string
-	// PollInterval is how often each pod's seal status is read (default 500ms);
-	// DiscoverInterval how often pods are listed (default 5s); MaxBackoff caps the wait
-	// after a pod could not be reached (default 2s).
-	PollInterval, DiscoverInterval, MaxBackoff time.Duration
+	// PollInterval is how often a sealed pod's status is read (default 500ms), and
+	// IdleInterval an unsealed one's (default 1s: a restart shows as a refused
+	// connection or a sealed answer at the next read); DiscoverInterval is how often pods
+	// are listed (default 5s); MaxBackoff caps the wait after a pod could not be reached
+	// (default 2s).
+	PollInterval, IdleInterval, DiscoverInterval, MaxBackoff time.Duration
 	// MetricsReady, when set, receives the metrics address once it listens.
 	MetricsReady func(addr string)
 }
@@ -54,6 +57,9 @@ func Run(ctx context.Context, opts DaemonOptions, log *slog.Logger) error {
 	log = log.With("component", "daemon")
 	if opts.PollInterval <= 0 {
 		opts.PollInterval = 500 * time.Millisecond
+	}
+	if opts.IdleInterval <= 0 {
+		opts.IdleInterval = max(time.Second, opts.PollInterval)
 	}
 	if opts.DiscoverInterval <= 0 {
 		opts.DiscoverInterval = 5 * time.Second
@@ -75,6 +81,9 @@ func Run(ctx context.Context, opts DaemonOptions, log *slog.Logger) error {
 		return err
 	}
 	defer stopMetrics()
+	// Start-up garbage (Kubernetes and Helm type registries) goes back to the OS, so the
+	// idle daemon stays small.
+	debug.FreeOSMemory()
 	d.notify("READY=1", "STATUS=watching Vault pods")
 	log.Info("daemon started", "namespace", cfg.Chart.Namespace, "release", cfg.Chart.Release, "pod_access", cfg.Vault.PodAccess)
 
@@ -238,6 +247,9 @@ func (d *daemon) watch(ctx context.Context, p vaultPod) {
 			return
 		}
 		wait := d.opts.PollInterval
+		if state == "unsealed" {
+			wait = d.opts.IdleInterval
+		}
 		if err != nil {
 			if backoff == 0 {
 				backoff = 250 * time.Millisecond

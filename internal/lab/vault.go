@@ -34,6 +34,8 @@ type VaultOptions struct {
 	Config string
 	// Env is added to the process environment (VAULT_RAFT_NODE_ID, VAULT_API_ADDR …).
 	Env []string
+	// Netns runs Vault inside a node's network namespace (IP is then an address there).
+	Netns *Netns
 }
 
 // Vault is a running Vault server process.
@@ -126,8 +128,17 @@ func (v *Vault) Start(ctx context.Context) error {
 			cred.Gid = *v.Opts.GID
 		}
 	}
-	p, err := startProcess("vault "+v.Opts.NodeID, filepath.Join(v.Opts.StateDir, "vault.log"), v.bin,
-		[]string{"server", "-config=" + v.ConfigPath, "-log-level=info"}, cred, append([]string{"VAULT_LOG_FORMAT=standard"}, v.Opts.Env...))
+	bin, args := v.bin, []string{"server", "-config=" + v.ConfigPath, "-log-level=info"}
+	if ns := v.Opts.Netns; ns != nil {
+		// Entering a namespace needs root: drop to the uid after setns, with setpriv.
+		if cred != nil {
+			args = append([]string{fmt.Sprintf("--reuid=%d", cred.Uid), fmt.Sprintf("--regid=%d", cred.Gid), "--clear-groups", bin}, args...)
+			bin, cred = "setpriv", nil
+		}
+		bin, args = ns.Wrap(bin, args...)
+	}
+	p, err := startProcess("vault "+v.Opts.NodeID, filepath.Join(v.Opts.StateDir, "vault.log"), bin, args, cred,
+		append([]string{"VAULT_LOG_FORMAT=standard"}, v.Opts.Env...))
 	if err != nil {
 		return err
 	}

@@ -32,6 +32,8 @@ type VaultPods struct {
 	DataDir func(pod *corev1.Pod) string
 	// UID/GID the Vault processes run as (nil: the caller's).
 	UID, GID *uint32
+	// Netns, when set, runs pod ordinal i inside that node's network namespace.
+	Netns func(ordinal int) *Netns
 
 	mu     sync.Mutex
 	vaults map[string]*Vault // pod name → process
@@ -98,7 +100,7 @@ func (vp *VaultPods) start(ctx context.Context, pod *corev1.Pod) (string, error)
 	v, err := StartVault(ctx, vp.Bins, VaultOptions{
 		DataDir: data, StateDir: filepath.Join(vp.StateDir, pod.Name+"-"+string(pod.UID)[:8]),
 		IP: ip, Port: 8200, ClusterPort: 8201, NodeID: pod.Name, UID: vp.UID, GID: vp.GID,
-		Config: PodConfig(rendered, ip, data, hosts), Env: env,
+		Config: PodConfig(rendered, ip, data, hosts), Env: env, Netns: vp.netns(ord),
 	})
 	if err != nil {
 		return "", err
@@ -110,6 +112,13 @@ func (vp *VaultPods) start(ctx context.Context, pod *corev1.Pod) (string, error)
 	}
 	vp.vaults[pod.Name] = v
 	return ip, nil
+}
+
+func (vp *VaultPods) netns(ord int) *Netns {
+	if vp.Netns == nil {
+		return nil
+	}
+	return vp.Netns(ord)
 }
 
 func (vp *VaultPods) stop(pod *corev1.Pod) {

@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"flag"
 	"fmt"
 	"io"
@@ -128,11 +129,12 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 
 	fmt.Fprintf(out, "pve-vault-agent demo: the lab on loopback, state in %s\n\n", dir)
 	var (
-		cp   *lab.ControlPlane
-		ns   *lab.Netns
-		node *lab.SSHD
-		pve  *lab.PVE
-		pods *lab.VaultPods
+		cp     *lab.ControlPlane
+		ns     *lab.Netns
+		node   *lab.SSHD
+		pve    *lab.PVE
+		pods   *lab.VaultPods
+		daemon *exec.Cmd
 	)
 	const tokenID, tokenSecret = "vault-agent@pve!demo", "5b0c1e2d-demo-4a7f-9e3b-0c1d2e3f4a5b"
 	hostPath := filepath.Join(dir, "node1-root", "srv", "vault")
@@ -197,7 +199,10 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			}
 			uid, gid := uint32(100), uint32(100)
 			pods = &lab.VaultPods{Bins: bins, Clients: cs, Release: "vault", StateDir: filepath.Join(dir, "pods"), UID: &uid, GID: &gid,
-				IP:      func(int) string { return "127.0.2.1" },
+				// The pod runs on the node: in its network namespace, at its address, and the
+				// agent reaches it through an SSH tunnel to the node like any pod IP.
+				IP:      func(int) string { return ns.NodeIP },
+				Netns:   func(int) *lab.Netns { return ns },
 				DataDir: func(*corev1.Pod) string { return hostPath }}
 			cleanup = append(cleanup, pods.Close)
 			k := lab.StartKubelet(cs, "vault", pods.Hooks())
@@ -210,18 +215,46 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		{"pve-vault-agent install again: same chart and values, no new revision", func() error {
 			return d.agentCmd(ctx, "install", "--config", filepath.Join(dir, "config.yaml"))
 		}},
-		{"the pod's Vault answers (sealed and uninitialised until `init` exists)", func() error {
+		{"pve-vault-agent init: initialise Vault, seal the keys into the keyfile (systemd-creds), keep a snapshot-only token, revoke root", func() error {
+			return d.agentCmd(ctx, "init", "--config", filepath.Join(dir, "config.yaml"))
+		}},
+		{"pve-vault-agent keyfile check: the keyfile decrypts; only metadata is shown", func() error {
+			return d.agentCmd(ctx, "keyfile", "check", "--config", filepath.Join(dir, "config.yaml"))
+		}},
+		{"start the daemon (pve-vault-agent run), as the systemd service would", func() error {
+			daemon = exec.CommandContext(ctx, d.agent, "run", "--config", filepath.Join(dir, "config.yaml"))
+			var mu sync.Mutex
+			daemon.Stderr = &prefixed{w: d.out, mu: &mu}
+			if err := daemon.Start(); err != nil {
+				return err
+			}
+			cleanup = append(cleanup, func() { _ = daemon.Process.Signal(os.Interrupt); _ = daemon.Wait() })
+			return nil
+		}},
+		{"\"reboot\": kill -9 the pod's Vault and start it again; it comes back sealed and the daemon unseals it", func() error {
 			v := pods.Vault("vault-0")
 			if v == nil {
 				return fmt.Errorf("no Vault process for pod vault-0")
 			}
-			resp, err := http.Get(v.Addr + "/v1/sys/health")
-			if err != nil {
+			v.Kill()
+			if err := v.Start(ctx); err != nil {
 				return err
 			}
-			resp.Body.Close()
-			d.say("vault-0 at %s, data in %s owned by uid 100: sys/health %d (501 = not initialised)", v.Addr, hostPath, resp.StatusCode)
+			t0 := time.Now()
+			for {
+				if sealed, err := sealedAt(v.Addr); err == nil && !sealed {
+					break
+				}
+				if time.Since(t0) > 30*time.Second {
+					return fmt.Errorf("vault-0 still sealed after 30s")
+				}
+				time.Sleep(10 * time.Millisecond)
+			}
+			d.say("vault-0 listening → unsealed by the daemon in %s", time.Since(t0).Round(time.Millisecond))
 			return nil
+		}},
+		{"pve-vault-agent unseal: nothing to do, every pod is unsealed", func() error {
+			return d.agentCmd(ctx, "unseal", "--config", filepath.Join(dir, "config.yaml"))
 		}},
 	}
 	for _, s := range steps {
@@ -295,11 +328,28 @@ chart:
   timeout: 2m
 snapshots:
   dir: %s
+vault:
+  keyfile: %s
+  systemd_creds_key: host
 metrics:
   listen: 127.0.0.1:0
 `, pve.URL, tokenID, secretFile, pve.CAFile, hostPath, node.Port, node.ClientKeyPath, known, cp.Kubeconfig,
-		chartPath, valuesFile, filepath.Join(dir, "charts"), filepath.Join(dir, "snapshots"))
+		chartPath, valuesFile, filepath.Join(dir, "charts"), filepath.Join(dir, "snapshots"), filepath.Join(dir, "state", "unseal.cred"))
 	return os.WriteFile(filepath.Join(dir, "config.yaml"), []byte(cfg), 0o600)
+}
+
+// sealedAt reads sys/seal-status directly.
+func sealedAt(addr string) (bool, error) {
+	resp, err := http.Get(addr + "/v1/sys/seal-status")
+	if err != nil {
+		return true, err
+	}
+	defer resp.Body.Close()
+	var st struct{ Sealed bool }
+	if err := json.NewDecoder(resp.Body).Decode(&st); err != nil {
+		return true, err
+	}
+	return st.Sealed, nil
 }
 
 func kubeClient(kubeconfig string) (kubernetes.Interface, error) {

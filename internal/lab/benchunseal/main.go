@@ -1,0 +1,149 @@
+// Command benchunseal measures what issue 5 asks of the daemon, with the built binary
+// against a lab Vault (Raft storage): the latency from "Vault listening again after a
+// restart" to "unsealed" over N restarts (p50/p95/max), and the idle daemon's RSS and
+// CPU over a window. Run it with scripts/bench-unseal.sh (or make bench-unseal).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
+	"github.com/pve-vault-agent/pve-vault-agent/vault"
+)
+
+func main() {
+	agent := flag.String("agent", "bin/pve-vault-agent", "the built agent")
+	restarts := flag.Int("restarts", 30, "Vault restarts to measure")
+	idle := flag.Duration("idle", 60*time.Second, "idle window for RSS and CPU")
+	flag.Parse()
+	if err := run(*agent, *restarts, *idle); err != nil {
+		fmt.Fprintln(os.Stderr, "benchunseal:", err)
+		os.Exit(1)
+	}
+}
+
+func run(agent string, restarts int, idle time.Duration) error {
+	ctx := context.Background()
+	bins, err := lab.FindBins()
+	if err != nil {
+		return err
+	}
+	dir, err := os.MkdirTemp("", "pva-bench-unseal-")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	os.Mkdir(filepath.Join(dir, "data"), 0o700)
+	v, err := lab.StartVault(ctx, bins, lab.VaultOptions{DataDir: filepath.Join(dir, "data"), StateDir: filepath.Join(dir, "vault")})
+	if err != nil {
+		return err
+	}
+	defer v.Close()
+	key := filepath.Join(dir, "id")
+	os.WriteFile(key, []byte("unused"), 0o600)
+	cfg := filepath.Join(dir, "config.yaml")
+	os.WriteFile(cfg, fmt.Appendf(nil, "nodes: [{name: n1, address: 127.0.0.1}]\nssh: {identity: {file: %s}}\nvault:\n  pod_access: static\n  addresses: [%s]\n  keyfile: %s\n  systemd_creds_key: host\nmetrics: {listen: \"127.0.0.1:0\"}\n",
+		key, v.Addr, filepath.Join(dir, "state", "unseal.cred")), 0o600)
+	if out, err := exec.Command(agent, "init", "--config", cfg).CombinedOutput(); err != nil {
+		return fmt.Errorf("init: %v: %s", err, out)
+	}
+	daemon := exec.Command(agent, "run", "--config", cfg, "--log-level", "warn")
+	daemon.Stderr = os.Stderr
+	if err := daemon.Start(); err != nil {
+		return err
+	}
+	defer func() { daemon.Process.Signal(os.Interrupt); daemon.Wait() }()
+
+	n, _ := vault.NewNode("bench", v.Addr, &http.Client{Timeout: 2 * time.Second})
+	var lat []time.Duration
+	for i := 0; i < restarts; i++ {
+		v.Kill()
+		if err := v.Start(ctx); err != nil { // returns once Vault's API answers: "listening"
+			return err
+		}
+		t0 := time.Now()
+		for {
+			st, err := n.SealStatus(ctx)
+			if err == nil && !st.Sealed {
+				break
+			}
+			if time.Since(t0) > 30*time.Second {
+				return fmt.Errorf("restart %d: not unsealed after 30s", i)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		lat = append(lat, time.Since(t0))
+	}
+	sort.Slice(lat, func(i, j int) bool { return lat[i] < lat[j] })
+	pct := func(p float64) time.Duration { return lat[min(len(lat)-1, int(p*float64(len(lat))))] }
+	fmt.Printf("restart → unsealed over %d restarts: p50 %s  p95 %s  max %s  (targets: p50 ≤ 1.5s, p95 ≤ 3s)\n",
+		len(lat), pct(0.50).Round(time.Millisecond), pct(0.95).Round(time.Millisecond), lat[len(lat)-1].Round(time.Millisecond))
+
+	pid := daemon.Process.Pid
+	cpu0, err := cpuTicks(pid)
+	if err != nil {
+		return err
+	}
+	t0 := time.Now()
+	var maxRSS, anon, file int
+	for time.Since(t0) < idle {
+		if rss, a, f, err := rssKiB(pid); err == nil && rss > maxRSS {
+			maxRSS, anon, file = rss, a, f
+		}
+		time.Sleep(time.Second)
+	}
+	cpu1, err := cpuTicks(pid)
+	if err != nil {
+		return err
+	}
+	elapsed := time.Since(t0).Seconds()
+	share := float64(cpu1-cpu0) / 100 / elapsed * 100 // USER_HZ = 100
+	fmt.Printf("idle daemon over %s (watching 1 unsealed pod): max RSS %.1f MiB (anonymous %.1f MiB, file-backed binary pages %.1f MiB), CPU %.2f%% of a core  (targets: ≤ 40 MiB, ≤ 0.2%%)\n",
+		idle, float64(maxRSS)/1024, float64(anon)/1024, float64(file)/1024, share)
+	return nil
+}
+
+// rssKiB returns VmRSS, RssAnon and RssFile of pid in KiB.
+func rssKiB(pid int) (rss, anon, file int, err error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		f := strings.Fields(l)
+		if len(f) < 2 {
+			continue
+		}
+		v, _ := strconv.Atoi(f[1])
+		switch f[0] {
+		case "VmRSS:":
+			rss = v
+		case "RssAnon:":
+			anon = v
+		case "RssFile:":
+			file = v
+		}
+	}
+	return rss, anon, file, nil
+}
+
+func cpuTicks(pid int) (int, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	f := strings.Fields(string(b)[strings.LastIndexByte(string(b), ')')+2:])
+	u, _ := strconv.Atoi(f[11])
+	s, _ := strconv.Atoi(f[12])
+	return u + s, nil
+}
