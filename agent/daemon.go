@@ -45,6 +45,8 @@ type DaemonOptions struct {
 	PollInterval, IdleInterval, DiscoverInterval, MaxBackoff time.Duration
 	// MetricsReady, when set, receives the metrics address once it listens.
 	MetricsReady func(addr string)
+	// Clock drives the backup schedule (default: the real one).
+	Clock Clock
 }
 
 // Run is the daemon: it keeps every Vault pod unsealed. A watcher per pod reads its seal
@@ -66,6 +68,9 @@ func Run(ctx context.Context, opts DaemonOptions, log *slog.Logger) error {
 	}
 	if opts.MaxBackoff <= 0 {
 		opts.MaxBackoff = 2 * time.Second
+	}
+	if opts.Clock == nil {
+		opts.Clock = realClock{}
 	}
 	cfg, err := opts.Load()
 	if err != nil {
@@ -96,10 +101,12 @@ func Run(ctx context.Context, opts DaemonOptions, log *slog.Logger) error {
 		watchdog = t.C
 	}
 	d.discover(ctx)
+	stopSchedule := d.startSchedule(ctx, cfg)
 	for {
 		select {
 		case <-ctx.Done():
 			d.notify("STOPPING=1")
+			stopSchedule()
 			d.stopAll()
 			log.Info("daemon stopped")
 			return nil
@@ -114,6 +121,7 @@ func Run(ctx context.Context, opts DaemonOptions, log *slog.Logger) error {
 				d.notify("STATUS=reload refused: " + firstLine(err.Error()))
 				continue
 			}
+			stopSchedule()
 			d.stopAll()
 			if err := d.configure(ctx, newCfg); err != nil {
 				log.Error("reload failed", "err", err)
@@ -121,6 +129,7 @@ func Run(ctx context.Context, opts DaemonOptions, log *slog.Logger) error {
 			}
 			log.Info("configuration and keyfile reloaded")
 			d.discover(ctx)
+			stopSchedule = d.startSchedule(ctx, newCfg)
 		}
 	}
 }
@@ -172,6 +181,38 @@ func (d *daemon) configure(ctx context.Context, cfg *configs.Config) error {
 	d.badKeys = map[string]string{}
 	d.state = map[string]string{}
 	return nil
+}
+
+// startSchedule runs the backup schedule of cfg until the returned func is called.
+func (d *daemon) startSchedule(ctx context.Context, cfg *configs.Config) func() {
+	sched, err := ParseSchedule(cfg.Snapshots.Schedule)
+	if err != nil {
+		d.log.Error("no backup schedule", "err", err)
+		return func() {}
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		runSchedule(sctx, d.opts.Clock, sched, func(ctx context.Context, due time.Time) {
+			t0 := time.Now()
+			rep, err := BackupNow(ctx, cfg, BackupOptions{Now: d.opts.Clock.Now, Version: d.opts.Version}, d.log)
+			d.metrics.backupDuration.Set(time.Since(t0).Seconds())
+			if err != nil && rep == nil {
+				d.metrics.backupFailures.Inc()
+				if ctx.Err() == nil {
+					d.log.Error("scheduled backup failed", "due", due, "err", err)
+				}
+				return
+			}
+			d.metrics.backupLastSuccess.SetToCurrentTime()
+			d.metrics.backupLastSize.Set(float64(rep.Snapshot.Size))
+			if err != nil {
+				d.log.Warn("backup stored; retention failed", "err", err)
+			}
+		})
+	}()
+	return func() { cancel(); <-done }
 }
 
 func (d *daemon) notify(states ...string) {
@@ -388,12 +429,16 @@ func (d *daemon) serveMetrics(listen string) (func(), error) {
 }
 
 type metrics struct {
-	reg        *prometheus.Registry
-	sealed     *prometheus.GaugeVec
-	reachable  *prometheus.GaugeVec
-	attempts   *prometheus.CounterVec
-	failures   *prometheus.CounterVec
-	lastUnseal *prometheus.GaugeVec
+	reg               *prometheus.Registry
+	backupLastSuccess prometheus.Gauge
+	backupLastSize    prometheus.Gauge
+	backupFailures    prometheus.Counter
+	backupDuration    prometheus.Gauge
+	sealed            *prometheus.GaugeVec
+	reachable         *prometheus.GaugeVec
+	attempts          *prometheus.CounterVec
+	failures          *prometheus.CounterVec
+	lastUnseal        *prometheus.GaugeVec
 }
 
 func newMetrics(version string) *metrics {
@@ -405,6 +450,11 @@ func newMetrics(version string) *metrics {
 		failures:   prometheus.NewCounterVec(prometheus.CounterOpts{Name: "pva_unseal_failures_total", Help: "Failed unseal attempts per pod and reason."}, []string{"pod", "reason"}),
 		lastUnseal: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "pva_last_unseal_timestamp_seconds", Help: "When the agent last unsealed the pod."}, []string{"pod"}),
 	}
+	m.backupLastSuccess = prometheus.NewGauge(prometheus.GaugeOpts{Name: "pva_backup_last_success_timestamp_seconds", Help: "When the last scheduled snapshot was stored."})
+	m.backupLastSize = prometheus.NewGauge(prometheus.GaugeOpts{Name: "pva_backup_last_size_bytes", Help: "Size of the last stored snapshot."})
+	m.backupFailures = prometheus.NewCounter(prometheus.CounterOpts{Name: "pva_backup_failures_total", Help: "Scheduled backups that stored nothing."})
+	m.backupDuration = prometheus.NewGauge(prometheus.GaugeOpts{Name: "pva_backup_duration_seconds", Help: "How long the last scheduled backup took."})
+	m.reg.MustRegister(m.backupLastSuccess, m.backupLastSize, m.backupFailures, m.backupDuration)
 	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "pva_build_info", Help: "Build of the running agent."}, []string{"version", "goversion"})
 	build.WithLabelValues(version, runtime.Version()).Set(1)
 	m.reg.MustRegister(m.sealed, m.reachable, m.attempts, m.failures, m.lastUnseal, build)

@@ -134,6 +134,11 @@ func newResolver(cfg *configs.Config, nodes []configs.Node, log *slog.Logger) (*
 	if !needed {
 		return nil, nil
 	}
+	return newResolverAlways(cfg, log)
+}
+
+// newResolverAlways builds the Proxmox API client from the configuration.
+func newResolverAlways(cfg *configs.Config, log *slog.Logger) (*provision.Resolver, error) {
 	secret, err := cfg.Proxmox.TokenSecret.Read()
 	if err != nil {
 		return nil, fmt.Errorf("proxmox.token_secret: %w", err)

@@ -238,3 +238,48 @@ func isVirtualIface(name string) bool {
 	}
 	return false
 }
+
+// StoragePath resolves a Proxmox storage ID to its directory on this host and the free
+// bytes the API reports. Only storages with a path (dir, nfs, cifs, cephfs …) qualify.
+func (r *Resolver) StoragePath(ctx context.Context, node, id string) (string, uint64, error) {
+	var cfg struct {
+		Path string `json:"path"`
+		Type string `json:"type"`
+	}
+	if err := r.client.Get(ctx, "/storage/"+id, &cfg); err != nil {
+		return "", 0, apiError("read storage "+id, err)
+	}
+	if cfg.Path == "" {
+		return "", 0, fmt.Errorf("storage %s (type %s) has no directory path: use a dir, nfs or cifs storage, or snapshots.dir", id, cfg.Type)
+	}
+	n, err := r.client.Node(ctx, node)
+	if err != nil {
+		return "", 0, apiError("read Proxmox node "+node, err)
+	}
+	st, err := n.Storage(ctx, id)
+	if err != nil {
+		return "", 0, apiError("storage "+id+" status", err)
+	}
+	if st.Active != 1 {
+		return "", 0, fmt.Errorf("storage %s is not active on %s", id, node)
+	}
+	return strings.TrimRight(cfg.Path, "/") + "/vault-snapshots", st.Avail, nil
+}
+
+// LocalNode is the name of the Proxmox node the agent runs on (cluster status "local").
+func (r *Resolver) LocalNode(ctx context.Context) (string, error) {
+	var st []struct {
+		Type  string `json:"type"`
+		Name  string `json:"name"`
+		Local int    `json:"local"`
+	}
+	if err := r.client.Get(ctx, "/cluster/status", &st); err != nil {
+		return "", apiError("read cluster status", err)
+	}
+	for _, s := range st {
+		if s.Type == "node" && s.Local == 1 {
+			return s.Name, nil
+		}
+	}
+	return "", errors.New("the Proxmox API does not say which node is local")
+}

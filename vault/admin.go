@@ -4,8 +4,11 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"errors"
 	"fmt"
+	"io"
 	"math/big"
+	"net/http"
 
 	"github.com/hashicorp/vault/api"
 )
@@ -142,3 +145,35 @@ func randomOTP(n int) (string, error) {
 	}
 	return string(b), nil
 }
+
+// StreamSnapshot streams GET sys/storage/raft/snapshot with tok into w. Vault sends the
+// archive chunked, without a length; nothing is buffered here. The caller gives ctx a
+// deadline.
+func (n *Node) StreamSnapshot(ctx context.Context, tok Token, w io.Writer) (int64, error) {
+	c, err := n.withToken(tok)
+	if err != nil {
+		return 0, err
+	}
+	resp, err := c.Logical().ReadRawWithContext(ctx, "sys/storage/raft/snapshot")
+	if resp != nil {
+		defer resp.Body.Close()
+	}
+	if err != nil {
+		var re *api.ResponseError
+		if errors.As(err, &re) && re.StatusCode == http.StatusForbidden {
+			return 0, fmt.Errorf("%s: %w: the snapshot token was refused (revoked or expired?): %v", n.Name, ErrTokenRefused, err)
+		}
+		return 0, fmt.Errorf("%s: snapshot: %w", n.Name, err)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return 0, fmt.Errorf("%s: snapshot: HTTP %d", n.Name, resp.StatusCode)
+	}
+	written, err := io.Copy(w, resp.Body)
+	if err != nil {
+		return written, fmt.Errorf("%s: snapshot stream after %d bytes: %w", n.Name, written, err)
+	}
+	return written, nil
+}
+
+// ErrTokenRefused means Vault rejected the agent's token.
+var ErrTokenRefused = errors.New("token refused")

@@ -27,6 +27,9 @@ type UnsealResult struct {
 // the threshold ("cipher: message authentication failed"): that is ErrWrongKeys, with
 // the progress reset so no half-unseal remains. Only share indexes are logged.
 func (n *Node) Unseal(ctx context.Context, ks Keyset, log *slog.Logger) (UnsealResult, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
 	res := UnsealResult{Node: n.Name}
 	st, err := n.SealStatus(ctx)
 	if err != nil {

@@ -121,7 +121,8 @@ Exit codes: 0 ok, 1 operation failed, 2 usage or invalid configuration, 130 inte
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 
 	root.AddCommand(newVersionCommand(g), newConfigCommand(g), newProvisionCommand(g), newInstallCommand(g),
-		newInitCommand(g), newUnsealCommand(g), newKeyfileCommand(g), newRunCommand(g))
+		newInitCommand(g), newUnsealCommand(g), newKeyfileCommand(g), newRunCommand(g),
+		newBackupNowCommand(g), newSnapshotsCommand(g))
 	return root
 }
 

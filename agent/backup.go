@@ -1,0 +1,197 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"time"
+
+	"github.com/pve-vault-agent/pve-vault-agent/configs"
+	"github.com/pve-vault-agent/pve-vault-agent/vault"
+	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
+)
+
+// ErrNoActive means no Vault pod was active (all sealed, standby-only or unreachable).
+var ErrNoActive = errors.New("no active vault node")
+
+// BackupOptions tune one backup.
+type BackupOptions struct {
+	// Progress, when set, receives the stream (a terminal progress line).
+	Progress func(w io.Writer) io.Writer
+	Now      func() time.Time
+	Version  string
+}
+
+// BackupReport is what a backup stored and pruned.
+type BackupReport struct {
+	Snapshot snapshot.Entry      `json:"snapshot"`
+	Pod      string              `json:"pod"`
+	Duration time.Duration       `json:"-"`
+	Seconds  float64             `json:"seconds"`
+	Pruned   []snapshot.Decision `json:"pruned,omitempty"`
+}
+
+// BackupNow takes a Raft snapshot and stores it: lock the target directory → check free
+// space → find the active node (a standby never yields a snapshot) → stream it with the
+// snapshot token into a temp file while verifying the same bytes → fsync, manifest,
+// rename, fsync the directory → only then apply retention. A failure leaves no partial
+// file and no retention change.
+func BackupNow(ctx context.Context, cfg *configs.Config, opts BackupOptions, log *slog.Logger) (*BackupReport, error) {
+	log = log.With("component", "backup")
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	store, err := snapshotStore(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	unlock, err := store.Lock(ctx)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if err := store.CheckSpace(); err != nil {
+		return nil, err
+	}
+	s, err := sealer(cfg)
+	if err != nil {
+		return nil, err
+	}
+	kf, err := vault.ReadKeyfile(ctx, cfg.Vault.Keyfile, s)
+	if err != nil {
+		return nil, fmt.Errorf("keyfile: %w", err)
+	}
+	if kf.SnapshotToken.Empty() {
+		return nil, errors.New("the keyfile holds no snapshot token (init did not finish): run `pve-vault-agent init` on a fresh cluster, or see the recovery runbook")
+	}
+	acc, err := newPodAccess(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	defer acc.Close()
+	active, health, err := findActive(ctx, acc)
+	if err != nil {
+		return nil, err
+	}
+	t0 := time.Now()
+	sctx, cancel := context.WithTimeout(ctx, cfg.Snapshots.Timeout)
+	defer cancel()
+	m := snapshot.Manifest{VaultVersion: health.Version, ClusterID: health.ClusterID, KeysetFingerprint: kf.Keyset.Fingerprint(),
+		AgentVersion: opts.Version, Source: active.Name}
+	entry, err := store.Save(sctx, opts.Now(), m, func(w io.Writer) error {
+		if opts.Progress != nil {
+			w = opts.Progress(w)
+		}
+		_, err := active.API.StreamSnapshot(sctx, kf.SnapshotToken, w)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("backup from %s: %w", active.Name, err)
+	}
+	rep := &BackupReport{Snapshot: entry, Pod: active.Name, Duration: time.Since(t0)}
+	rep.Seconds = rep.Duration.Seconds()
+	log.Info("snapshot stored", "file", entry.Path, "bytes", entry.Size, "raft_index", entry.Manifest.RaftIndex, "from", active.Name, "took", rep.Duration.Round(time.Millisecond))
+	pruned, err := applyRetention(store, cfg, opts.Now(), false)
+	rep.Pruned = pruned
+	if err != nil {
+		return rep, fmt.Errorf("retention: %w", err)
+	}
+	return rep, nil
+}
+
+// findActive returns the pod that answers sys/health as active.
+func findActive(ctx context.Context, acc *podAccess) (vaultPod, vault.Health, error) {
+	pods, err := acc.Pods(ctx)
+	if err != nil {
+		return vaultPod{}, vault.Health{}, err
+	}
+	var states []string
+	for _, p := range pods {
+		h, err := p.API.Health(ctx)
+		switch {
+		case err != nil:
+			states = append(states, p.Name+" unreachable")
+		case h.Active:
+			return p, h, nil
+		case h.Sealed:
+			states = append(states, p.Name+" sealed")
+		case !h.Initialized:
+			states = append(states, p.Name+" uninitialised")
+		default:
+			states = append(states, p.Name+" standby")
+		}
+	}
+	return vaultPod{}, vault.Health{}, fmt.Errorf("%w: %v; unseal Vault first (pve-vault-agent unseal)", ErrNoActive, states)
+}
+
+// snapshotStore is snapshots.dir, or the path of snapshots.proxmox_storage.
+func snapshotStore(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*snapshot.Store, error) {
+	if cfg.Snapshots.ProxmoxStorage == "" {
+		return &snapshot.Store{Dir: cfg.Snapshots.Dir}, nil
+	}
+	r, err := newResolverAlways(cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	node, err := r.LocalNode(ctx)
+	if err != nil {
+		return nil, err
+	}
+	dir, avail, err := r.StoragePath(ctx, node, cfg.Snapshots.ProxmoxStorage)
+	if err != nil {
+		return nil, err
+	}
+	log.Debug("snapshot storage resolved", "storage", cfg.Snapshots.ProxmoxStorage, "dir", dir, "avail_bytes", avail)
+	return &snapshot.Store{Dir: dir}, nil
+}
+
+// applyRetention plans retention over the directory and removes what it drops (unless
+// dryRun). It returns the dropped decisions.
+func applyRetention(store *snapshot.Store, cfg *configs.Config, now time.Time, dryRun bool) ([]snapshot.Decision, error) {
+	entries, err := store.List()
+	if err != nil {
+		return nil, err
+	}
+	r := cfg.Snapshots.Retention
+	var dropped []snapshot.Decision
+	for _, d := range snapshot.Plan(now, entries, snapshot.Policy{KeepLast: r.KeepLast, Hourly: r.Hourly, Daily: r.Daily, Weekly: r.Weekly, Monthly: r.Monthly}) {
+		if d.Keep {
+			continue
+		}
+		if !dryRun {
+			if err := store.Remove(d.Entry); err != nil {
+				return dropped, err
+			}
+		}
+		dropped = append(dropped, d)
+	}
+	return dropped, nil
+}
+
+// SnapshotPlan is the retention plan over the snapshot store, for `snapshots prune`.
+func SnapshotPlan(ctx context.Context, cfg *configs.Config, now time.Time, dryRun bool, log *slog.Logger) ([]snapshot.Decision, error) {
+	store, err := snapshotStore(ctx, cfg, log)
+	if err != nil {
+		return nil, err
+	}
+	if !dryRun {
+		unlock, err := store.Lock(ctx)
+		if err != nil {
+			return nil, err
+		}
+		defer unlock()
+	}
+	return applyRetention(store, cfg, now, dryRun)
+}
+
+// Snapshots lists the snapshot store.
+func Snapshots(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*snapshot.Store, []snapshot.Entry, error) {
+	store, err := snapshotStore(ctx, cfg, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	es, err := store.List()
+	return store, es, err
+}

@@ -1,0 +1,324 @@
+package snapshot
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Errors a caller branches on.
+var (
+	ErrNoSpace = errors.New("not enough free space for a snapshot")
+)
+
+const (
+	ext         = ".snap"
+	manifestExt = ".snap.json"
+	tmpPrefix   = ".incoming-"
+	lockName    = ".lock"
+	timeLayout  = "20060102T150405.000Z"
+)
+
+// Manifest is written beside each published snapshot.
+type Manifest struct {
+	File              string    `json:"file"`
+	SHA256            string    `json:"sha256"`
+	Size              int64     `json:"size"`
+	RaftIndex         uint64    `json:"raft_index"`
+	RaftTerm          uint64    `json:"raft_term"`
+	VaultVersion      string    `json:"vault_version"`
+	ClusterID         string    `json:"cluster_id"`
+	KeysetFingerprint string    `json:"keyset_fingerprint"`
+	Created           time.Time `json:"created"`
+	AgentVersion      string    `json:"agent_version"`
+	Source            string    `json:"source"`
+}
+
+// Entry is one snapshot in a directory.
+type Entry struct {
+	Path     string    `json:"path"`
+	Time     time.Time `json:"time"`
+	Size     int64     `json:"size"`
+	Verified bool      `json:"verified"` // a manifest is present: it passed verification when saved
+	Manifest *Manifest `json:"manifest,omitempty"`
+}
+
+// Store is a snapshot directory on the host.
+type Store struct {
+	Dir string
+	// MinFree is the free space required before a snapshot starts (default: twice the
+	// newest snapshot, at least 64 MiB).
+	MinFree int64
+}
+
+// Lock takes the directory's exclusive lock (flock), waiting until ctx ends: backup-now
+// and the daemon's schedule never write at the same time. Unlock with the returned func.
+func (s *Store) Lock(ctx context.Context) (func(), error) {
+	if err := s.ensureDir(); err != nil {
+		return nil, err
+	}
+	f, err := os.OpenFile(filepath.Join(s.Dir, lockName), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	for {
+		err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB)
+		if err == nil {
+			return func() { _ = syscall.Flock(int(f.Fd()), syscall.LOCK_UN); f.Close() }, nil
+		}
+		if !errors.Is(err, syscall.EWOULDBLOCK) {
+			f.Close()
+			return nil, fmt.Errorf("lock %s: %w", s.Dir, err)
+		}
+		select {
+		case <-ctx.Done():
+			f.Close()
+			return nil, fmt.Errorf("another backup holds %s: %w", filepath.Join(s.Dir, lockName), ctx.Err())
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func (s *Store) ensureDir() error {
+	if err := os.MkdirAll(s.Dir, 0o700); err != nil {
+		return fmt.Errorf("snapshot directory: %w", err)
+	}
+	return os.Chmod(s.Dir, 0o700)
+}
+
+// CheckSpace refuses to start when the filesystem has less free space than needed.
+func (s *Store) CheckSpace() error {
+	if err := s.ensureDir(); err != nil {
+		return err
+	}
+	need := s.MinFree
+	if need <= 0 {
+		need = 64 << 20
+		if es, err := s.List(); err == nil && len(es) > 0 {
+			need = max(need, 2*es[len(es)-1].Size)
+		}
+	}
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(s.Dir, &st); err != nil {
+		return fmt.Errorf("statfs %s: %w", s.Dir, err)
+	}
+	free := int64(st.Bavail) * int64(st.Bsize)
+	if free < need {
+		return fmt.Errorf("%w: %s has %d MiB free, a snapshot needs about %d MiB; free space or point snapshots.dir elsewhere", ErrNoSpace, s.Dir, free>>20, need>>20)
+	}
+	return nil
+}
+
+// Save streams a snapshot from fill into a temp file in the directory while verifying
+// the same bytes, then fsyncs, writes the manifest and renames both into place and
+// fsyncs the directory. On any failure the temp file is removed and nothing is
+// published. The caller holds the lock.
+func (s *Store) Save(ctx context.Context, now time.Time, m Manifest, fill func(w io.Writer) error) (Entry, error) {
+	if err := s.ensureDir(); err != nil {
+		return Entry{}, err
+	}
+	s.removeStale()
+	tmp, err := os.CreateTemp(s.Dir, tmpPrefix+"*"+ext)
+	if err != nil {
+		return Entry{}, err
+	}
+	published := false
+	defer func() {
+		if !published {
+			tmp.Close()
+			os.Remove(tmp.Name())
+		}
+	}()
+	hash := sha256.New()
+	counter := &countWriter{}
+	pr, pw := io.Pipe()
+	verified := make(chan verifyResult, 1)
+	go func() {
+		info, err := Verify(pr)
+		_, _ = io.Copy(io.Discard, pr) // keep the writer unblocked whatever happened
+		verified <- verifyResult{info, err}
+	}()
+	fillErr := fill(io.MultiWriter(tmp, hash, counter, pw))
+	pw.CloseWithError(fillErr)
+	vr := <-verified
+	if fillErr != nil {
+		if errors.Is(fillErr, syscall.ENOSPC) {
+			return Entry{}, fmt.Errorf("%w: the disk filled up after %d bytes (%v); nothing was kept", ErrNoSpace, counter.n, fillErr)
+		}
+		return Entry{}, fmt.Errorf("stream snapshot: %w", fillErr)
+	}
+	if vr.err != nil {
+		return Entry{}, fmt.Errorf("verify snapshot (%d bytes received): %w", counter.n, vr.err)
+	}
+	if err := tmp.Sync(); err != nil {
+		return Entry{}, fmt.Errorf("fsync snapshot: %w", err)
+	}
+	if err := tmp.Close(); err != nil {
+		return Entry{}, err
+	}
+	name := "vault-" + now.UTC().Format(timeLayout) + ext
+	final := filepath.Join(s.Dir, name)
+	m.File, m.SHA256, m.Size = name, hex.EncodeToString(hash.Sum(nil)), counter.n
+	m.RaftIndex, m.RaftTerm, m.Created = vr.info.Index, vr.info.Term, now.UTC()
+	if err := writeJSONAtomic(filepath.Join(s.Dir, name+".json.tmp"), &m); err != nil {
+		return Entry{}, err
+	}
+	if err := os.Rename(tmp.Name(), final); err != nil {
+		return Entry{}, err
+	}
+	published = true
+	if err := os.Rename(filepath.Join(s.Dir, name+".json.tmp"), final+".json"); err != nil {
+		return Entry{}, err
+	}
+	if err := syncDir(s.Dir); err != nil {
+		return Entry{}, err
+	}
+	return Entry{Path: final, Time: m.Created, Size: m.Size, Verified: true, Manifest: &m}, nil
+}
+
+type verifyResult struct {
+	info Info
+	err  error
+}
+
+type countWriter struct{ n int64 }
+
+func (c *countWriter) Write(p []byte) (int, error) { c.n += int64(len(p)); return len(p), nil }
+
+// removeStale deletes temp files left by a killed backup (the lock proves nobody is
+// writing them).
+func (s *Store) removeStale() {
+	ents, _ := os.ReadDir(s.Dir)
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), tmpPrefix) || strings.HasSuffix(e.Name(), ".json.tmp") {
+			os.Remove(filepath.Join(s.Dir, e.Name()))
+		}
+	}
+}
+
+// List returns the published snapshots, oldest first. Temp files are never listed; a
+// snapshot without its manifest (a crash between the two renames) is listed unverified.
+func (s *Store) List() ([]Entry, error) {
+	ents, err := os.ReadDir(s.Dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []Entry
+	for _, e := range ents {
+		name := e.Name()
+		if !strings.HasPrefix(name, "vault-") || !strings.HasSuffix(name, ext) {
+			continue
+		}
+		ts, err := time.Parse(timeLayout, strings.TrimSuffix(strings.TrimPrefix(name, "vault-"), ext))
+		if err != nil {
+			continue
+		}
+		fi, err := e.Info()
+		if err != nil {
+			continue
+		}
+		en := Entry{Path: filepath.Join(s.Dir, name), Time: ts, Size: fi.Size()}
+		if m, err := ReadManifest(en.Path); err == nil && m.Size == fi.Size() {
+			en.Verified, en.Manifest = true, m
+		}
+		out = append(out, en)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Time.Before(out[j].Time) })
+	return out, nil
+}
+
+// ReadManifest reads the manifest beside a snapshot.
+func ReadManifest(snapshot string) (*Manifest, error) {
+	b, err := os.ReadFile(snapshot + ".json")
+	if err != nil {
+		return nil, err
+	}
+	var m Manifest
+	if err := json.Unmarshal(b, &m); err != nil {
+		return nil, fmt.Errorf("manifest %s.json: %w", snapshot, err)
+	}
+	return &m, nil
+}
+
+// CheckFile verifies a snapshot file offline and, when it has a manifest, that the
+// file's sha256 and size are the manifest's.
+func CheckFile(path string) (Info, error) {
+	info, err := VerifyFile(path)
+	if err != nil {
+		return info, err
+	}
+	m, err := ReadManifest(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return info, nil
+	}
+	if err != nil {
+		return info, err
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return info, err
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, f)
+	if err != nil {
+		return info, err
+	}
+	if sum := hex.EncodeToString(h.Sum(nil)); sum != m.SHA256 || n != m.Size {
+		return info, fmt.Errorf("%w: %s does not match its manifest (sha256 %s, %d bytes; manifest %s, %d bytes)", ErrInvalid, path, sum, n, m.SHA256, m.Size)
+	}
+	return info, nil
+}
+
+// Remove deletes a snapshot and its manifest.
+func (s *Store) Remove(e Entry) error {
+	if err := os.Remove(e.Path + ".json"); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	if err := os.Remove(e.Path); err != nil {
+		return err
+	}
+	return syncDir(s.Dir)
+}
+
+func writeJSONAtomic(path string, v any) error {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err
+	}
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
+	if err != nil {
+		return err
+	}
+	if _, err := f.Write(append(b, '\n')); err != nil {
+		f.Close()
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
