@@ -101,29 +101,50 @@ func BackupNow(ctx context.Context, cfg *configs.Config, opts BackupOptions, log
 	return rep, nil
 }
 
-// findActive returns the pod that answers sys/health as active.
+// findActive returns the pod that answers sys/health as active. While unsealed pods are
+// all standby (a leader election after a restart), it waits up to 30s for one to lead.
 func findActive(ctx context.Context, acc *podAccess) (vaultPod, vault.Health, error) {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		p, h, states, electing, err := activeOnce(ctx, acc)
+		if err != nil || p.API != nil {
+			return p, h, err
+		}
+		if !electing || time.Now().After(deadline) {
+			return vaultPod{}, vault.Health{}, fmt.Errorf("%w: %v; unseal Vault first (pve-vault-agent unseal)", ErrNoActive, states)
+		}
+		select {
+		case <-ctx.Done():
+			return vaultPod{}, vault.Health{}, ctx.Err()
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
+}
+
+func activeOnce(ctx context.Context, acc *podAccess) (vaultPod, vault.Health, []string, bool, error) {
 	pods, err := acc.Pods(ctx)
 	if err != nil {
-		return vaultPod{}, vault.Health{}, err
+		return vaultPod{}, vault.Health{}, nil, false, err
 	}
 	var states []string
+	electing := false
 	for _, p := range pods {
 		h, err := p.API.Health(ctx)
 		switch {
 		case err != nil:
 			states = append(states, p.Name+" unreachable")
 		case h.Active:
-			return p, h, nil
+			return p, h, nil, false, nil
 		case h.Sealed:
 			states = append(states, p.Name+" sealed")
 		case !h.Initialized:
 			states = append(states, p.Name+" uninitialised")
 		default:
 			states = append(states, p.Name+" standby")
+			electing = true
 		}
 	}
-	return vaultPod{}, vault.Health{}, fmt.Errorf("%w: %v; unseal Vault first (pve-vault-agent unseal)", ErrNoActive, states)
+	return vaultPod{}, vault.Health{}, states, electing, nil
 }
 
 // snapshotStore is snapshots.dir, or the path of snapshots.proxmox_storage.

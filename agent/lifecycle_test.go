@@ -23,6 +23,7 @@ import (
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
+	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
 )
 
 func TestMain(m *testing.M) { os.Exit(lab.RunTests(m)) }
@@ -387,6 +388,41 @@ func TestInitUnsealHA(t *testing.T) {
 	}
 	stop()
 	<-done
+
+	// Backups come from the active node, whichever the configuration lists first.
+	vl.cfg.Snapshots.Dir = filepath.Join(vl.dir, "snaps")
+	brep, err2 := BackupNow(ctx, vl.cfg, BackupOptions{Version: "test"}, vl.log)
+	if err2 != nil {
+		t.Fatalf("backup through the tunnels: %v", err2)
+	}
+	var leader string
+	var standbys []string
+	for p := 0; p < 3; p++ {
+		name := fmt.Sprintf("vault-%d", p)
+		n, _ := vault.NewNode(name, vl.pods.Vault(name).Addr, nil)
+		h, err := n.Health(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if h.Active {
+			leader = name
+		} else {
+			standbys = append(standbys, vl.pods.Vault(name).Addr)
+		}
+	}
+	if brep.Pod != leader || brep.Snapshot.Manifest.KeysetFingerprint != kf.Keyset.Fingerprint() {
+		t.Fatalf("backup from %s (leader %s), manifest %+v", brep.Pod, leader, brep.Snapshot.Manifest)
+	}
+	static := *vl.cfg
+	static.Vault.PodAccess = "static"
+	static.Vault.Addresses = append(standbys, vl.pods.Vault(leader).Addr)
+	brep, err2 = BackupNow(ctx, &static, BackupOptions{Now: func() time.Time { return time.Now().Add(time.Second) }}, vl.log)
+	if err2 != nil || !strings.Contains(vl.pods.Vault(leader).Addr, brep.Pod) {
+		t.Fatalf("backup with standbys listed first: from %v, %v", brep, err2)
+	}
+	if _, err := snapshot.CheckFile(brep.Snapshot.Path); err != nil {
+		t.Fatal(err)
+	}
 	vl.assertNoSecrets(t, kf)
 }
 

@@ -177,3 +177,27 @@ func (n *Node) StreamSnapshot(ctx context.Context, tok Token, w io.Writer) (int6
 
 // ErrTokenRefused means Vault rejected the agent's token.
 var ErrTokenRefused = errors.New("token refused")
+
+// Write writes data at path with tok (tests and the recover flow's checks).
+func (n *Node) Write(ctx context.Context, tok Token, path string, data map[string]any) error {
+	c, err := n.withToken(tok)
+	if err != nil {
+		return err
+	}
+	if _, err := c.Logical().WriteWithContext(ctx, path, data); err != nil {
+		return fmt.Errorf("%s: write %s: %w", n.Name, path, err)
+	}
+	return nil
+}
+
+// RevokeToken revokes another token with admin.
+func (n *Node) RevokeToken(ctx context.Context, admin, t Token) error {
+	c, err := n.withToken(admin)
+	if err != nil {
+		return err
+	}
+	if err := c.Auth().Token().RevokeTreeWithContext(ctx, t.value); err != nil {
+		return fmt.Errorf("%s: revoke token: %w", n.Name, err)
+	}
+	return nil
+}

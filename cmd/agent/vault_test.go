@@ -46,7 +46,9 @@ vault:
   systemd_creds_key: host
 metrics:
   listen: "127.0.0.1:0"
-`, key, v.Addr, keyfile), 0o600)
+snapshots:
+  dir: %s
+`, key, v.Addr, keyfile, filepath.Join(dir, "snaps")), 0o600)
 	return v, cfg, keyfile
 }
 
