@@ -8,7 +8,11 @@ COMMIT  ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 LDFLAGS := -s -w -X main.version=$(VERSION) -X main.commit=$(COMMIT)
 BIN     := bin/pve-vault-agent
 
-.PHONY: help build test test-unit lint demo lab-bins clean
+NFPM    := github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
+# Debian versions start with a digit: the tag without its "v", or 0.0.0+<commit>.
+DEB_VERSION ?= $(shell v=$$(git describe --tags --abbrev=0 2>/dev/null); if [ -n "$$v" ]; then echo "$${v\#v}"; else echo "0.0.0+$(COMMIT)"; fi)
+
+.PHONY: help build test test-unit lint demo lab-bins clean install deb
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -27,11 +31,23 @@ lint: ## gofmt and go vet
 test-unit: ## fast tests only (-short: no lab servers), with the race detector
 	go test -race -short -count=1 ./...
 
-test: lab-bins lint ## install prerequisites, then every test (unit and lab) with the race detector
+test: lab-bins lint ## install prerequisites, then every test (unit and lab) with the race detector, then the package
 	go test -race -count=1 -timeout 40m ./...
+	bash scripts/test-deb.sh
 
 demo: lab-bins build ## run the lifecycle against the local lab, narrated with timings
 	go run ./internal/lab/demo -agent $(BIN)
+
+install: build ## binary, units, example config and credential directory under $(DESTDIR)
+	install -D -m 0755 $(BIN) $(DESTDIR)/usr/bin/pve-vault-agent
+	install -D -m 0644 -t $(DESTDIR)/lib/systemd/system systemd/pve-vault-agent.service systemd/pve-vault-agent-backup.service systemd/pve-vault-agent-backup.timer
+	install -D -m 0644 configs/config.example.yaml $(DESTDIR)/usr/share/doc/pve-vault-agent/config.example.yaml
+	install -D -m 0644 README.md $(DESTDIR)/usr/share/doc/pve-vault-agent/README.md
+	install -d -m 0700 $(DESTDIR)/etc/pve-vault-agent $(DESTDIR)/etc/pve-vault-agent/credentials
+	@echo "installed; nothing enabled or started: see README (Install on a Proxmox host)"
+
+deb: build ## Debian package bin/pve-vault-agent_<version>_amd64.deb (nfpm, pinned)
+	PVA_VERSION='$(DEB_VERSION)' GOFLAGS=-mod=mod go run $(NFPM) pkg --config packaging/nfpm.yaml --packager deb --target bin/
 
 clean: ## remove build output (the lab cache stays: see scripts/lab-bins.sh)
 	rm -rf bin

@@ -75,3 +75,4 @@ func ContainsAny(s string, ks Keyset, tokens ...Token) bool {
 	}
 	return false
 }
+

@@ -14,6 +14,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Errors a caller branches on.
@@ -141,15 +143,18 @@ func (s *Store) Save(ctx context.Context, now time.Time, m Manifest, fill func(w
 	}()
 	hash := sha256.New()
 	counter := &countWriter{}
-	pr, pw := io.Pipe()
+	// The verifier reads the same bytes through a small buffered pipe, so a momentary
+	// stall of either side does not hold the other up; memory stays bounded.
+	pipe := newChunkPipe(32)
 	verified := make(chan verifyResult, 1)
 	go func() {
-		info, err := Verify(pr)
-		_, _ = io.Copy(io.Discard, pr) // keep the writer unblocked whatever happened
+		info, err := Verify(pipe)
+		_, _ = io.Copy(io.Discard, pipe) // keep the writer unblocked whatever happened
 		verified <- verifyResult{info, err}
 	}()
-	fillErr := fill(io.MultiWriter(tmp, hash, counter, pw))
-	pw.CloseWithError(fillErr)
+	// Writeback starts while the stream is still arriving, so the final fsync is short.
+	fillErr := fill(io.MultiWriter(&writeback{f: tmp}, hash, counter, pipe))
+	pipe.CloseWrite()
 	vr := <-verified
 	if fillErr != nil {
 		if errors.Is(fillErr, syscall.ENOSPC) {
@@ -189,6 +194,56 @@ func (s *Store) Save(ctx context.Context, now time.Time, m Manifest, fill func(w
 type verifyResult struct {
 	info Info
 	err  error
+}
+
+// writeback writes to f and asks the kernel to start writing each 16 MiB to disk
+// (sync_file_range), without waiting: the fsync at the end then finds little to do.
+type writeback struct {
+	f       *os.File
+	off     int64
+	flushed int64
+}
+
+func (w *writeback) Write(p []byte) (int, error) {
+	n, err := w.f.Write(p)
+	w.off += int64(n)
+	if w.off-w.flushed >= 16<<20 {
+		_ = unix.SyncFileRange(int(w.f.Fd()), w.flushed, w.off-w.flushed, unix.SYNC_FILE_RANGE_WRITE)
+		w.flushed = w.off
+	}
+	return n, err
+}
+
+// chunkPipe is an io.Pipe with a bounded buffer of copied chunks.
+// The reader (the verifier) always drains to EOF, so a write never blocks for good.
+type chunkPipe struct {
+	ch  chan []byte
+	cur []byte
+}
+
+func newChunkPipe(chunks int) *chunkPipe { return &chunkPipe{ch: make(chan []byte, chunks)} }
+
+func (p *chunkPipe) Write(b []byte) (int, error) {
+	c := make([]byte, len(b))
+	copy(c, b)
+	p.ch <- c
+	return len(b), nil
+}
+
+// CloseWrite ends the stream: the reader sees EOF after the buffered chunks.
+func (p *chunkPipe) CloseWrite() { close(p.ch) }
+
+func (p *chunkPipe) Read(b []byte) (int, error) {
+	for len(p.cur) == 0 {
+		c, ok := <-p.ch
+		if !ok {
+			return 0, io.EOF
+		}
+		p.cur = c
+	}
+	n := copy(b, p.cur)
+	p.cur = p.cur[n:]
+	return n, nil
 }
 
 type countWriter struct{ n int64 }
