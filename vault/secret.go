@@ -75,4 +75,3 @@ func ContainsAny(s string, ks Keyset, tokens ...Token) bool {
 	}
 	return false
 }
-
