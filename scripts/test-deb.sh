@@ -31,4 +31,4 @@ dpkg -P pve-vault-agent >/dev/null 2>&1 || true
 grep -q "marker: kept" /etc/pve-vault-agent/config.yaml || fail "config lost on purge"
 rm -f /etc/pve-vault-agent/config.yaml
 [ "$had_etc" = 1 ] || rm -rf /etc/pve-vault-agent
-echo "test-deb: 1 passed, 0 failed ($deb installs, does not start, keeps config on remove and purge)"
+echo "test-deb: ok: $deb installs, does not enable or start the service, keeps the config on remove and purge"
