@@ -71,7 +71,7 @@ func BackupNow(ctx context.Context, cfg *configs.Config, opts BackupOptions, log
 		return nil, err
 	}
 	defer acc.Close()
-	active, health, err := findActive(ctx, acc)
+	active, health, err := findActive(ctx, acc.Pods)
 	if err != nil {
 		return nil, err
 	}
@@ -103,10 +103,10 @@ func BackupNow(ctx context.Context, cfg *configs.Config, opts BackupOptions, log
 
 // findActive returns the pod that answers sys/health as active. While unsealed pods are
 // all standby (a leader election after a restart), it waits up to 30s for one to lead.
-func findActive(ctx context.Context, acc *podAccess) (vaultPod, vault.Health, error) {
+func findActive(ctx context.Context, list func(context.Context) ([]vaultPod, error)) (vaultPod, vault.Health, error) {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
-		p, h, states, electing, err := activeOnce(ctx, acc)
+		p, h, states, electing, err := activeOnce(ctx, list)
 		if err != nil || p.API != nil {
 			return p, h, err
 		}
@@ -121,8 +121,8 @@ func findActive(ctx context.Context, acc *podAccess) (vaultPod, vault.Health, er
 	}
 }
 
-func activeOnce(ctx context.Context, acc *podAccess) (vaultPod, vault.Health, []string, bool, error) {
-	pods, err := acc.Pods(ctx)
+func activeOnce(ctx context.Context, list func(context.Context) ([]vaultPod, error)) (vaultPod, vault.Health, []string, bool, error) {
+	pods, err := list(ctx)
 	if err != nil {
 		return vaultPod{}, vault.Health{}, nil, false, err
 	}

@@ -234,3 +234,29 @@ func splitManifest(m string) map[string]any {
 	}
 	return out
 }
+
+// ReleaseInfo is the deployed release as status shows it.
+type ReleaseInfo struct {
+	Name         string `json:"name"`
+	Namespace    string `json:"namespace"`
+	Revision     int    `json:"revision"`
+	Status       string `json:"status"`
+	ChartVersion string `json:"chart_version"`
+}
+
+// Release reads the last revision of a release.
+func (c *Cluster) Release(name string) (*ReleaseInfo, error) {
+	cfg, err := c.helm()
+	if err != nil {
+		return nil, err
+	}
+	rel, err := cfg.Releases.Last(name)
+	if err != nil {
+		return nil, fmt.Errorf("release %s: %w", name, err)
+	}
+	info := &ReleaseInfo{Name: rel.Name, Namespace: rel.Namespace, Revision: rel.Version, Status: string(rel.Info.Status)}
+	if rel.Chart != nil && rel.Chart.Metadata != nil {
+		info.ChartVersion = rel.Chart.Metadata.Version
+	}
+	return info, nil
+}

@@ -127,3 +127,19 @@ func verify(out string, w Want) (Prepared, error) {
 	}
 	return res, nil
 }
+
+// Stat reads owner and mode of path on the node, numerically (for status).
+func (c *Conn) Stat(ctx context.Context, path string) (uid, gid int, mode string, err error) {
+	out, err := c.Run(ctx, "stat "+path, `stat -c '%u %g %a' -- "$1"`, path)
+	if err != nil {
+		return 0, 0, "", err
+	}
+	f := strings.Fields(out)
+	if len(f) != 3 {
+		return 0, 0, "", fmt.Errorf("stat %s: unexpected output %q", path, out)
+	}
+	uid, _ = strconv.Atoi(f[0])
+	gid, _ = strconv.Atoi(f[1])
+	m, _ := strconv.ParseUint(f[2], 8, 32)
+	return uid, gid, fmt.Sprintf("%04o", m), nil
+}

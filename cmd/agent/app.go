@@ -122,7 +122,8 @@ Exit codes: 0 ok, 1 operation failed, 2 usage or invalid configuration, 130 inte
 
 	root.AddCommand(newVersionCommand(g), newConfigCommand(g), newProvisionCommand(g), newInstallCommand(g),
 		newInitCommand(g), newUnsealCommand(g), newKeyfileCommand(g), newRunCommand(g),
-		newBackupNowCommand(g), newSnapshotsCommand(g))
+		newBackupNowCommand(g), newSnapshotsCommand(g),
+		newRecoverCommand(g), newRestoreCommand(g), newStatusCommand(g))
 	return root
 }
 

@@ -1,0 +1,143 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/pve-vault-agent/pve-vault-agent/vault"
+)
+
+// cancelOn cancels when a log record says the given recover step finished: an
+// interruption at a step boundary, like an operator's Ctrl-C or a killed process.
+type cancelOn struct {
+	slog.Handler
+	step   string
+	cancel context.CancelFunc
+}
+
+func (c cancelOn) Handle(ctx context.Context, r slog.Record) error {
+	if r.Message == "recover step done" {
+		r.Attrs(func(a slog.Attr) bool {
+			if a.Key == "step" && a.Value.String() == c.step {
+				c.cancel()
+			}
+			return true
+		})
+	}
+	return c.Handler.Handle(ctx, r)
+}
+
+func (c cancelOn) WithAttrs(as []slog.Attr) slog.Handler {
+	return cancelOn{c.Handler.WithAttrs(as), c.step, c.cancel}
+}
+
+// readSecret reads kv/probe with a root token generated from the keyfile.
+func readSecret(t *testing.T, ctx context.Context, n *vault.Node, kf *vault.Keyfile) string {
+	t.Helper()
+	root, err := n.GenerateRoot(ctx, kf.Keyset)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.RevokeSelf(ctx, root)
+	v, err := n.Read(ctx, root, "kv/probe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+func TestRecoverAfterNodeRebuild(t *testing.T) {
+	vl := newVaultLab(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
+	defer cancel()
+	vl.cfg.Snapshots.Dir = vl.dir + "/snaps"
+	if _, err := Init(ctx, vl.cfg, InitOptions{}, vl.log); err != nil {
+		t.Fatal(err)
+	}
+	kf := vl.keyfile(t)
+	pod := func() *vault.Node {
+		n, err := vault.NewNode("vault-0", vl.pods.Vault("vault-0").Addr, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	n := pod()
+	root, err := n.GenerateRoot(ctx, kf.Keyset)
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.Write(ctx, root, "sys/mounts/kv", map[string]any{"type": "kv"})
+	if err := n.Write(ctx, root, "kv/probe", map[string]any{"value": "survives the rebuild"}); err != nil {
+		t.Fatal(err)
+	}
+	n.RevokeSelf(ctx, root)
+	if _, err := BackupNow(ctx, vl.cfg, BackupOptions{Version: "test"}, vl.log); err != nil {
+		t.Fatal(err)
+	}
+
+	// A snapshot of another keyset is refused before anything changes.
+	other := *vl.cfg
+	other.Vault.Keyfile = vl.dir + "/other/unseal.cred"
+	fk := &vault.Keyfile{Keyset: fakeKeyset(t, ctx), Created: time.Now()}
+	if err := vault.WriteKeyfile(ctx, other.Vault.Keyfile, fk, vault.SystemdCreds{WithKey: "host"}, true); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Recover(ctx, &other, RecoverOptions{}, vl.log)
+	if !errors.Is(err, ErrUnknownKeyset) || len(rep.Steps) != 1 {
+		t.Fatalf("foreign keyset: %v, steps %+v", err, rep.Steps)
+	}
+
+	// The node is rebuilt: Vault gone, its data directory gone, the pod deleted.
+	vl.pods.Vault("vault-0").Kill()
+	if err := os.RemoveAll(vl.cfg.Nodes[0].HostPath); err != nil {
+		t.Fatal(err)
+	}
+	if err := vl.cs.CoreV1().Pods(vl.cfg.Chart.Namespace).Delete(ctx, "vault-0", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t0 := time.Now()
+	// Interrupted twice at step boundaries, then run to the end.
+	for _, stopAfter := range []string{"open", "restore"} {
+		ictx, icancel := context.WithCancel(ctx)
+		ilog := slog.New(cancelOn{vl.log.Handler(), stopAfter, icancel})
+		_, err := Recover(ictx, vl.cfg, RecoverOptions{}, ilog)
+		icancel()
+		if err == nil {
+			t.Fatalf("recover interrupted after %s returned no error", stopAfter)
+		}
+	}
+	rep, err = Recover(ctx, vl.cfg, RecoverOptions{}, vl.log)
+	if err != nil {
+		t.Fatalf("recover: %v\n%s", err, tail(vl.logs.String(), 30))
+	}
+	t.Logf("node rebuilt → unsealed with data back: %s (including two interruptions)", time.Since(t0).Round(time.Millisecond))
+	var names []string
+	for _, s := range rep.Steps {
+		names = append(names, s.Name+": "+s.Result)
+	}
+	if got := readSecret(t, ctx, pod(), kf); got != "survives the rebuild" {
+		t.Fatalf("secret after recover: %q\nsteps:\n%s", got, strings.Join(names, "\n"))
+	}
+	if _, err := os.Stat(vl.cfg.Vault.Keyfile + ".recover-throwaway"); !os.IsNotExist(err) {
+		t.Fatalf("throwaway keys left behind: %v", err)
+	}
+	// A second run finds nothing to do.
+	rep, err = Recover(ctx, vl.cfg, RecoverOptions{}, vl.log)
+	if err != nil || !strings.Contains(rep.Steps[3].Result, "no restore needed") {
+		t.Fatalf("re-run: %v %+v", err, rep.Steps)
+	}
+	st := GetStatus(ctx, vl.cfg, time.Now(), vl.log)
+	if len(st.Attention) != 0 || len(st.Pods) != 1 || st.Pods[0].Sealed || st.Keyfile == nil || st.LastSnapshot == nil || st.Release == nil || st.Nodes[0].Owner != "100:100" {
+		t.Fatalf("status after recover: %+v", st)
+	}
+	vl.assertNoSecrets(t, kf)
+}
+
