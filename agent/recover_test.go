@@ -140,4 +140,3 @@ func TestRecoverAfterNodeRebuild(t *testing.T) {
 	}
 	vl.assertNoSecrets(t, kf)
 }
-
