@@ -302,7 +302,12 @@ func unsealAfterRestore(ctx context.Context, p vaultPod, kf *vault.Keyfile, log 
 			if res.WasSealed {
 				return nil
 			}
-			// Still open with the throwaway keyring: the restore has not sealed it yet.
+			// Open already: by the daemon with the snapshot's keys (done), or still with
+			// the throwaway keyring because the restore has not sealed it yet (wait).
+			if root, gerr := p.API.GenerateRoot(ctx, kf.Keyset); gerr == nil {
+				_ = p.API.RevokeSelf(ctx, root)
+				return nil
+			}
 		}
 		// Right after a restore Vault may still report the throwaway cluster's seal
 		// configuration (one share): keep trying until the restored one shows.
