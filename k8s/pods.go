@@ -110,6 +110,13 @@ func (c *Cluster) podsState(ctx context.Context, release string, replicas int) (
 			pods = append(pods, toPod(release, p))
 			continue
 		}
+		// A claim recreated after its volume was released (pod and claim deleted, the
+		// volume kept): hand the agent's volume to the new claim.
+		if p.Spec.NodeName == "" {
+			if err := c.releaseStaleClaim(ctx, PVName(ns, release, i), ClaimName(release, i)); err != nil {
+				c.log.Debug("release stale claim", "err", err)
+			}
+		}
 		stuck = append(stuck, name+": "+c.whyPending(ctx, p, release, i))
 	}
 	return pods, stuck, nil

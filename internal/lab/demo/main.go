@@ -21,10 +21,12 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
+	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
 
 func main() {
@@ -129,13 +131,16 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 
 	fmt.Fprintf(out, "pve-vault-agent demo: the lab on loopback, state in %s\n\n", dir)
 	var (
-		cp     *lab.ControlPlane
-		ns     *lab.Netns
-		node   *lab.SSHD
-		pve    *lab.PVE
-		pods   *lab.VaultPods
-		daemon *exec.Cmd
+		cp      *lab.ControlPlane
+		ns      *lab.Netns
+		node    *lab.SSHD
+		pve     *lab.PVE
+		pods    *lab.VaultPods
+		daemon  *exec.Cmd
+		rebuilt time.Time
 	)
+	cfgPath := filepath.Join(dir, "config.yaml")
+	keyfile := filepath.Join(dir, "state", "unseal.cred")
 	const tokenID, tokenSecret = "vault-agent@pve!demo", "5b0c1e2d-demo-4a7f-9e3b-0c1d2e3f4a5b"
 	hostPath := filepath.Join(dir, "node1-root", "srv", "vault")
 	if _, err := os.Stat("k8s/testdata/vault-chart"); err != nil {
@@ -254,8 +259,54 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			return nil
 		}},
 		{"pve-vault-agent unseal: nothing to do, every pod is unsealed", func() error {
-			return d.agentCmd(ctx, "unseal", "--config", filepath.Join(dir, "config.yaml"))
+			return d.agentCmd(ctx, "unseal", "--config", cfgPath)
 		}},
+		{"write a secret (kv/demo) with a short-lived root token generated from the keyfile's shares", func() error {
+			return withRoot(ctx, pods, keyfile, func(n *vault.Node, root vault.Token) error {
+				_ = n.Write(ctx, root, "sys/mounts/kv", map[string]any{"type": "kv"})
+				return n.Write(ctx, root, "kv/demo", map[string]any{"value": "written before the node was rebuilt"})
+			})
+		}},
+		{"pve-vault-agent backup-now: snapshot from the active node, verified, stored with its manifest", func() error {
+			return d.agentCmd(ctx, "backup-now", "--config", cfgPath)
+		}},
+		{"pve-vault-agent snapshots list", func() error { return d.agentCmd(ctx, "snapshots", "list", "--config", cfgPath) }},
+		{"\"node rebuild\": Vault gone, the data directory wiped, pod and claim deleted (the PV is left Released)", func() error {
+			if v := pods.Vault("vault-0"); v != nil {
+				v.Kill()
+			}
+			if err := os.RemoveAll(hostPath); err != nil {
+				return err
+			}
+			cs, err := kubeClient(cp.Kubeconfig)
+			if err != nil {
+				return err
+			}
+			_ = cs.CoreV1().PersistentVolumeClaims("vault").Delete(ctx, "data-vault-0", metav1.DeleteOptions{})
+			if err := cs.CoreV1().Pods("vault").Delete(ctx, "vault-0", metav1.DeleteOptions{}); err != nil {
+				return err
+			}
+			rebuilt = time.Now()
+			d.say("the daemon will report vault-0 uninitialised and refuse to initialise it (see its log lines)")
+			return nil
+		}},
+		{"pve-vault-agent recover --yes: provision → install → throwaway init → snapshot-force → unseal with the keyfile", func() error {
+			err := d.agentCmd(ctx, "recover", "--yes", "--config", cfgPath)
+			if err == nil {
+				d.say("node rebuilt → unsealed with data back in %s", time.Since(rebuilt).Round(time.Millisecond))
+			}
+			return err
+		}},
+		{"read the secret back", func() error {
+			return withRoot(ctx, pods, keyfile, func(n *vault.Node, root vault.Token) error {
+				v, err := n.Read(ctx, root, "kv/demo")
+				if err == nil {
+					d.say("kv/demo = %q", v)
+				}
+				return err
+			})
+		}},
+		{"pve-vault-agent status", func() error { return d.agentCmd(ctx, "status", "--config", cfgPath) }},
 	}
 	for _, s := range steps {
 		if err := d.timed(s.title, s.f); err != nil {
@@ -350,6 +401,29 @@ func sealedAt(addr string) (bool, error) {
 		return true, err
 	}
 	return st.Sealed, nil
+}
+
+// withRoot runs f with a root token generated from the keyfile's shares on vault-0 and
+// revokes it after: how an operator gets a privileged token once root was revoked.
+func withRoot(ctx context.Context, pods *lab.VaultPods, keyfile string, f func(*vault.Node, vault.Token) error) error {
+	v := pods.Vault("vault-0")
+	if v == nil {
+		return fmt.Errorf("no Vault process for vault-0")
+	}
+	kf, err := vault.ReadKeyfile(ctx, keyfile, vault.SystemdCreds{WithKey: "host"})
+	if err != nil {
+		return err
+	}
+	n, err := vault.NewNode("vault-0", v.Addr, nil)
+	if err != nil {
+		return err
+	}
+	root, err := n.GenerateRoot(ctx, kf.Keyset)
+	if err != nil {
+		return err
+	}
+	defer n.RevokeSelf(ctx, root)
+	return f(n, root)
 }
 
 func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
