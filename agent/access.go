@@ -214,3 +214,34 @@ func sealer(cfg *configs.Config) (vault.Sealer, error) {
 	}
 	return vault.SystemdCreds{WithKey: cfg.Vault.SystemdCredsKey}, nil
 }
+
+// openPods connects to the pods and lists them; none running is an error that says what
+// to do.
+func openPods(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*podAccess, []vaultPod, error) {
+	acc, err := newPodAccess(ctx, cfg, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	pods, err := acc.Pods(ctx)
+	if err == nil && len(pods) == 0 {
+		err = fmt.Errorf("no running vault pod in namespace %s: run `pve-vault-agent install` first", cfg.Chart.Namespace)
+	}
+	if err != nil {
+		acc.Close()
+		return nil, nil, err
+	}
+	return acc, pods, nil
+}
+
+// readKeyfile opens the keyfile with the configured sealing method.
+func readKeyfile(ctx context.Context, cfg *configs.Config) (*vault.Keyfile, error) {
+	s, err := sealer(cfg)
+	if err != nil {
+		return nil, err
+	}
+	kf, err := vault.ReadKeyfile(ctx, cfg.Vault.Keyfile, s)
+	if err != nil {
+		return nil, fmt.Errorf("keyfile: %w", err)
+	}
+	return kf, nil
+}

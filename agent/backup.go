@@ -55,13 +55,9 @@ func BackupNow(ctx context.Context, cfg *configs.Config, opts BackupOptions, log
 	if err := store.CheckSpace(); err != nil {
 		return nil, err
 	}
-	s, err := sealer(cfg)
+	kf, err := readKeyfile(ctx, cfg)
 	if err != nil {
 		return nil, err
-	}
-	kf, err := vault.ReadKeyfile(ctx, cfg.Vault.Keyfile, s)
-	if err != nil {
-		return nil, fmt.Errorf("keyfile: %w", err)
 	}
 	if kf.SnapshotToken.Empty() {
 		return nil, errors.New("the keyfile holds no snapshot token (init did not finish): run `pve-vault-agent init` on a fresh cluster, or see the recovery runbook")

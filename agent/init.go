@@ -64,18 +64,11 @@ func Init(ctx context.Context, cfg *configs.Config, opts InitOptions, log *slog.
 	if err := probeSealer(ctx, path, s); err != nil {
 		return nil, fmt.Errorf("the keyfile could not be written, so Vault was not initialised: %w", err)
 	}
-	acc, err := newPodAccess(ctx, cfg, log)
+	acc, pods, err := openPods(ctx, cfg, log)
 	if err != nil {
 		return nil, err
 	}
 	defer acc.Close()
-	pods, err := acc.Pods(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if len(pods) == 0 {
-		return nil, fmt.Errorf("no running vault pod in namespace %s: run `pve-vault-agent install` first", cfg.Chart.Namespace)
-	}
 	for _, p := range pods {
 		st, err := p.API.SealStatus(ctx)
 		if err != nil {

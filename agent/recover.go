@@ -328,7 +328,12 @@ func joinFollowers(ctx context.Context, pods []vaultPod, kf *vault.Keyfile, log 
 	if len(pods) == 1 {
 		return "single node: nothing to join", nil
 	}
-	for _, p := range pods[1:] {
+	// Every pod that is not open yet joins (the rebuilt one among them when the rest of
+	// the cluster survived).
+	for _, p := range pods {
+		if st, err := p.API.SealStatus(ctx); err == nil && st.Initialized && !st.Sealed {
+			continue
+		}
 		if err := unsealFollower(ctx, p, kf.Keyset, log); err != nil {
 			return "", err
 		}

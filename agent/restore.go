@@ -35,13 +35,9 @@ func Restore(ctx context.Context, cfg *configs.Config, file string, opts Restore
 	if err != nil {
 		return nil, err
 	}
-	s, err := sealer(cfg)
+	kf, err := readKeyfile(ctx, cfg)
 	if err != nil {
 		return nil, err
-	}
-	kf, err := vault.ReadKeyfile(ctx, cfg.Vault.Keyfile, s)
-	if err != nil {
-		return nil, fmt.Errorf("keyfile: %w", err)
 	}
 	if fp := kf.Keyset.Fingerprint(); fp != m.KeysetFingerprint {
 		return nil, fmt.Errorf("%w: snapshot keyset %s, keyfile keyset %s", ErrUnknownKeyset, m.KeysetFingerprint, fp)

@@ -21,26 +21,15 @@ type PodUnseal struct {
 // wrong node answered): it is reported, never initialised. Safe to re-run.
 func Unseal(ctx context.Context, cfg *configs.Config, log *slog.Logger) ([]PodUnseal, error) {
 	log = log.With("component", "unseal")
-	s, err := sealer(cfg)
+	kf, err := readKeyfile(ctx, cfg)
 	if err != nil {
 		return nil, err
 	}
-	kf, err := vault.ReadKeyfile(ctx, cfg.Vault.Keyfile, s)
-	if err != nil {
-		return nil, fmt.Errorf("keyfile: %w", err)
-	}
-	acc, err := newPodAccess(ctx, cfg, log)
+	acc, pods, err := openPods(ctx, cfg, log)
 	if err != nil {
 		return nil, err
 	}
 	defer acc.Close()
-	pods, err := acc.Pods(ctx)
-	if err != nil {
-		return nil, err
-	}
-	if len(pods) == 0 {
-		return nil, fmt.Errorf("no running vault pod in namespace %s", cfg.Chart.Namespace)
-	}
 	anyInit := false
 	for _, p := range pods {
 		if st, err := p.API.SealStatus(ctx); err == nil && st.Initialized {

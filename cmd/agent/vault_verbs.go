@@ -13,7 +13,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/pve-vault-agent/pve-vault-agent/agent"
-	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/internal/sdnotify"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
@@ -133,7 +132,7 @@ func newKeyfileCommand(g *globalOptions) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			s, err := keyfileSealer(cfg)
+			s, err := agent.KeyfileSealer(cfg)
 			if err != nil {
 				return err
 			}
@@ -154,11 +153,6 @@ func newKeyfileCommand(g *globalOptions) *cobra.Command {
 	check.Flags().StringVarP(&output, "output", "o", "text", "output format: text or json")
 	cmd.AddCommand(check)
 	return cmd
-}
-
-// keyfileSealer mirrors the agent's choice of sealing method for the CLI.
-func keyfileSealer(cfg *configs.Config) (vault.Sealer, error) {
-	return agent.KeyfileSealer(cfg)
 }
 
 func newRunCommand(g *globalOptions) *cobra.Command {
