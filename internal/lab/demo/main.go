@@ -94,7 +94,20 @@ func (p *prefixed) Write(b []byte) (int, error) {
 	}
 }
 
+// syncWriter serialises writes: the narration and the background daemon's log share out.
+type syncWriter struct {
+	mu sync.Mutex
+	w  io.Writer
+}
+
+func (s *syncWriter) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.w.Write(p)
+}
+
 func run(ctx context.Context, args []string, out io.Writer) int {
+	out = &syncWriter{w: out}
 	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	agent := fs.String("agent", "bin/pve-vault-agent", "the built pve-vault-agent binary")
 	keep := fs.Bool("keep", false, "keep the lab directory after the demo")
