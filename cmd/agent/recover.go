@@ -20,15 +20,11 @@ func confirm(g *globalOptions, yes bool, question string) error {
 	if yes {
 		return nil
 	}
-	in, ok := os.Stdin, true
-	if !term.IsTerminal(int(in.Fd())) {
-		ok = false
-	}
-	if !ok {
+	if !term.IsTerminal(int(os.Stdin.Fd())) {
 		return usageErrorf("%s: not a terminal to ask on; pass --yes to proceed", question)
 	}
 	fmt.Fprintf(g.stderr, "%s [y/N] ", question)
-	answer, _ := bufio.NewReader(in).ReadString('\n')
+	answer, _ := bufio.NewReader(os.Stdin).ReadString('\n')
 	if a := strings.ToLower(strings.TrimSpace(answer)); a != "y" && a != "yes" {
 		return errors.New("cancelled")
 	}
