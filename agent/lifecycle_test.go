@@ -328,14 +328,7 @@ func TestInitUnsealAndDaemonSingleNode(t *testing.T) {
 // fakeKeyset initialises a throwaway Vault to get a real keyset of another cluster.
 func fakeKeyset(t *testing.T, ctx context.Context) vault.Keyset {
 	t.Helper()
-	bins := lab.Need(t)
-	dir := t.TempDir()
-	os.Mkdir(filepath.Join(dir, "data"), 0o700)
-	v, err := lab.StartVault(ctx, bins, lab.VaultOptions{DataDir: filepath.Join(dir, "data"), StateDir: filepath.Join(dir, "s")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
+	v := lab.TestVault(t)
 	n, err := vault.NewNode("other", v.Addr, nil)
 	if err != nil {
 		t.Fatal(err)

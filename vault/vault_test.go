@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/http"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -25,19 +26,10 @@ func ctxFor(t *testing.T, d time.Duration) context.Context {
 }
 
 // startVault starts one lab Vault with Raft storage and returns a Node for it.
-func startVault(t *testing.T, ip string) (*lab.Vault, *Node) {
+func startVault(t *testing.T) (*lab.Vault, *Node) {
 	t.Helper()
-	bins := lab.Need(t)
-	dir := t.TempDir()
-	if err := os.Mkdir(filepath.Join(dir, "data"), 0o700); err != nil {
-		t.Fatal(err)
-	}
-	v, err := lab.StartVault(ctxFor(t, 30*time.Second), bins, lab.VaultOptions{DataDir: filepath.Join(dir, "data"), StateDir: filepath.Join(dir, "state"), IP: ip})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(v.Close)
-	n, err := NewNode("vault-"+ip, v.Addr, &http.Client{Timeout: 10 * time.Second})
+	v := lab.TestVault(t)
+	n, err := NewNode(v.Opts.NodeID, v.Addr, &http.Client{Timeout: 10 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -53,7 +45,7 @@ func logBuffer() (*slog.Logger, *bytes.Buffer) {
 func TestInitUnsealRestartAndWrongKeys(t *testing.T) {
 	ctx := ctxFor(t, 2*time.Minute)
 	log, logs := logBuffer()
-	v, n := startVault(t, "127.0.0.1")
+	v, n := startVault(t)
 	res, err := n.Init(ctx, 5, 3)
 	if err != nil {
 		t.Fatal(err)
@@ -126,7 +118,7 @@ func TestInitUnsealRestartAndWrongKeys(t *testing.T) {
 	}
 
 	// Shares of another cluster: detected at the threshold, progress reset.
-	_, other := startVault(t, "127.0.0.1")
+	_, other := startVault(t)
 	otherInit, err := other.Init(ctx, 5, 3)
 	if err != nil {
 		t.Fatal(err)
@@ -219,7 +211,7 @@ func TestKeyfileSystemdCredsRoundTrip(t *testing.T) {
 		}
 	}
 	other := filepath.Join(dir, "other-name")
-	enc := execCommand(ctx, bins.SystemdCreds, "encrypt", "--name=something-else", "--with-key=host", "-", other)
+	enc := exec.CommandContext(ctx, bins.SystemdCreds, "encrypt", "--name=something-else", "--with-key=host", "-", other)
 	enc.Stdin = bytes.NewReader(plain)
 	if out, err := enc.CombinedOutput(); err != nil {
 		t.Fatalf("%v %s", err, out)

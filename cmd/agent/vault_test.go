@@ -6,7 +6,6 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"fmt"
 	"net"
 	"os"
 	"os/exec"
@@ -24,31 +23,11 @@ import (
 // staticVaultConfig starts one lab Vault and writes a config that reaches it by URL.
 func staticVaultConfig(t *testing.T) (*lab.Vault, string, string) {
 	t.Helper()
-	bins := lab.Need(t)
-	dir := t.TempDir()
-	os.Mkdir(filepath.Join(dir, "data"), 0o700)
-	v, err := lab.StartVault(context.Background(), bins, lab.VaultOptions{DataDir: filepath.Join(dir, "data"), StateDir: filepath.Join(dir, "vault")})
+	v := lab.TestVault(t)
+	cfg, keyfile, err := lab.StaticAgentConfig(t.TempDir(), v.Addr, "")
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(v.Close)
-	key := filepath.Join(dir, "id")
-	os.WriteFile(key, []byte("unused"), 0o600)
-	keyfile := filepath.Join(dir, "state", "unseal.cred")
-	cfg := filepath.Join(dir, "config.yaml")
-	os.WriteFile(cfg, fmt.Appendf(nil, `
-nodes: [{name: n1, address: 127.0.0.1}]
-ssh: {identity: {file: %s}}
-vault:
-  pod_access: static
-  addresses: [%s]
-  keyfile: %s
-  systemd_creds_key: host
-metrics:
-  listen: "127.0.0.1:0"
-snapshots:
-  dir: %s
-`, key, v.Addr, keyfile, filepath.Join(dir, "snaps")), 0o600)
 	return v, cfg, keyfile
 }
 

@@ -5,7 +5,9 @@ import (
 	"errors"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -503,7 +505,7 @@ func TestSystemdCredsRoundTrip(t *testing.T) {
 	ctx := testCtx(t, 30*time.Second)
 	dir := t.TempDir()
 	out := filepath.Join(dir, "probe.cred")
-	enc := execCmd(ctx, bins.SystemdCreds, "encrypt", "--with-key=host", "--name=probe", "-", out)
+	enc := exec.CommandContext(ctx, bins.SystemdCreds, "encrypt", "--with-key=host", "--name=probe", "-", out)
 	enc.Stdin = strings.NewReader("lab-secret")
 	if b, err := enc.CombinedOutput(); err != nil {
 		t.Fatalf("systemd-creds encrypt: %v: %s", err, b)
@@ -512,11 +514,11 @@ func TestSystemdCredsRoundTrip(t *testing.T) {
 	if err != nil || strings.Contains(string(sealed), "lab-secret") {
 		t.Fatalf("sealed file: %v (contains plaintext: %v)", err, strings.Contains(string(sealed), "lab-secret"))
 	}
-	got, err := execCmd(ctx, bins.SystemdCreds, "decrypt", "--name=probe", out, "-").Output()
+	got, err := exec.CommandContext(ctx, bins.SystemdCreds, "decrypt", "--name=probe", out, "-").Output()
 	if err != nil || string(got) != "lab-secret" {
 		t.Fatalf("systemd-creds decrypt: %v %q", err, got)
 	}
-	if err := execCmd(ctx, bins.SystemdCreds, "decrypt", "--name=other", out, "-").Run(); err == nil {
+	if err := exec.CommandContext(ctx, bins.SystemdCreds, "decrypt", "--name=other", out, "-").Run(); err == nil {
 		t.Fatal("decrypt under another name succeeded")
 	}
 }
@@ -526,7 +528,7 @@ func TestFreePortIsLoopback(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", itoa(p)))
+	l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(p)))
 	if err != nil {
 		t.Fatalf("port %d not free: %v", p, err)
 	}

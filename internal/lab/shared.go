@@ -88,3 +88,17 @@ func StartNodeVM(t testing.TB, pve *PVE, vmid int, name string) *NodeVM {
 	}
 	return &NodeVM{Netns: ns, SSHD: s, VMID: vmid, Name: name}
 }
+
+// TestVault starts a fresh single-node Raft Vault for a test, stopped by t.Cleanup.
+func TestVault(t testing.TB) *Vault {
+	t.Helper()
+	bins := Need(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	v, err := StartFreshVault(ctx, bins, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(v.Close)
+	return v
+}

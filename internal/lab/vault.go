@@ -170,3 +170,40 @@ func (v *Vault) Kill() { v.proc.Kill() }
 
 // Close stops Vault gracefully.
 func (v *Vault) Close() { v.proc.Stop() }
+
+// StartFreshVault starts a single-node Raft Vault on 127.0.0.1 with an empty data
+// directory dir/data (mode 0700) and its state in dir/vault.
+func StartFreshVault(ctx context.Context, bins Bins, dir string) (*Vault, error) {
+	data := filepath.Join(dir, "data")
+	if err := os.MkdirAll(data, 0o700); err != nil {
+		return nil, err
+	}
+	return StartVault(ctx, bins, VaultOptions{DataDir: data, StateDir: filepath.Join(dir, "vault")})
+}
+
+// StaticAgentConfig writes dir/config.yaml for an agent that reaches the Vault at addr by
+// URL (vault.pod_access static), keeps its keyfile in dir/state sealed with the host key
+// and its snapshots in dir/snaps; snapshotsExtra adds indented lines to the snapshots
+// section. The SSH identity is a placeholder: static access needs none. Returns the
+// config and keyfile paths.
+func StaticAgentConfig(dir, addr, snapshotsExtra string) (cfg, keyfile string, err error) {
+	key := filepath.Join(dir, "id")
+	if err := os.WriteFile(key, []byte("unused"), 0o600); err != nil {
+		return "", "", err
+	}
+	keyfile = filepath.Join(dir, "state", "unseal.cred")
+	cfg = filepath.Join(dir, "config.yaml")
+	body := fmt.Sprintf(`nodes: [{name: n1, address: 127.0.0.1}]
+ssh: {identity: {file: %s}}
+vault:
+  pod_access: static
+  addresses: [%s]
+  keyfile: %s
+  systemd_creds_key: host
+metrics:
+  listen: "127.0.0.1:0"
+snapshots:
+  dir: %s
+%s`, key, addr, keyfile, filepath.Join(dir, "snaps"), snapshotsExtra)
+	return cfg, keyfile, os.WriteFile(cfg, []byte(body), 0o600)
+}

@@ -23,16 +23,9 @@ import (
 // realSnapshot takes a snapshot of a lab Vault holding a little data.
 func realSnapshot(t *testing.T) []byte {
 	t.Helper()
-	bins := lab.Need(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	dir := t.TempDir()
-	os.Mkdir(filepath.Join(dir, "data"), 0o700)
-	v, err := lab.StartVault(ctx, bins, lab.VaultOptions{DataDir: filepath.Join(dir, "data"), StateDir: filepath.Join(dir, "s")})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer v.Close()
+	v := lab.TestVault(t)
 	n, err := vault.NewNode("v", v.Addr, nil)
 	if err != nil {
 		t.Fatal(err)

@@ -56,21 +56,20 @@ func run(agent string, small, large, runs int) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	os.Mkdir(filepath.Join(dir, "data"), 0o700)
-	v, err := lab.StartVault(ctx, bins, lab.VaultOptions{DataDir: filepath.Join(dir, "data"), StateDir: filepath.Join(dir, "vault")})
+	v, err := lab.StartFreshVault(ctx, bins, dir)
 	if err != nil {
 		return err
 	}
 	defer v.Close()
-	l := &lab1{dir: dir, v: v, bins: bins, agent: agent, cfg: filepath.Join(dir, "config.yaml")}
-	key := filepath.Join(dir, "id")
-	os.WriteFile(key, []byte("unused"), 0o600)
-	os.WriteFile(l.cfg, fmt.Appendf(nil, "nodes: [{name: n1, address: 127.0.0.1}]\nssh: {identity: {file: %s}}\nvault:\n  pod_access: static\n  addresses: [%s]\n  keyfile: %s\n  systemd_creds_key: host\nsnapshots:\n  dir: %s\n  timeout: 30m\n  retention: {keep_last: 2, daily: 0, weekly: 0, monthly: 0}\n",
-		key, v.Addr, filepath.Join(dir, "state", "unseal.cred"), filepath.Join(dir, "snaps")), 0o600)
+	l := &lab1{dir: dir, v: v, bins: bins, agent: agent}
+	var keyfile string
+	if l.cfg, keyfile, err = lab.StaticAgentConfig(dir, v.Addr, "  timeout: 30m\n  retention: {keep_last: 2, daily: 0, weekly: 0, monthly: 0}\n"); err != nil {
+		return err
+	}
 	if out, err := exec.Command(agent, "init", "--config", l.cfg).CombinedOutput(); err != nil {
 		return fmt.Errorf("init: %v: %s", err, out)
 	}
-	if l.kf, err = vault.ReadKeyfile(ctx, filepath.Join(dir, "state", "unseal.cred"), vault.SystemdCreds{WithKey: "host"}); err != nil {
+	if l.kf, err = vault.ReadKeyfile(ctx, keyfile, vault.SystemdCreds{WithKey: "host"}); err != nil {
 		return err
 	}
 	if l.node, err = vault.NewNode("bench", v.Addr, &http.Client{Timeout: 10 * time.Minute}); err != nil {

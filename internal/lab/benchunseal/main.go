@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
@@ -43,17 +42,15 @@ func run(agent string, restarts int, idle time.Duration) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
-	os.Mkdir(filepath.Join(dir, "data"), 0o700)
-	v, err := lab.StartVault(ctx, bins, lab.VaultOptions{DataDir: filepath.Join(dir, "data"), StateDir: filepath.Join(dir, "vault")})
+	v, err := lab.StartFreshVault(ctx, bins, dir)
 	if err != nil {
 		return err
 	}
 	defer v.Close()
-	key := filepath.Join(dir, "id")
-	os.WriteFile(key, []byte("unused"), 0o600)
-	cfg := filepath.Join(dir, "config.yaml")
-	os.WriteFile(cfg, fmt.Appendf(nil, "nodes: [{name: n1, address: 127.0.0.1}]\nssh: {identity: {file: %s}}\nvault:\n  pod_access: static\n  addresses: [%s]\n  keyfile: %s\n  systemd_creds_key: host\nmetrics: {listen: \"127.0.0.1:0\"}\n",
-		key, v.Addr, filepath.Join(dir, "state", "unseal.cred")), 0o600)
+	cfg, _, err := lab.StaticAgentConfig(dir, v.Addr, "")
+	if err != nil {
+		return err
+	}
 	if out, err := exec.Command(agent, "init", "--config", cfg).CombinedOutput(); err != nil {
 		return fmt.Errorf("init: %v: %s", err, out)
 	}
