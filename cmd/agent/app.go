@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -57,6 +58,22 @@ func (g *globalOptions) setup() (*slog.Logger, *configs.Config, error) {
 	}
 	cfg, err := g.loadConfig()
 	return log, cfg, err
+}
+
+// start is how a verb that prints text or json begins: check -o, build the logger,
+// load the configuration.
+func (g *globalOptions) start(output string) (*slog.Logger, *configs.Config, error) {
+	if err := outputFormat(output, "text", "json"); err != nil {
+		return nil, nil, err
+	}
+	return g.setup()
+}
+
+// writeJSON prints v as indented JSON on stdout.
+func writeJSON(g *globalOptions, v any) error {
+	enc := json.NewEncoder(g.stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
 }
 
 // usageError marks a mistake in how the command was called (exit 2).

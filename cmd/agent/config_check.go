@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 
 	"github.com/spf13/cobra"
@@ -47,9 +46,7 @@ func runConfigCheck(opts *configCheckOptions, g *globalOptions) error {
 	}
 	view := cfg.View()
 	if opts.output == "json" {
-		enc := json.NewEncoder(g.stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(view)
+		return writeJSON(g, view)
 	}
 	out, err := yaml.Marshal(view)
 	if err != nil {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 
@@ -41,14 +40,7 @@ pods, restarted one at a time. Safe to re-run: nothing changed makes no new revi
 }
 
 func runInstall(cmd *cobra.Command, opts *installOptions, g *globalOptions) error {
-	if err := outputFormat(opts.output, "text", "json"); err != nil {
-		return err
-	}
-	log, err := g.logger()
-	if err != nil {
-		return err
-	}
-	cfg, err := g.loadConfig()
+	log, cfg, err := g.start(opts.output)
 	if err != nil {
 		return err
 	}
@@ -58,9 +50,7 @@ func runInstall(cmd *cobra.Command, opts *installOptions, g *globalOptions) erro
 	}
 	if rep != nil {
 		if opts.output == "json" {
-			enc := json.NewEncoder(g.stdout)
-			enc.SetIndent("", "  ")
-			if jerr := enc.Encode(rep); jerr != nil {
+			if jerr := writeJSON(g, rep); jerr != nil {
 				return jerr
 			}
 		} else {

@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"text/tabwriter"
@@ -50,14 +49,7 @@ type provisionJSON struct {
 }
 
 func runProvision(cmd *cobra.Command, opts *provisionOptions, g *globalOptions) error {
-	if err := outputFormat(opts.output, "text", "json"); err != nil {
-		return err
-	}
-	log, err := g.logger()
-	if err != nil {
-		return err
-	}
-	cfg, err := g.loadConfig()
+	log, cfg, err := g.start(opts.output)
 	if err != nil {
 		return err
 	}
@@ -74,9 +66,7 @@ func runProvision(cmd *cobra.Command, opts *provisionOptions, g *globalOptions) 
 			}
 			out = append(out, j)
 		}
-		enc := json.NewEncoder(g.stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(out); err != nil {
+		if err := writeJSON(g, out); err != nil {
 			return err
 		}
 	} else if len(results) > 0 {

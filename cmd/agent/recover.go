@@ -111,10 +111,7 @@ Changes: all of Vault's data, replaced by the snapshot's.`,
 			return nil
 		},
 		RunE: func(cmd *cobra.Command, args []string) error {
-			if err := outputFormat(output, "text", "json"); err != nil {
-				return err
-			}
-			log, cfg, err := g.setup()
+			log, cfg, err := g.start(output)
 			if err != nil {
 				return err
 			}
@@ -147,10 +144,7 @@ func newStatusCommand(g *globalOptions) *cobra.Command {
 		Long:  "Reads everything the agent looks after and lists what needs attention. Exit 1 when something does.",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := outputFormat(output, "text", "json"); err != nil {
-				return err
-			}
-			log, cfg, err := g.setup()
+			log, cfg, err := g.start(output)
 			if err != nil {
 				return err
 			}

@@ -30,10 +30,7 @@ Changes: the snapshot directory. Safe to re-run (waits for a backup in progress)
 Exit 1 when nothing was stored.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := outputFormat(output, "text", "json"); err != nil {
-				return err
-			}
-			log, cfg, err := g.setup()
+			log, cfg, err := g.start(output)
 			if err != nil {
 				return err
 			}
@@ -71,10 +68,7 @@ func newSnapshotsCommand(g *globalOptions) *cobra.Command {
 	list := &cobra.Command{
 		Use: "list", Short: "List stored snapshots, oldest first (changes nothing)", Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := outputFormat(listOut, "text", "json"); err != nil {
-				return err
-			}
-			log, cfg, err := g.setup()
+			log, cfg, err := g.start(listOut)
 			if err != nil {
 				return err
 			}

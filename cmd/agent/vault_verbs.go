@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -37,10 +36,7 @@ Refuses when a keyfile exists or when any pod is already initialised: not safe t
 re-run by design. Changes: Vault (initialised, policy and token created), the keyfile.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := outputFormat(opts.output, "text", "json"); err != nil {
-				return err
-			}
-			log, cfg, err := g.setup()
+			log, cfg, err := g.start(opts.output)
 			if err != nil {
 				return err
 			}
@@ -82,10 +78,7 @@ keyfile is reported (its data is gone): use recover. Changes: the seal state of 
 Safe to re-run. Exit 1 if any pod stays sealed.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := outputFormat(output, "text", "json"); err != nil {
-				return err
-			}
-			log, cfg, err := g.setup()
+			log, cfg, err := g.start(output)
 			if err != nil {
 				return err
 			}
@@ -125,10 +118,7 @@ func newKeyfileCommand(g *globalOptions) *cobra.Command {
 		Short: "Prove the keyfile decrypts and show its non-secret metadata (changes nothing)",
 		Args:  noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if err := outputFormat(output, "text", "json"); err != nil {
-				return err
-			}
-			_, cfg, err := g.setup()
+			_, cfg, err := g.start(output)
 			if err != nil {
 				return err
 			}
@@ -186,10 +176,4 @@ A bad configuration exits 2 (the unit does not restart on it).`,
 			return err
 		},
 	}
-}
-
-func writeJSON(g *globalOptions, v any) {
-	enc := json.NewEncoder(g.stdout)
-	enc.SetIndent("", "  ")
-	_ = enc.Encode(v)
 }

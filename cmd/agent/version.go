@@ -1,7 +1,6 @@
 package main
 
 import (
-	"encoding/json"
 	"fmt"
 	"runtime"
 
@@ -39,9 +38,7 @@ func runVersion(opts *versionOptions, g *globalOptions) error {
 	}
 	info := versionInfo{Version: version, Commit: commit, GoVersion: runtime.Version(), Platform: runtime.GOOS + "/" + runtime.GOARCH}
 	if opts.output == "json" {
-		enc := json.NewEncoder(g.stdout)
-		enc.SetIndent("", "  ")
-		return enc.Encode(info)
+		return writeJSON(g, info)
 	}
 	_, err := fmt.Fprintf(g.stdout, "pve-vault-agent %s (commit %s, %s, %s)\n", info.Version, info.Commit, info.GoVersion, info.Platform)
 	return err
