@@ -11,9 +11,10 @@ import (
 	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 )
 
-// ErrValuesConflict wraps a user values file that contradicts what the agent enforces;
-// the CLI treats it as a configuration error (exit 2).
-var ErrValuesConflict = errors.New("chart values conflict")
+// ErrChartValues wraps a chart values problem the operator must fix in their files (one
+// that cannot be read, or a value that contradicts what the agent enforces); the CLI
+// treats it as a configuration error (exit 2).
+var ErrChartValues = errors.New("chart values")
 
 // InstallOptions tune an install run.
 type InstallOptions struct {
@@ -48,7 +49,7 @@ func Install(ctx context.Context, cfg *configs.Config, opts InstallOptions, log 
 	}
 	user, err := k8s.ReadValuesFiles(cfg.Chart.ValuesFiles)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrValuesConflict, err)
+		return nil, fmt.Errorf("%w: chart.values_files: %v", ErrChartValues, err)
 	}
 	schedulable, err := cl.SchedulableNodes(ctx)
 	if err != nil {
@@ -63,7 +64,7 @@ func Install(ctx context.Context, cfg *configs.Config, opts InstallOptions, log 
 	}
 	values, err := k8s.MergeValues(user, enforced)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrValuesConflict, err)
+		return nil, fmt.Errorf("%w: %w", ErrChartValues, err)
 	}
 	rep := &InstallReport{}
 	if !opts.DryRun {
@@ -113,7 +114,7 @@ func EnforcedValues(cfg *configs.Config, user []k8s.ValuesFile, schedulable int)
 	raft := map[string]any{"enabled": true, "setNodeId": true}
 	if own, file := userString(user, "server", "ha", "raft", "config"); own != "" {
 		if !strings.Contains(own, `storage "raft"`) || (replicas > 1 && !strings.Contains(own, "retry_join")) {
-			return nil, fmt.Errorf("%w: %s: server.ha.raft.config must use storage \"raft\" with a retry_join per pod for %d nodes; remove it to let the agent generate it", ErrValuesConflict, file, replicas)
+			return nil, fmt.Errorf("%w: %s: server.ha.raft.config must use storage \"raft\" with a retry_join per pod for %d nodes; remove it to let the agent generate it", ErrChartValues, file, replicas)
 		}
 	} else {
 		raft["config"] = raftConfig(cfg.Chart.Release, replicas, tlsEnabled(user))

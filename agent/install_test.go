@@ -90,7 +90,7 @@ func TestEnforcedValuesKeepsAUsableUserRaftConfig(t *testing.T) {
 	}
 	bad := []k8s.ValuesFile{{Name: "mine.yaml", Values: map[string]any{"server": map[string]any{"ha": map[string]any{"raft": map[string]any{
 		"config": "storage \"file\" { path = \"/vault/data\" }\n"}}}}}}
-	if _, err := EnforcedValues(cfg, bad, 3); !errors.Is(err, ErrValuesConflict) || !strings.Contains(err.Error(), "mine.yaml") {
+	if _, err := EnforcedValues(cfg, bad, 3); !errors.Is(err, ErrChartValues) || !strings.Contains(err.Error(), "mine.yaml") {
 		t.Fatalf("file storage accepted: %v", err)
 	}
 }

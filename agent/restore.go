@@ -8,7 +8,6 @@ import (
 	"time"
 
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
-	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
 
 // RestoreOptions tune restore.
@@ -70,18 +69,12 @@ func Restore(ctx context.Context, cfg *configs.Config, file string, opts Restore
 		return nil, err
 	}
 	log.Info("snapshot restored", "file", path, "pod", active.Name, "forced", other)
-	if _, err := unsealFollowerOrActive(ctx, active, kf, log); err != nil {
+	// A forced restore seals Vault a moment later; a normal one leaves it open.
+	if err := unsealAfterRestore(ctx, active, kf, log); err != nil {
+		return nil, err
+	}
+	if _, err := waitActive(ctx, active.API, time.Minute); err != nil {
 		return nil, err
 	}
 	return &RestoreReport{Snapshot: path, Pod: active.Name, Forced: other}, nil
-}
-
-// unsealFollowerOrActive unseals a pod that a restore may have sealed.
-func unsealFollowerOrActive(ctx context.Context, p vaultPod, kf *vault.Keyfile, log *slog.Logger) (vault.UnsealResult, error) {
-	res, err := p.API.Unseal(ctx, kf.Keyset, log)
-	if err != nil {
-		return res, err
-	}
-	_, err = waitActive(ctx, p.API, time.Minute)
-	return res, err
 }

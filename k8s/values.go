@@ -78,7 +78,7 @@ func MergeValues(files []ValuesFile, enforced map[string]any) (map[string]any, e
 	merged := map[string]any{}
 	var conflicts []Conflict
 	for _, f := range files {
-		for _, path := range leafPaths(enforced, "") {
+		for _, path := range leafPaths(enforced) {
 			uv, ok := lookup(f.Values, path)
 			if !ok {
 				continue
@@ -100,7 +100,7 @@ func MergeValues(files []ValuesFile, enforced map[string]any) (map[string]any, e
 }
 
 // leafPaths lists the paths of every non-map value in m.
-func leafPaths(m map[string]any, _ string) [][]string {
+func leafPaths(m map[string]any) [][]string {
 	var out [][]string
 	keys := make([]string, 0, len(m))
 	for k := range m {
@@ -109,7 +109,7 @@ func leafPaths(m map[string]any, _ string) [][]string {
 	sort.Strings(keys)
 	for _, k := range keys {
 		if sub, ok := m[k].(map[string]any); ok && len(sub) > 0 {
-			for _, p := range leafPaths(sub, "") {
+			for _, p := range leafPaths(sub) {
 				out = append(out, append([]string{k}, p...))
 			}
 			continue

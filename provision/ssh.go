@@ -113,9 +113,6 @@ func Dial(ctx context.Context, host string, cfg SSHConfig) (*Conn, error) {
 // Close closes the connection.
 func (c *Conn) Close() error { return c.client.Close() }
 
-// Client is the underlying SSH client (for tunnels).
-func (c *Conn) Client() *ssh.Client { return c.client }
-
 // hostKeyAlgorithms prefers the algorithms already pinned for addr, so a server with
 // several host keys presents the one known_hosts holds.
 func (c *Conn) hostKeyAlgorithms(addr string) []string {

@@ -45,7 +45,7 @@ func runInstall(cmd *cobra.Command, opts *installOptions, g *globalOptions) erro
 		return err
 	}
 	rep, err := agent.Install(cmd.Context(), cfg, agent.InstallOptions{DryRun: opts.dryRun}, log)
-	if errors.Is(err, agent.ErrValuesConflict) {
+	if errors.Is(err, agent.ErrChartValues) {
 		return &usageError{msg: err.Error()}
 	}
 	if rep != nil {

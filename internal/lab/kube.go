@@ -33,9 +33,6 @@ type ControlPlane struct {
 // StartupTime is how long StartControlPlane took.
 func (c *ControlPlane) StartupTime() time.Duration { return c.started }
 
-// Processes are etcd, kube-apiserver and kube-controller-manager, for logs.
-func (c *ControlPlane) Processes() []*Process { return []*Process{c.etcd, c.api, c.kcm} }
-
 // Close stops the control plane, apiserver and controller-manager before etcd.
 func (c *ControlPlane) Close() {
 	for _, p := range []*Process{c.kcm, c.api, c.etcd} {

@@ -1,8 +1,6 @@
 package lab
 
 import (
-	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -51,9 +49,6 @@ func startProcess(name, logPath, bin string, args []string, cred *syscall.Creden
 	}()
 	return p, nil
 }
-
-// Pid is the process id.
-func (p *Process) Pid() int { return p.cmd.Process.Pid }
 
 // Exited reports whether the process has ended, and how.
 func (p *Process) Exited() (bool, error) {
@@ -106,20 +101,4 @@ func (p *Process) Kill() {
 	}
 	_ = p.cmd.Process.Kill()
 	<-p.done
-}
-
-// Wait blocks until the process ends or ctx is done.
-func (p *Process) Wait(ctx context.Context) error {
-	select {
-	case <-p.done:
-		p.mu.Lock()
-		defer p.mu.Unlock()
-		var ee *exec.ExitError
-		if errors.As(p.waitErr, &ee) {
-			return ee
-		}
-		return p.waitErr
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }

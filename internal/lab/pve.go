@@ -132,15 +132,6 @@ func (p *PVE) PutVM(vm FakeVM) {
 	p.vms[vm.VMID] = &vm
 }
 
-// UpdateVM changes a VM in place (stop it, kill its agent, …).
-func (p *PVE) UpdateVM(vmid int, f func(*FakeVM)) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if vm, ok := p.vms[vmid]; ok {
-		f(vm)
-	}
-}
-
 // PutStorage adds or replaces a storage.
 func (p *PVE) PutStorage(s FakeStorage) {
 	p.mu.Lock()
