@@ -128,7 +128,7 @@ func newKeyfileCommand(g *globalOptions) *cobra.Command {
 			}
 			kf, err := vault.ReadKeyfile(cmd.Context(), cfg.Vault.Keyfile, s)
 			if err != nil {
-				return fmt.Errorf("keyfile %s: %w", cfg.Vault.Keyfile, err)
+				return fmt.Errorf("keyfile check: %w", err)
 			}
 			m := kf.Meta()
 			if output == "json" {
