@@ -337,10 +337,10 @@ func (d *daemon) check(ctx context.Context, p vaultPod, log *slog.Logger) (strin
 	if bad == fp {
 		return "sealed (keyfile rejected)", nil
 	}
-	peer := st.Initialized || d.peerInitialised(ctx, p.Name)
+	clusterInit := st.Initialized || d.peerInitialised(ctx, p.Name)
 	t0 := time.Now()
 	d.metrics.attempts.WithLabelValues(p.Name).Inc()
-	res, err := unsealPod(ctx, p, kf, peer, log)
+	res, err := unsealPod(ctx, p, kf, clusterInit, log)
 	if err != nil {
 		reason := "error"
 		switch {

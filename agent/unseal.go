@@ -53,14 +53,11 @@ func Unseal(ctx context.Context, cfg *configs.Config, log *slog.Logger) ([]PodUn
 	return out, errors.Join(errs...)
 }
 
-// unsealPod unseals one pod; a pod that is not initialised is a follower waiting to
-// join when a peer is initialised, and a sign of lost data otherwise.
-func unsealPod(ctx context.Context, p vaultPod, kf *vault.Keyfile, peerInitialised bool, log *slog.Logger) (vault.UnsealResult, error) {
-	st, err := p.API.SealStatus(ctx)
-	if err != nil {
-		return vault.UnsealResult{Node: p.Name}, err
-	}
-	if !st.Initialized && !peerInitialised {
+// unsealPod unseals one pod. clusterInitialised says whether this pod or a peer reports
+// initialised: an uninitialised pod is then a follower waiting to join; otherwise its
+// data is lost and it is reported, never initialised.
+func unsealPod(ctx context.Context, p vaultPod, kf *vault.Keyfile, clusterInitialised bool, log *slog.Logger) (vault.UnsealResult, error) {
+	if !clusterInitialised {
 		return vault.UnsealResult{Node: p.Name, Sealed: true, WasSealed: true}, fmt.Errorf("pod %s: %w (cluster %s, keyset %s): its data directory is empty or another Vault answered. The agent never initialises over a keyfile; run `pve-vault-agent recover` to restore the latest snapshot",
 			p.Name, ErrDataGone, kf.ClusterID, kf.Keyset.Fingerprint())
 	}
