@@ -5,7 +5,6 @@ import (
 	"crypto/tls"
 	"crypto/x509"
 	"fmt"
-	"log/slog"
 	"net"
 	"net/http"
 	"net/url"
@@ -14,27 +13,25 @@ import (
 	"sync"
 	"time"
 
-	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 	"github.com/pve-vault-agent/pve-vault-agent/provision"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
 
 // podAccess reaches every Vault server pod. In ssh-tunnel mode the pods come from the
-// Kubernetes API and each is dialled through an SSH connection to its node (sealed pods
-// are NotReady and absent from Services, so this is the one path that always works); in
-// static mode the configured URLs are the pods. SSH connections are cached per node and
+// Kubernetes API, identity-checked (k8s.ServerPods: owned by the release's StatefulSet,
+// named <release>-N, on the node its volume pins), and each is dialled through an SSH
+// connection to its node (sealed pods are NotReady and absent from Services, so this is
+// the one path that always works); TLS is verified against the pod's DNS name. In static
+// mode the configured URLs are the pods. SSH connections are cached per node and
 // redialled when they die.
 type podAccess struct {
-	cfg     *configs.Config
-	log     *slog.Logger
-	cluster *k8s.Cluster
-	resolve *provision.Resolver
-	sshCfg  provision.SSHConfig
-	roots   *x509.CertPool
+	env   *Env
+	roots *x509.CertPool
 
-	mu    sync.Mutex
-	conns map[string]*provision.Conn // node name → connection
+	mu       sync.Mutex
+	conns    map[string]*provision.Conn // node name → connection
+	rejected []k8s.Rejected
 }
 
 // vaultPod is a pod with its API client.
@@ -43,36 +40,27 @@ type vaultPod struct {
 	API *vault.Node
 }
 
-func newPodAccess(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*podAccess, error) {
-	a := &podAccess{cfg: cfg, log: log, conns: map[string]*provision.Conn{}}
-	if cfg.Vault.TLSCAFile != "" {
-		pem, err := os.ReadFile(cfg.Vault.TLSCAFile)
+func newPodAccess(env *Env) (*podAccess, error) {
+	a := &podAccess{env: env, conns: map[string]*provision.Conn{}}
+	if f := env.Config.Vault.TLSCAFile; f != "" {
+		pem, err := os.ReadFile(f)
 		if err != nil {
 			return nil, fmt.Errorf("vault.tls_ca_file: %w", err)
 		}
 		a.roots = x509.NewCertPool()
 		if !a.roots.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("vault.tls_ca_file %s holds no PEM certificate", cfg.Vault.TLSCAFile)
+			return nil, fmt.Errorf("vault.tls_ca_file %s holds no PEM certificate", f)
 		}
+	} else {
+		env.Log.Warn(tlsOffWarning)
 	}
-	if cfg.Vault.PodAccess == "static" {
-		return a, nil
-	}
-	var err error
-	if a.cluster, err = k8s.Connect(ctx, k8s.ClusterConfig{Kubeconfig: cfg.Kubernetes.Kubeconfig, Context: cfg.Kubernetes.Context, Namespace: cfg.Chart.Namespace}, log); err != nil {
-		return nil, err
-	}
-	key, err := cfg.SSH.Identity.Read()
-	if err != nil {
-		return nil, fmt.Errorf("ssh.identity: %w", err)
-	}
-	if a.resolve, err = newResolver(cfg, cfg.Nodes, log); err != nil {
-		return nil, err
-	}
-	a.sshCfg = provision.SSHConfig{User: cfg.SSH.User, Port: cfg.SSH.Port, Key: key.Bytes(), KnownHosts: cfg.SSH.KnownHosts,
-		Sudo: cfg.SSH.Sudo, ConnectTimeout: cfg.SSH.ConnectTimeout, CommandTimeout: cfg.SSH.CommandTimeout}
 	return a, nil
 }
+
+// tlsOffWarning is said at every start and in status while the listener has no TLS.
+const tlsOffWarning = "Vault's listener has TLS off (vault.tls_ca_file is empty): unseal shares and tokens cross the pod network in clear text; enable TLS in the chart and set vault.tls_ca_file"
+
+func (a *podAccess) static() bool { return a.env.Config.Vault.PodAccess == "static" }
 
 // Close drops the SSH connections.
 func (a *podAccess) Close() {
@@ -84,19 +72,37 @@ func (a *podAccess) Close() {
 	a.conns = map[string]*provision.Conn{}
 }
 
-// Pods lists the Vault server pods with a client for each, by ordinal.
+// Rejected lists the pods with the chart's labels the last listing refused, and why.
+func (a *podAccess) Rejected() []k8s.Rejected {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]k8s.Rejected(nil), a.rejected...)
+}
+
+// Pods lists the Vault server pods that run (have an IP and a node), with a client for
+// each, by ordinal.
 func (a *podAccess) Pods(ctx context.Context) ([]vaultPod, error) {
-	if a.cluster == nil {
+	if a.static() {
 		return a.staticPods()
 	}
-	pods, err := a.cluster.Pods(ctx, a.cfg.Chart.Release)
+	cl, err := a.env.Cluster(ctx)
 	if err != nil {
 		return nil, err
 	}
+	pods, rejected, err := cl.ServerPods(ctx, a.env.Config.Chart.Release)
+	if err != nil {
+		return nil, err
+	}
+	a.mu.Lock()
+	a.rejected = rejected
+	a.mu.Unlock()
+	for _, r := range rejected {
+		a.env.Log.Warn("a pod carries the Vault server labels but is not one of the release's server pods: it gets nothing", "pod", r.Name, "reason", r.Reason)
+	}
 	var out []vaultPod
 	for _, p := range pods {
-		if p.IP == "" || p.Node == "" {
-			continue // not running yet: nothing to talk to
+		if p.IP == "" || p.Node == "" || p.Terminating {
+			continue // not running yet (or going): nothing to talk to
 		}
 		n, err := a.client(p)
 		if err != nil {
@@ -109,17 +115,18 @@ func (a *podAccess) Pods(ctx context.Context) ([]vaultPod, error) {
 
 func (a *podAccess) staticPods() ([]vaultPod, error) {
 	var out []vaultPod
-	for i, raw := range a.cfg.Vault.Addresses {
+	for i, raw := range a.env.Config.Vault.Addresses {
 		u, err := url.Parse(raw)
 		if err != nil {
 			return nil, fmt.Errorf("vault.addresses[%d]: %w", i, err)
 		}
-		tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: a.roots, MinVersion: tls.VersionTLS12}}
-		n, err := vault.NewNode(u.Host, raw, &http.Client{Transport: tr, Timeout: 15 * time.Second})
+		tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: a.roots, MinVersion: tls.VersionTLS12}, Proxy: nil,
+			MaxIdleConnsPerHost: 2, IdleConnTimeout: 30 * time.Second}
+		n, err := vault.NewNode(u.Host, raw, &http.Client{Transport: tr})
 		if err != nil {
 			return nil, err
 		}
-		out = append(out, vaultPod{Pod: k8s.Pod{Name: u.Host, Ordinal: i, IP: u.Hostname(), Phase: "Running"}, API: n})
+		out = append(out, vaultPod{Pod: k8s.Pod{Name: u.Host, Ordinal: i, IP: u.Hostname(), Phase: "Running", UID: raw}, API: n})
 	}
 	return out, nil
 }
@@ -131,6 +138,7 @@ func (a *podAccess) client(p k8s.Pod) (*vault.Node, error) {
 		scheme = "https"
 	}
 	tr := &http.Transport{
+		Proxy: nil,
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			conn, err := a.sshTo(ctx, p.Node)
 			if err != nil {
@@ -144,12 +152,12 @@ func (a *podAccess) client(p k8s.Pod) (*vault.Node, error) {
 			return c, nil
 		},
 		// The listener's certificate names the pod's DNS name, not its IP.
-		TLSClientConfig:     &tls.Config{RootCAs: a.roots, ServerName: p.Name + "." + a.cfg.Chart.Release + "-internal", MinVersion: tls.VersionTLS12},
+		TLSClientConfig:     &tls.Config{RootCAs: a.roots, ServerName: p.ServerName, MinVersion: tls.VersionTLS12},
 		MaxIdleConnsPerHost: 2,
 		IdleConnTimeout:     30 * time.Second,
 	}
-	addr := scheme + "://" + net.JoinHostPort(p.IP, strconv.Itoa(a.cfg.Vault.Port))
-	return vault.NewNode(p.Name, addr, &http.Client{Transport: tr, Timeout: 15 * time.Second})
+	addr := scheme + "://" + net.JoinHostPort(p.IP, strconv.Itoa(a.env.Config.Vault.Port))
+	return vault.NewNode(p.Name, addr, &http.Client{Transport: tr})
 }
 
 // sshTo returns a live SSH connection to the node, dialling it when needed.
@@ -160,22 +168,14 @@ func (a *podAccess) sshTo(ctx context.Context, nodeName string) (*provision.Conn
 	if c != nil {
 		return c, nil
 	}
-	var node *configs.Node
-	for i := range a.cfg.Nodes {
-		if a.cfg.Nodes[i].Name == nodeName {
-			node = &a.cfg.Nodes[i]
-		}
+	node, ok := a.env.node(nodeName)
+	if !ok {
+		return nil, hintf("add the node to the configuration's nodes: the agent reaches pods through their node",
+			"vault pod runs on node %s, which is not in the configuration's nodes", nodeName)
 	}
-	if node == nil {
-		return nil, fmt.Errorf("vault pod runs on node %s, which is not in the configuration's nodes: add it (the agent reaches pods through their node)", nodeName)
-	}
-	loc, err := a.resolve.Resolve(ctx, provision.Target{Name: node.Name, Address: node.Address, VMID: node.VMID, VMName: node.VMName})
+	c, _, err := a.env.dial(ctx, node)
 	if err != nil {
 		return nil, err
-	}
-	c, err = provision.Dial(ctx, loc.Address, a.sshCfg)
-	if err != nil {
-		return nil, fmt.Errorf("node %s: %w", nodeName, err)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -200,48 +200,15 @@ func (a *podAccess) drop(nodeName string, c *provision.Conn) {
 	}
 }
 
-// KeyfileSealer is the keyfile's sealing method from the configuration.
-func KeyfileSealer(cfg *configs.Config) (vault.Sealer, error) { return sealer(cfg) }
-
-// sealer is the keyfile's sealing method from the configuration.
-func sealer(cfg *configs.Config) (vault.Sealer, error) {
-	if cfg.Vault.Seal == "age" {
-		sec, err := cfg.Vault.AgeIdentity.Read()
-		if err != nil {
-			return nil, fmt.Errorf("vault.age_identity: %w", err)
-		}
-		return parseAgeSealer(sec)
-	}
-	return vault.SystemdCreds{WithKey: cfg.Vault.SystemdCredsKey}, nil
-}
-
-// openPods connects to the pods and lists them; none running is an error that says what
-// to do.
-func openPods(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*podAccess, []vaultPod, error) {
-	acc, err := newPodAccess(ctx, cfg, log)
-	if err != nil {
-		return nil, nil, err
-	}
-	pods, err := acc.Pods(ctx)
-	if err == nil && len(pods) == 0 {
-		err = fmt.Errorf("no running vault pod in namespace %s: run `pve-vault-agent install` first", cfg.Chart.Namespace)
-	}
-	if err != nil {
-		acc.Close()
-		return nil, nil, err
-	}
-	return acc, pods, nil
-}
-
-// readKeyfile opens the keyfile with the configured sealing method.
-func readKeyfile(ctx context.Context, cfg *configs.Config) (*vault.Keyfile, error) {
-	s, err := sealer(cfg)
+// openPods lists the pods; none running is an error that says what to do.
+func (e *Env) openPods(ctx context.Context) ([]vaultPod, error) {
+	acc, err := e.Pods()
 	if err != nil {
 		return nil, err
 	}
-	kf, err := vault.ReadKeyfile(ctx, cfg.Vault.Keyfile, s)
-	if err != nil {
-		return nil, fmt.Errorf("keyfile: %w", err)
+	pods, err := acc.Pods(ctx)
+	if err == nil && len(pods) == 0 {
+		err = hintf("run `pve-vault-agent install` first", "no running vault server pod in namespace %s", e.Config.Chart.Namespace)
 	}
-	return kf, nil
+	return pods, err
 }

@@ -5,10 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
+	"syscall"
 	"time"
 
-	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
 )
@@ -20,8 +19,6 @@ var ErrNoActive = errors.New("no active vault node")
 type BackupOptions struct {
 	// Progress, when set, receives the stream (a terminal progress line).
 	Progress func(w io.Writer) io.Writer
-	Now      func() time.Time
-	Version  string
 }
 
 // BackupReport is what a backup stored and pruned.
@@ -31,94 +28,157 @@ type BackupReport struct {
 	Duration time.Duration       `json:"-"`
 	Seconds  float64             `json:"seconds"`
 	Pruned   []snapshot.Decision `json:"pruned,omitempty"`
+	Token    *TokenStatus        `json:"snapshot_token,omitempty"`
+	Steps    []StepResult        `json:"steps"`
 }
 
-// BackupNow takes a Raft snapshot and stores it: lock the target directory → check free
-// space → find the active node (a standby never yields a snapshot) → stream it with the
-// snapshot token into a temp file while verifying the same bytes → fsync, manifest,
-// rename, fsync the directory → only then apply retention. A failure leaves no partial
-// file and no retention change.
-func BackupNow(ctx context.Context, cfg *configs.Config, opts BackupOptions, log *slog.Logger) (*BackupReport, error) {
-	log = log.With("component", "backup")
-	if opts.Now == nil {
-		opts.Now = time.Now
+type backupState struct {
+	env    *Env
+	opts   BackupOptions
+	store  *snapshot.Store
+	unlock func()
+	kf     *vault.Keyfile
+	active vaultPod
+	health vault.Health
+	rep    *BackupReport
+}
+
+var backupSteps = []step[backupState]{
+	{"lock", "take the snapshot directory's lock (one backup at a time)", (*backupState).lock},
+	{"space", "check free space", (*backupState).space},
+	{"active", "find the active Vault node (a standby never yields a snapshot)", (*backupState).findActive},
+	{"token", "renew the snapshot token before use (Vault never renews a token because it was used)", (*backupState).renew},
+	{"stream", "stream the snapshot into a temp file while verifying it; fsync, manifest, rename", (*backupState).stream},
+	{"retention", "apply retention (only after a verified save)", (*backupState).retention},
+}
+
+// BackupNow takes a Raft snapshot and stores it. A failure leaves no partial file and no
+// retention change.
+func BackupNow(ctx context.Context, env *Env, opts BackupOptions) (*BackupReport, error) {
+	s := &backupState{env: env, opts: opts, rep: &BackupReport{}}
+	defer func() {
+		if s.unlock != nil {
+			s.unlock()
+		}
+	}()
+	t0 := env.Clock.Now()
+	err := runSteps(ctx, env, "backup", backupSteps, s, &s.rep.Steps)
+	s.rep.Duration = env.Clock.Now().Sub(t0)
+	s.rep.Seconds = s.rep.Duration.Seconds()
+	if s.rep.Snapshot.Path == "" {
+		return nil, err
 	}
-	store, err := snapshotStore(ctx, cfg, log)
+	return s.rep, err
+}
+
+func (s *backupState) lock(ctx context.Context) (string, error) {
+	store, err := snapshotStore(ctx, s.env)
 	if err != nil {
-		return nil, err
+		return "", err
 	}
-	unlock, err := store.Lock(ctx)
+	s.store = store
+	if s.unlock, err = store.Lock(ctx); err != nil {
+		return "", storeError(store, err)
+	}
+	return store.Dir, nil
+}
+
+func (s *backupState) space(context.Context) (string, error) {
+	return "", storeError(s.store, s.store.CheckSpace())
+}
+
+func (s *backupState) findActive(ctx context.Context) (string, error) {
+	kf, err := s.env.Keyfile.Read(ctx)
 	if err != nil {
-		return nil, err
-	}
-	defer unlock()
-	if err := store.CheckSpace(); err != nil {
-		return nil, err
-	}
-	kf, err := readKeyfile(ctx, cfg)
-	if err != nil {
-		return nil, err
+		return "", err
 	}
 	if kf.SnapshotToken.Empty() {
-		return nil, errors.New("the keyfile holds no snapshot token (init did not finish): run `pve-vault-agent init` on a fresh cluster, or see the recovery runbook")
+		return "", hintf("run `pve-vault-agent token rotate` to mint the agent's tokens", "the keyfile holds no snapshot token")
 	}
-	acc, err := newPodAccess(ctx, cfg, log)
-	if err != nil {
-		return nil, err
+	s.kf = kf
+	if s.active, s.health, err = findActive(ctx, s.env); err != nil {
+		return "", err
 	}
-	defer acc.Close()
-	active, health, err := findActive(ctx, acc.Pods)
-	if err != nil {
-		return nil, err
+	return s.active.Name, nil
+}
+
+func (s *backupState) renew(ctx context.Context) (string, error) {
+	st := renewToken(ctx, s.env, s.active.API, "snapshot", s.kf.SnapshotToken)
+	s.rep.Token = &st
+	if st.Error != "" {
+		return "", tokenRefusedError("snapshot", st)
 	}
-	t0 := time.Now()
-	sctx, cancel := context.WithTimeout(ctx, cfg.Snapshots.Timeout)
-	defer cancel()
-	m := snapshot.Manifest{VaultVersion: health.Version, ClusterID: health.ClusterID, KeysetFingerprint: kf.Keyset.Fingerprint(),
-		AgentVersion: opts.Version, Source: active.Name}
-	entry, err := store.Save(sctx, opts.Now(), m, func(w io.Writer) error {
-		if opts.Progress != nil {
-			w = opts.Progress(w)
+	return fmt.Sprintf("valid for %s", st.TTL.Round(time.Second)), nil
+}
+
+func (s *backupState) stream(ctx context.Context) (string, error) {
+	env, kf, active := s.env, s.kf, s.active
+	m := snapshot.Manifest{VaultVersion: s.health.Version, ClusterID: s.health.ClusterID, KeysetFingerprint: kf.Keyset.Fingerprint(),
+		AgentVersion: env.Version, Source: active.Name}
+	entry, err := s.store.Save(ctx, env.Clock.Now(), m, func(w io.Writer) error {
+		if s.opts.Progress != nil {
+			w = s.opts.Progress(w)
 		}
-		_, err := active.API.StreamSnapshot(sctx, kf.SnapshotToken, w)
+		_, err := active.API.StreamSnapshot(ctx, kf.SnapshotToken, env.Config.Snapshots.IdleTimeout, w)
 		return err
 	})
 	if err != nil {
-		return nil, fmt.Errorf("backup from %s: %w", active.Name, err)
+		return "", storeError(s.store, fmt.Errorf("backup from %s: %w", active.Name, err))
 	}
-	rep := &BackupReport{Snapshot: entry, Pod: active.Name, Duration: time.Since(t0)}
-	rep.Seconds = rep.Duration.Seconds()
-	log.Info("snapshot stored", "file", entry.Path, "bytes", entry.Size, "raft_index", entry.Manifest.RaftIndex, "from", active.Name, "took", rep.Duration.Round(time.Millisecond))
-	pruned, err := applyRetention(store, cfg, opts.Now(), false)
-	rep.Pruned = pruned
+	s.rep.Snapshot, s.rep.Pod = entry, active.Name
+	env.Log.Info("snapshot stored", "file", entry.Path, "bytes", entry.Size, "raft_index", entry.Manifest.RaftIndex, "from", active.Name)
+	return fmt.Sprintf("%s (%d bytes, raft index %d)", entry.Path, entry.Size, entry.Manifest.RaftIndex), nil
+}
+
+func (s *backupState) retention(context.Context) (string, error) {
+	pruned, err := applyRetention(s.store, s.env, s.env.Clock.Now(), true)
+	s.rep.Pruned = pruned
 	if err != nil {
-		return rep, fmt.Errorf("retention: %w", err)
+		return "", fmt.Errorf("the snapshot is stored; retention failed: %w", err)
 	}
-	return rep, nil
+	return fmt.Sprintf("%d pruned", len(pruned)), nil
+}
+
+// storeError explains a read-only snapshot directory: under the shipped unit
+// (ProtectSystem=strict) only /var/lib/pve-vault-agent is writable.
+func storeError(store *snapshot.Store, err error) error {
+	if errors.Is(err, syscall.EROFS) || errors.Is(err, syscall.EACCES) || errors.Is(err, syscall.EPERM) {
+		return withHint(err, "the service may write only where its unit allows: add a drop-in with `systemctl edit pve-vault-agent` (and pve-vault-agent-backup): [Service] ReadWritePaths=%s; `pve-vault-agent config check` lists what the unit can write", store.Dir)
+	}
+	return err
 }
 
 // findActive returns the pod that answers sys/health as active. While unsealed pods are
-// all standby (a leader election after a restart), it waits up to 30s for one to lead.
-func findActive(ctx context.Context, list func(context.Context) ([]vaultPod, error)) (vaultPod, vault.Health, error) {
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		p, h, states, electing, err := activeOnce(ctx, list)
-		if err != nil || p.API != nil {
-			return p, h, err
+// all standby (a leader election after a restart), it waits for one to lead.
+func findActive(ctx context.Context, env *Env) (vaultPod, vault.Health, error) {
+	var p vaultPod
+	var h vault.Health
+	var states []string
+	err := poll(ctx, env.Clock, env.Waits.Poll, env.Waits.Election, "an active vault node", func(ctx context.Context) error {
+		var electing bool
+		var err error
+		p, h, states, electing, err = activeOnceStates(ctx, env)
+		switch {
+		case err != nil:
+			return err
+		case p.API != nil:
+			return nil
+		case !electing:
+			return permanent(withHint(fmt.Errorf("%w: %v", ErrNoActive, states), "unseal Vault first (pve-vault-agent unseal, or start the daemon)"))
 		}
-		if !electing || time.Now().After(deadline) {
-			return vaultPod{}, vault.Health{}, fmt.Errorf("%w: %v; unseal Vault first (pve-vault-agent unseal)", ErrNoActive, states)
-		}
-		select {
-		case <-ctx.Done():
-			return vaultPod{}, vault.Health{}, ctx.Err()
-		case <-time.After(250 * time.Millisecond):
-		}
-	}
+		return fmt.Errorf("%w yet: %v", ErrNoActive, states)
+	})
+	return p, h, err
 }
 
-func activeOnce(ctx context.Context, list func(context.Context) ([]vaultPod, error)) (vaultPod, vault.Health, []string, bool, error) {
-	pods, err := list(ctx)
+// activeOnce looks for the active pod once.
+func activeOnce(ctx context.Context, env *Env) (vaultPod, vault.Health, error) {
+	p, h, _, _, err := activeOnceStates(ctx, env)
+	return p, h, err
+}
+
+func activeOnceStates(ctx context.Context, env *Env) (vaultPod, vault.Health, []string, bool, error) {
+	pods, err := env.openPods(ctx)
 	if err != nil {
 		return vaultPod{}, vault.Health{}, nil, false, err
 	}
@@ -131,10 +191,15 @@ func activeOnce(ctx context.Context, list func(context.Context) ([]vaultPod, err
 			states = append(states, p.Name+" unreachable")
 		case h.Active:
 			return p, h, nil, false, nil
+		case h.Removed:
+			states = append(states, p.Name+" removed from the cluster (530)")
 		case h.Sealed:
 			states = append(states, p.Name+" sealed")
 		case !h.Initialized:
 			states = append(states, p.Name+" uninitialised")
+		case h.HAUnhealthy:
+			states = append(states, p.Name+" standby that cannot reach the active node (474)")
+			electing = true
 		default:
 			states = append(states, p.Name+" standby")
 			electing = true
@@ -144,11 +209,11 @@ func activeOnce(ctx context.Context, list func(context.Context) ([]vaultPod, err
 }
 
 // snapshotStore is snapshots.dir, or the path of snapshots.proxmox_storage.
-func snapshotStore(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*snapshot.Store, error) {
-	if cfg.Snapshots.ProxmoxStorage == "" {
-		return &snapshot.Store{Dir: cfg.Snapshots.Dir}, nil
+func snapshotStore(ctx context.Context, env *Env) (*snapshot.Store, error) {
+	if env.Config.Snapshots.ProxmoxStorage == "" {
+		return &snapshot.Store{Dir: env.Config.Snapshots.Dir}, nil
 	}
-	r, err := newResolverAlways(cfg, log)
+	r, err := env.Resolver()
 	if err != nil {
 		return nil, err
 	}
@@ -156,28 +221,28 @@ func snapshotStore(ctx context.Context, cfg *configs.Config, log *slog.Logger) (
 	if err != nil {
 		return nil, err
 	}
-	dir, avail, err := r.StoragePath(ctx, node, cfg.Snapshots.ProxmoxStorage)
+	dir, avail, err := r.StoragePath(ctx, node, env.Config.Snapshots.ProxmoxStorage)
 	if err != nil {
 		return nil, err
 	}
-	log.Debug("snapshot storage resolved", "storage", cfg.Snapshots.ProxmoxStorage, "dir", dir, "avail_bytes", avail)
+	env.Log.Debug("snapshot storage resolved", "storage", env.Config.Snapshots.ProxmoxStorage, "dir", dir, "avail_bytes", avail)
 	return &snapshot.Store{Dir: dir}, nil
 }
 
-// applyRetention plans retention over the directory and removes what it drops (unless
-// dryRun). It returns the dropped decisions.
-func applyRetention(store *snapshot.Store, cfg *configs.Config, now time.Time, dryRun bool) ([]snapshot.Decision, error) {
+// applyRetention plans retention over the directory and, when remove is set, deletes
+// what it drops. It returns the dropped decisions.
+func applyRetention(store *snapshot.Store, env *Env, now time.Time, remove bool) ([]snapshot.Decision, error) {
 	entries, err := store.List()
 	if err != nil {
 		return nil, err
 	}
-	r := cfg.Snapshots.Retention
+	r := env.Config.Snapshots.Retention
 	var dropped []snapshot.Decision
 	for _, d := range snapshot.Plan(now, entries, snapshot.Policy{KeepLast: r.KeepLast, Hourly: r.Hourly, Daily: r.Daily, Weekly: r.Weekly, Monthly: r.Monthly}) {
 		if d.Keep {
 			continue
 		}
-		if !dryRun {
+		if remove {
 			if err := store.Remove(d.Entry); err != nil {
 				return dropped, err
 			}
@@ -185,30 +250,4 @@ func applyRetention(store *snapshot.Store, cfg *configs.Config, now time.Time, d
 		dropped = append(dropped, d)
 	}
 	return dropped, nil
-}
-
-// SnapshotPlan is the retention plan over the snapshot store, for `snapshots prune`.
-func SnapshotPlan(ctx context.Context, cfg *configs.Config, now time.Time, dryRun bool, log *slog.Logger) ([]snapshot.Decision, error) {
-	store, err := snapshotStore(ctx, cfg, log)
-	if err != nil {
-		return nil, err
-	}
-	if !dryRun {
-		unlock, err := store.Lock(ctx)
-		if err != nil {
-			return nil, err
-		}
-		defer unlock()
-	}
-	return applyRetention(store, cfg, now, dryRun)
-}
-
-// Snapshots lists the snapshot store.
-func Snapshots(ctx context.Context, cfg *configs.Config, log *slog.Logger) (*snapshot.Store, []snapshot.Entry, error) {
-	store, err := snapshotStore(ctx, cfg, log)
-	if err != nil {
-		return nil, nil, err
-	}
-	es, err := store.List()
-	return store, es, err
 }

@@ -2,22 +2,22 @@ package agent
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"time"
 
-	"github.com/pve-vault-agent/pve-vault-agent/configs"
+	"github.com/pve-vault-agent/pve-vault-agent/internal/safefile"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
 
-// Refusals of init; each message says what to do instead.
+// Refusals of init; each says what to do instead.
 var (
 	ErrInitKeyfileExists = errors.New("refusing to initialise: a keyfile exists")
 	ErrInitInitialised   = errors.New("refusing to initialise: vault is already initialised")
-	ErrDataGone          = errors.New("vault is uninitialised but the agent holds its keyfile")
 )
 
 // InitOptions tune init.
@@ -28,114 +28,104 @@ type InitOptions struct {
 
 // InitReport is the non-secret outcome of init.
 type InitReport struct {
-	Pod          string     `json:"pod"`
-	Keyfile      string     `json:"keyfile"`
-	RecoveryCopy string     `json:"recovery_copy,omitempty"`
-	Meta         vault.Meta `json:"keyfile_meta"`
-	Unsealed     []string   `json:"unsealed"`
+	Pod          string       `json:"pod"`
+	Keyfile      string       `json:"keyfile"`
+	RecoveryCopy string       `json:"recovery_copy,omitempty"`
+	Meta         vault.Meta   `json:"keyfile_meta"`
+	Unsealed     []string     `json:"unsealed"`
+	Steps        []StepResult `json:"steps"`
+}
+
+type initState struct {
+	env      *Env
+	opts     InitOptions
+	recovery vault.Sealer
+	pods     []vaultPod
+	root     vault.Token
+	kf       *vault.Keyfile
+	rep      *InitReport
+}
+
+var initSteps = []step[initState]{
+	{"check", "check every precondition before Vault is touched: no keyfile, no recovery copy, the seal works, every pod uninitialised", (*initState).check},
+	{"init", "initialise the first pod and seal its shares into the keyfile at once (not interruptible in between)", (*initState).initialise},
+	{"recovery-copy", "write the offline recovery copy (age), when a recipient is set", (*initState).recoveryCopy},
+	{"unseal", "unseal the first pod and wait until it is active", (*initState).unseal},
+	{"tokens", "write the agent's policies and canary, mint its periodic tokens, record them in the keyfile", (*initState).tokens},
+	{"revoke-root", "revoke the initial root token", (*initState).revokeRoot},
+	{"followers", "unseal the other pods (they join through retry_join)", (*initState).followers},
 }
 
 // Init initialises Vault once: only when no keyfile exists and every pod reports
-// uninitialised. Steps: check the keyfile can be written (before any key exists) → init
-// the first pod → seal the keys into the keyfile at once → optional offline recovery
-// copy → unseal → create the least-privilege snapshot token → record cluster id and token
-// in the keyfile → revoke the root token → unseal the other pods. Keys and tokens never
-// reach logs or output.
-func Init(ctx context.Context, cfg *configs.Config, opts InitOptions, log *slog.Logger) (*InitReport, error) {
-	log = log.With("component", "init")
-	path := cfg.Vault.Keyfile
-	if vault.KeyfileExists(path) {
-		return nil, fmt.Errorf("%w at %s: this cluster was initialised by the agent before; use `pve-vault-agent unseal`. If Vault now reports uninitialised, its data is gone: use `pve-vault-agent recover`", ErrInitKeyfileExists, path)
+// uninitialised. The shares go straight into the sealed keyfile; keys and tokens never
+// reach logs or output; the initial root token is revoked on every path, an
+// interruption included.
+func Init(ctx context.Context, env *Env, opts InitOptions) (*InitReport, error) {
+	s := &initState{env: env, opts: opts, rep: &InitReport{Keyfile: env.Config.Vault.Keyfile}}
+	defer func() {
+		if !s.root.Empty() && len(s.pods) > 0 {
+			revokeRoot(ctx, env, s.pods[0].API, s.root)
+		}
+	}()
+	err := runSteps(ctx, env, "init", initSteps, s, &s.rep.Steps)
+	if s.kf != nil {
+		s.rep.Meta = s.kf.Meta()
 	}
-	s, err := sealer(cfg)
-	if err != nil {
-		return nil, err
+	return s.rep, err
+}
+
+func (s *initState) recoveryPath() string { return s.env.Config.Vault.Keyfile + ".recovery.age" }
+
+func (s *initState) check(ctx context.Context) (string, error) {
+	env := s.env
+	path := env.Config.Vault.Keyfile
+	if env.Keyfile.Exists() {
+		return "", withHint(fmt.Errorf("%w at %s", ErrInitKeyfileExists, path),
+			"this cluster was initialised by the agent before: use `pve-vault-agent unseal`; if Vault now reports uninitialised, its data is gone: use `pve-vault-agent recover`")
 	}
-	recipient := opts.RecoveryRecipient
+	recipient := s.opts.RecoveryRecipient
 	if recipient == "" {
-		recipient = cfg.Vault.RecoveryRecipient
+		recipient = env.Config.Vault.RecoveryRecipient
 	}
-	var recovery vault.Sealer
 	if recipient != "" {
-		if recovery, err = recoverySealer(recipient); err != nil {
-			return nil, err
+		var err error
+		if s.recovery, err = recoverySealer(recipient); err != nil {
+			return "", err
+		}
+		if _, err := os.Lstat(s.recoveryPath()); err == nil {
+			return "", hintf("move it away (it belongs to an earlier cluster) and run init again", "a recovery copy already exists at %s", s.recoveryPath())
 		}
 	}
-	if err := probeSealer(ctx, path, s); err != nil {
-		return nil, fmt.Errorf("the keyfile could not be written, so Vault was not initialised: %w", err)
+	if err := probeSealer(ctx, env, path); err != nil {
+		return "", fmt.Errorf("the keyfile could not be written, so Vault was not initialised: %w", err)
 	}
-	acc, pods, err := openPods(ctx, cfg, log)
+	pods, err := env.openPods(ctx)
 	if err != nil {
-		return nil, err
+		return "", err
 	}
-	defer acc.Close()
 	for _, p := range pods {
 		st, err := p.API.SealStatus(ctx)
 		if err != nil {
-			return nil, err
+			return "", err
 		}
 		if st.Initialized {
-			return nil, fmt.Errorf("%w (pod %s) and the agent has no keyfile for it: the unseal keys are wherever it was initialised; the agent will not touch it", ErrInitInitialised, p.Name)
+			return "", withHint(fmt.Errorf("%w (pod %s) and the agent has no keyfile for it", ErrInitInitialised, p.Name),
+				"the unseal keys are wherever it was initialised; the agent will not touch it")
 		}
 	}
-	first := pods[0]
-	res, err := first.API.Init(ctx, cfg.Vault.Shares, cfg.Vault.Threshold)
-	if err != nil {
-		return nil, err
-	}
-	kf := &vault.Keyfile{Keyset: res.Keyset, Created: time.Now().UTC()}
-	if err := vault.WriteKeyfile(ctx, path, kf, s, true); err != nil {
-		return nil, fmt.Errorf("CRITICAL: vault %s was initialised but its keys could not be stored (%w); they are lost: delete its data and run init again", first.Name, err)
-	}
-	log.Info("initialised; keyfile written", "pod", first.Name, "keyfile", path, "shares", len(res.Keyset.Keys), "threshold", res.Keyset.Threshold)
-	rep := &InitReport{Pod: first.Name, Keyfile: path}
-	if recovery != nil {
-		rep.RecoveryCopy = path + ".recovery.age"
-		if err := vault.WriteKeyfile(ctx, rep.RecoveryCopy, kf, recovery, true); err != nil {
-			return rep, fmt.Errorf("write the recovery copy: %w", err)
-		}
-	}
-	if _, err := first.API.Unseal(ctx, res.Keyset, log); err != nil {
-		return rep, err
-	}
-	h, err := waitActive(ctx, first.API, 60*time.Second)
-	if err != nil {
-		return rep, err
-	}
-	tok, err := first.API.CreateSnapshotToken(ctx, res.RootToken)
-	if err != nil {
-		return rep, err
-	}
-	kf.ClusterID, kf.ClusterName, kf.SnapshotToken = h.ClusterID, h.ClusterName, tok
-	if err := vault.WriteKeyfile(ctx, path, kf, s, false); err != nil {
-		return rep, fmt.Errorf("record the snapshot token in the keyfile: %w", err)
-	}
-	if recovery != nil {
-		if err := vault.WriteKeyfile(ctx, rep.RecoveryCopy, kf, recovery, false); err != nil {
-			return rep, fmt.Errorf("update the recovery copy: %w", err)
-		}
-	}
-	if err := first.API.RevokeSelf(ctx, res.RootToken); err != nil {
-		return rep, fmt.Errorf("revoke the initial root token: %w", err)
-	}
-	log.Info("root token revoked; snapshot token stored", "pod", first.Name, "cluster_id", h.ClusterID)
-	rep.Meta = kf.Meta()
-	rep.Unsealed = append(rep.Unsealed, first.Name)
-	// Followers join through retry_join once they have the keys.
-	for _, p := range pods[1:] {
-		if err := unsealFollower(ctx, p, kf.Keyset, log); err != nil {
-			return rep, err
-		}
-		rep.Unsealed = append(rep.Unsealed, p.Name)
-	}
-	return rep, nil
+	s.pods = pods
+	return fmt.Sprintf("%d pod(s) uninitialised", len(pods)), nil
 }
 
 // probeSealer seals a throwaway payload beside the keyfile, proving the directory is
 // writable and the sealing method works before any key exists.
-func probeSealer(ctx context.Context, path string, s vault.Sealer) error {
+func probeSealer(ctx context.Context, env *Env, path string) error {
 	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := safefile.PrivateDir(dir); err != nil {
+		return err
+	}
+	s, err := env.Keyfile.Sealer()
+	if err != nil {
 		return err
 	}
 	f, err := os.CreateTemp(dir, ".probe-*")
@@ -147,48 +137,93 @@ func probeSealer(ctx context.Context, path string, s vault.Sealer) error {
 	return s.Seal(ctx, []byte("probe"), f.Name())
 }
 
-// waitActive waits until n is unsealed and active.
-func waitActive(ctx context.Context, n *vault.Node, timeout time.Duration) (vault.Health, error) {
-	deadline := time.Now().Add(timeout)
-	for {
-		h, err := n.Health(ctx)
-		if err == nil && h.Active {
-			return h, nil
-		}
-		if time.Now().After(deadline) {
-			if err == nil {
-				err = fmt.Errorf("sealed=%v standby=%v", h.Sealed, h.Standby)
-			}
-			return h, fmt.Errorf("%s did not become active within %s: %w", n.Name, timeout, err)
-		}
-		select {
-		case <-ctx.Done():
-			return h, ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
+// initialise runs Vault's init and writes the shares under a context an interruption
+// does not cancel: between the two, the keys exist only in this process.
+func (s *initState) initialise(ctx context.Context) (string, error) {
+	env, first := s.env, s.pods[0]
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+	defer cancel()
+	res, err := first.API.Init(uctx, env.Config.Vault.Shares, env.Config.Vault.Threshold)
+	if err != nil {
+		return "", err
 	}
+	s.root = res.RootToken
+	mk := make([]byte, 32)
+	if _, err := rand.Read(mk); err != nil {
+		return "", err
+	}
+	s.kf = &vault.Keyfile{Keyset: res.Keyset, ManifestKey: mk, Created: env.Clock.Now().UTC()}
+	if err := env.Keyfile.Write(uctx, s.kf, true); err != nil {
+		return "", withHint(fmt.Errorf("CRITICAL: vault %s was initialised but its keys could not be stored (%w); they are lost", first.Name, err),
+			"delete the pod's data (its hostPath) and run init again")
+	}
+	s.rep.Pod = first.Name
+	env.Log.Info("initialised; keyfile written", "pod", first.Name, "keyfile", env.Config.Vault.Keyfile, "shares", len(res.Keyset.Keys), "threshold", res.Keyset.Threshold)
+	return fmt.Sprintf("%d shares, threshold %d, keyset %s", len(res.Keyset.Keys), res.Keyset.Threshold, res.Keyset.Fingerprint()), nil
 }
 
-// unsealFollower unseals a pod that joins an existing Raft cluster through retry_join.
-// It may report uninitialised until its join attempt reaches the leader, so it is
-// retried until the timeout.
-func unsealFollower(ctx context.Context, p vaultPod, ks vault.Keyset, log *slog.Logger) error {
-	deadline := time.Now().Add(90 * time.Second)
-	for {
-		res, err := p.API.Unseal(ctx, ks, log)
-		if err == nil && !res.Sealed {
-			return nil
-		}
-		if errors.Is(err, vault.ErrWrongKeys) || time.Now().After(deadline) {
-			if err == nil {
-				err = errors.New("still sealed")
-			}
-			return fmt.Errorf("unseal follower %s: %w", p.Name, err)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(500 * time.Millisecond):
+func (s *initState) recoveryCopy(ctx context.Context) (string, error) {
+	if s.recovery == nil {
+		return "skipped: no recovery recipient", nil
+	}
+	if err := vault.WriteKeyfile(ctx, s.recoveryPath(), s.kf, s.recovery, true); err != nil {
+		return "", fmt.Errorf("write the recovery copy: %w", err)
+	}
+	s.rep.RecoveryCopy = s.recoveryPath()
+	return s.recoveryPath(), nil
+}
+
+func (s *initState) unseal(ctx context.Context) (string, error) {
+	first := s.pods[0]
+	if err := s.env.unsealPod(ctx, first, s.kf.Keyset, s.env.Waits.Join); err != nil {
+		return "", err
+	}
+	h, err := s.env.waitActive(ctx, first.API)
+	if err != nil {
+		return "", err
+	}
+	s.kf.ClusterID, s.kf.ClusterName = h.ClusterID, h.ClusterName
+	return first.Name + " active, cluster " + h.ClusterID, nil
+}
+
+func (s *initState) tokens(ctx context.Context) (string, error) {
+	canary := make([]byte, 16)
+	if _, err := rand.Read(canary); err != nil {
+		return "", err
+	}
+	toks, err := s.pods[0].API.CreateAgentTokens(ctx, s.root, vault.Setup{Period: s.env.Config.Vault.TokenPeriod, Canary: hex.EncodeToString(canary)})
+	if err != nil {
+		return "", err
+	}
+	s.kf.SnapshotToken, s.kf.OperatorToken, s.kf.Canary = toks.Snapshot, toks.Operator, hex.EncodeToString(canary)
+	if err := s.env.Keyfile.Write(ctx, s.kf, false); err != nil {
+		return "", fmt.Errorf("record the tokens in the keyfile: %w", err)
+	}
+	if s.recovery != nil {
+		if err := vault.WriteKeyfile(ctx, s.recoveryPath(), s.kf, s.recovery, false); err != nil {
+			return "", fmt.Errorf("update the recovery copy: %w", err)
 		}
 	}
+	return fmt.Sprintf("snapshot and operator tokens, period %s", s.env.Config.Vault.TokenPeriod), nil
+}
+
+func (s *initState) revokeRoot(ctx context.Context) (string, error) {
+	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
+	defer cancel()
+	if err := s.pods[0].API.RevokeSelf(rctx, s.root); err != nil {
+		return "", fmt.Errorf("revoke the initial root token: %w", err)
+	}
+	s.root = vault.Token{}
+	s.rep.Unsealed = append(s.rep.Unsealed, s.pods[0].Name)
+	return "revoked", nil
+}
+
+func (s *initState) followers(ctx context.Context) (string, error) {
+	for _, p := range s.pods[1:] {
+		if err := s.env.unsealPod(ctx, p, s.kf.Keyset, s.env.Waits.Join); err != nil {
+			return "", fmt.Errorf("unseal follower %s: %w", p.Name, err)
+		}
+		s.rep.Unsealed = append(s.rep.Unsealed, p.Name)
+	}
+	return fmt.Sprintf("%d follower(s) unsealed", len(s.pods)-1), nil
 }

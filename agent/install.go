@@ -4,8 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"strings"
+
+	"helm.sh/helm/v3/pkg/chart"
 
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/k8s"
@@ -13,101 +14,232 @@ import (
 
 // ErrChartValues wraps a chart values problem the operator must fix in their files (one
 // that cannot be read, or a value that contradicts what the agent enforces); the CLI
-// treats it as a configuration error (exit 2).
+// treats it as a configuration error.
 var ErrChartValues = errors.New("chart values")
 
 // InstallOptions tune an install run.
 type InstallOptions struct {
 	// DryRun renders and compares with the deployed release; changes nothing.
 	DryRun bool
-	// AfterRoll is called for each pod rolled onto a new revision (Vault: unseal it).
-	AfterRoll k8s.RollFunc
+	// RequireRelease refuses to install a release that does not exist yet (upgrade).
+	RequireRelease bool
+	// NoSnapshot skips the snapshot before a roll (recover: Vault's data is coming back
+	// from a snapshot anyway).
+	NoSnapshot bool
 }
 
 // InstallReport is what Install did.
 type InstallReport struct {
 	k8s.InstallResult
-	Values  map[string]any `json:"values,omitempty"` // merged values (dry run)
-	Volumes []string       `json:"persistent_volumes,omitempty"`
-	Pods    []k8s.Pod      `json:"pods,omitempty"`
-	Rolled  []string       `json:"rolled,omitempty"`
+	Values   map[string]any `json:"values,omitempty"` // merged values (dry run)
+	Volumes  []string       `json:"persistent_volumes,omitempty"`
+	Snapshot string         `json:"snapshot,omitempty"` // taken before rolling pods
+	Pods     []k8s.Pod      `json:"pods,omitempty"`
+	Roll     *RollReport    `json:"roll,omitempty"`
+	Steps    []StepResult   `json:"steps"`
 }
 
-// Install runs the install flow: connect → load chart → merge values (user files under
-// the enforced ones; a contradiction stops here) → apply storage → helm upgrade --install
-// → wait for every pod Running → roll pods left on an old revision one at a time.
-// Each step checks state first, so a re-run with nothing changed makes no new revision.
-func Install(ctx context.Context, cfg *configs.Config, opts InstallOptions, log *slog.Logger) (*InstallReport, error) {
-	log = log.With("component", "install")
-	cl, err := k8s.Connect(ctx, k8s.ClusterConfig{Kubeconfig: cfg.Kubernetes.Kubeconfig, Context: cfg.Kubernetes.Context, Namespace: cfg.Chart.Namespace}, log)
-	if err != nil {
-		return nil, fmt.Errorf("connect: %w", err)
+// installState is what the install steps share.
+type installState struct {
+	env      *Env
+	opts     InstallOptions
+	cluster  *k8s.Cluster
+	chart    *chart.Chart
+	values   map[string]any
+	existing bool
+	roll     bool // the upgrade changes the pods: snapshot first, then roll
+	rep      *InstallReport
+}
+
+// installSteps are install's steps. An install over an existing release that changes
+// the pods is an upgrade, done the way Vault's documentation asks: snapshot and verify
+// first, then standbys one at a time, the active node last (roll.go).
+var installSteps = []step[installState]{
+	{"connect", "connect to the Kubernetes API server", (*installState).connect},
+	{"chart", "load the chart (downloaded once into the cache; digest checked when pinned)", (*installState).loadChart},
+	{"values", "merge your values files under the values the agent enforces", (*installState).mergeValues},
+	{"plan", "compare with the deployed release: does the upgrade change the pods?", (*installState).plan},
+	{"snapshot", "when pods will be rolled: take and verify a Raft snapshot first", (*installState).snapshot},
+	{"storage", "apply the StorageClass and one local PersistentVolume per node", (*installState).storage},
+	{"release", "helm upgrade --install", (*installState).release},
+	{"pods", "wait until every server pod runs", (*installState).pods},
+	{"roll", "roll pods left on the old revision: standbys one at a time, the active node last", (*installState).rollPods},
+}
+
+// InstallPlan is install's plan, for printing.
+func InstallPlan() []PlanStep { return planOf(installSteps) }
+
+// Install installs or upgrades the Vault chart. Each step checks state first, so a
+// re-run with nothing changed makes no new revision and rolls nothing.
+func Install(ctx context.Context, env *Env, opts InstallOptions) (*InstallReport, error) {
+	s := &installState{env: env, opts: opts, rep: &InstallReport{}}
+	steps := installSteps
+	if opts.DryRun {
+		steps = steps[:4]
 	}
-	ch, err := k8s.LoadChart(k8s.ChartSource{Repository: cfg.Chart.Repository, Name: cfg.Chart.Name, Version: cfg.Chart.Version, Path: cfg.Chart.Path, CacheDir: cfg.Chart.CacheDir})
-	if err != nil {
-		return nil, fmt.Errorf("load chart: %w", err)
+	err := runSteps(ctx, env, "install", steps, s, &s.rep.Steps)
+	if opts.DryRun && err == nil {
+		s.rep.Values = s.values
+		s.rep.DryRun = true
 	}
+	return s.rep, err
+}
+
+func (s *installState) connect(ctx context.Context) (string, error) {
+	env := s.env
+	cl, err := env.Cluster(ctx)
+	if err != nil {
+		return "", err
+	}
+	s.cluster = cl
+	return "namespace " + env.Config.Chart.Namespace, nil
+}
+
+func (s *installState) loadChart(context.Context) (string, error) {
+	env := s.env
+	c := env.Config.Chart
+	ch, err := k8s.LoadChart(k8s.ChartSource{Repository: c.Repository, Name: c.Name, Version: c.Version, Path: c.Path, Digest: c.Digest, CacheDir: c.CacheDir})
+	if err != nil {
+		return "", err
+	}
+	s.chart = ch
+	return fmt.Sprintf("%s %s (app %s)", ch.Metadata.Name, ch.Metadata.Version, ch.Metadata.AppVersion), nil
+}
+
+func (s *installState) mergeValues(ctx context.Context) (string, error) {
+	env := s.env
+	cfg := env.Config
 	user, err := k8s.ReadValuesFiles(cfg.Chart.ValuesFiles)
 	if err != nil {
-		return nil, fmt.Errorf("%w: chart.values_files: %v", ErrChartValues, err)
+		return "", fmt.Errorf("%w: chart.values_files: %v", ErrChartValues, err)
 	}
-	schedulable, err := cl.SchedulableNodes(ctx)
+	schedulable, err := s.cluster.SchedulableNodes(ctx)
 	if err != nil {
-		return nil, err
+		return "", err
 	}
 	enforced, err := EnforcedValues(cfg, user, schedulable)
 	if err != nil {
-		return nil, err
+		return "", err
 	}
 	if schedulable < len(cfg.Nodes) {
-		log.Warn("fewer schedulable nodes than Vault replicas: dropping the chart's required pod anti-affinity", "nodes", schedulable, "replicas", len(cfg.Nodes))
+		env.Log.Warn("fewer schedulable nodes than Vault replicas: dropping the chart's required pod anti-affinity", "nodes", schedulable, "replicas", len(cfg.Nodes))
 	}
-	values, err := k8s.MergeValues(user, enforced)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrChartValues, err)
+	if s.values, err = k8s.MergeValues(user, enforced); err != nil {
+		return "", fmt.Errorf("%w: %w", ErrChartValues, err)
 	}
-	rep := &InstallReport{}
-	if !opts.DryRun {
-		var vols []k8s.Volume
-		for _, n := range cfg.Nodes {
-			vols = append(vols, k8s.Volume{Node: n.Name, Path: cfg.NodeHostPath(n)})
-		}
-		if rep.Volumes, err = cl.EnsureStorage(ctx, k8s.StorageSpec{Release: cfg.Chart.Release, Size: dataSize(values), Volumes: vols}); err != nil {
-			return nil, fmt.Errorf("storage: %w", err)
-		}
-	}
-	res, err := cl.Install(ctx, k8s.InstallSpec{Release: cfg.Chart.Release, Chart: ch, Values: values, Timeout: cfg.Chart.Timeout, DryRun: opts.DryRun})
-	if err != nil {
-		return nil, fmt.Errorf("release: %w", err)
-	}
-	rep.InstallResult = *res
-	if opts.DryRun {
-		rep.Values = values
-		return rep, nil
-	}
-	log.Info("release "+string(res.Action), "release", res.Release, "namespace", res.Namespace, "revision", res.Revision, "chart", res.ChartVersion)
-	if rep.Pods, err = cl.WaitRunning(ctx, cfg.Chart.Release, len(cfg.Nodes), cfg.Chart.Timeout); err != nil {
-		return rep, fmt.Errorf("wait for pods: %w", err)
-	}
-	if rep.Rolled, err = cl.Roll(ctx, cfg.Chart.Release, cfg.Chart.Timeout, opts.AfterRoll); err != nil {
-		return rep, fmt.Errorf("roll pods: %w", err)
-	}
-	if len(rep.Rolled) > 0 {
-		if rep.Pods, err = cl.Pods(ctx, cfg.Chart.Release); err != nil {
-			return rep, err
-		}
-	}
-	return rep, nil
+	return fmt.Sprintf("%d values file(s) under the enforced values", len(user)), nil
 }
 
-// EnforcedValues are the chart values the agent owns, derived from its configuration:
-// Raft HA with one replica per configured node and node ids from pod names, data on the
-// agent's StorageClass (bound to the provisioned hostPaths), the pod running as
-// vault.uid/vault.gid (the same numbers the hostPath is chowned to), OnDelete updates
-// (the agent rolls pods itself), and no required anti-affinity when the cluster has
-// fewer schedulable nodes than replicas. The Raft stanza with a retry_join per pod is
-// generated unless the user's values carry their own server.ha.raft.config, which must
-// then use Raft storage (and retry_join, for more than one node).
+func (s *installState) spec(env *Env, dryRun bool) k8s.InstallSpec {
+	return k8s.InstallSpec{Release: env.Config.Chart.Release, Chart: s.chart, Values: s.values, Timeout: env.Config.Chart.Timeout, DryRun: dryRun, Now: env.Clock.Now}
+}
+
+func (s *installState) plan(ctx context.Context) (string, error) {
+	env := s.env
+	info, err := s.cluster.Release(env.Config.Chart.Release)
+	s.existing = err == nil && info != nil
+	if !s.existing && s.opts.RequireRelease {
+		return "", hintf("run `pve-vault-agent install` first", "release %s does not exist in namespace %s: nothing to upgrade", env.Config.Chart.Release, env.Config.Chart.Namespace)
+	}
+	res, err := s.cluster.Install(ctx, s.spec(env, true))
+	if err != nil {
+		return "", fmt.Errorf("release: %w", err)
+	}
+	if s.opts.DryRun {
+		s.rep.InstallResult = *res
+	}
+	if !s.existing || res.Action == k8s.Unchanged {
+		return string(res.Action), nil
+	}
+	for _, c := range res.Changes {
+		if strings.HasPrefix(c.Object, "StatefulSet/") || strings.HasPrefix(c.Object, "ConfigMap/") {
+			s.roll = true
+		}
+	}
+	if s.roll {
+		return fmt.Sprintf("upgrade %s → chart %s changes the pods: they will be rolled", info.ChartVersion, s.chart.Metadata.Version), nil
+	}
+	return fmt.Sprintf("upgrade %s → chart %s without changes to the pods", info.ChartVersion, s.chart.Metadata.Version), nil
+}
+
+func (s *installState) snapshot(ctx context.Context) (string, error) {
+	env := s.env
+	switch {
+	case !s.roll:
+		return "skipped: no pod will be rolled", nil
+	case s.opts.NoSnapshot:
+		return "skipped: recover restores Vault's data anyway", nil
+	case !env.Keyfile.Exists():
+		return "skipped: Vault was not initialised by the agent (no keyfile): nothing to back up", nil
+	}
+	rep, err := BackupNow(ctx, env, BackupOptions{})
+	if err != nil {
+		return "", withHint(fmt.Errorf("no verified snapshot, so no pod is rolled: %w", err), "fix the backup (pve-vault-agent backup-now) and run the upgrade again; nothing was changed")
+	}
+	s.rep.Snapshot = rep.Snapshot.Path
+	return rep.Snapshot.Path, nil
+}
+
+func (s *installState) storage(ctx context.Context) (string, error) {
+	env := s.env
+	var vols []k8s.Volume
+	for _, n := range env.Config.Nodes {
+		vols = append(vols, k8s.Volume{Node: n.Name, Path: env.Config.NodeHostPath(n)})
+	}
+	names, err := s.cluster.EnsureStorage(ctx, k8s.StorageSpec{Release: env.Config.Chart.Release, Size: dataSize(s.values), Volumes: vols})
+	if err != nil {
+		return "", err
+	}
+	s.rep.Volumes = names
+	return fmt.Sprintf("%d volume(s)", len(names)), nil
+}
+
+func (s *installState) release(ctx context.Context) (string, error) {
+	env := s.env
+	res, err := s.cluster.Install(ctx, s.spec(env, false))
+	if err != nil {
+		return "", err
+	}
+	s.rep.InstallResult = *res
+	return fmt.Sprintf("%s: revision %d, chart %s", res.Action, res.Revision, res.ChartVersion), nil
+}
+
+func (s *installState) pods(ctx context.Context) (string, error) {
+	env := s.env
+	pods, err := s.cluster.WaitRunning(ctx, env.Config.Chart.Release, len(env.Config.Nodes), env.Config.Chart.Timeout)
+	if err != nil {
+		return "", err
+	}
+	s.rep.Pods = pods
+	return fmt.Sprintf("%d pod(s) running", len(pods)), nil
+}
+
+func (s *installState) rollPods(ctx context.Context) (string, error) {
+	env := s.env
+	rr, err := Roll(ctx, env, s.cluster)
+	s.rep.Roll = rr
+	if err != nil {
+		return "", err
+	}
+	if len(rr.Rolled) == 0 {
+		return "nothing to roll", nil
+	}
+	if s.rep.Pods, _, err = s.cluster.ServerPods(ctx, env.Config.Chart.Release); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("rolled %s", strings.Join(rr.Rolled, ", ")), nil
+}
+
+// EnforcedValues are the chart values the agent owns, derived from its configuration,
+// typed as a values file types them (k8s.AsValuesFile): Raft HA with one replica per
+// configured node and node ids from pod names, names fixed to the release
+// (fullnameOverride), data on the agent's StorageClass (bound to the provisioned
+// hostPaths), the pod running as vault.uid/vault.gid (the same numbers the hostPath is
+// chowned to), OnDelete updates (the agent rolls pods itself), and no required
+// anti-affinity when the cluster has fewer schedulable nodes than replicas. The Raft
+// stanza (performance_multiplier 1, a retry_join per pod) is generated unless the
+// user's values carry their own server.ha.raft.config, which must then use Raft storage
+// (and retry_join, for more than one node).
 func EnforcedValues(cfg *configs.Config, user []k8s.ValuesFile, schedulable int) (map[string]any, error) {
 	replicas := len(cfg.Nodes)
 	uid, gid := cfg.Vault.UID, cfg.Vault.GID
@@ -133,11 +265,12 @@ func EnforcedValues(cfg *configs.Config, user []k8s.ValuesFile, schedulable int)
 	if schedulable < replicas {
 		server["affinity"] = ""
 	}
-	return map[string]any{"server": server}, nil
+	return k8s.AsValuesFile(map[string]any{"fullnameOverride": cfg.Chart.Release, "server": server})
 }
 
-// raftConfig is the chart's Raft server config with a retry_join per pod, so followers
-// find the leader through the headless <release>-internal Service.
+// raftConfig is the chart's Raft server config: performance_multiplier 1 (Vault's
+// production advice: elections in about a second instead of five) and a retry_join per
+// pod, so followers find the leader through the headless <release>-internal Service.
 func raftConfig(release string, replicas int, tls bool) string {
 	scheme, listener := "http", "  tls_disable = 1\n"
 	if tls {
@@ -148,7 +281,7 @@ func raftConfig(release string, replicas int, tls bool) string {
 	}
 	var b strings.Builder
 	b.WriteString("ui = true\n\nlistener \"tcp\" {\n" + listener + "  address = \"[::]:8200\"\n  cluster_address = \"[::]:8201\"\n}\n\n")
-	b.WriteString("storage \"raft\" {\n  path = \"/vault/data\"\n")
+	b.WriteString("storage \"raft\" {\n  path = \"/vault/data\"\n  performance_multiplier = 1\n")
 	for i := 0; i < replicas && replicas > 1; i++ {
 		fmt.Fprintf(&b, "\n  retry_join {\n    leader_api_addr = \"%s://%s-%d.%s-internal:8200\"\n", scheme, release, i, release)
 		if tls {

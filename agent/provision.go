@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"time"
 
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
@@ -38,33 +37,23 @@ type NodeResult struct {
 // create/chown/chmod the directory in one session and read it back numerically. Nodes
 // are handled one after another; a failed node does not stop the others, and the
 // returned error joins every failure. Safe to re-run: a prepared node reports unchanged.
-func Provision(ctx context.Context, cfg *configs.Config, opts ProvisionOptions, log *slog.Logger) ([]NodeResult, error) {
-	log = log.With("component", "provision")
-	nodes, err := selectNodes(cfg, opts.Nodes)
+func Provision(ctx context.Context, env *Env, opts ProvisionOptions) ([]NodeResult, error) {
+	log := env.Log.With("component", "provision")
+	nodes, err := selectNodes(env.Config, opts.Nodes)
 	if err != nil {
 		return nil, err
 	}
-	key, err := cfg.SSH.Identity.Read()
-	if err != nil {
-		return nil, fmt.Errorf("ssh.identity: %w", err)
-	}
-	resolver, err := newResolver(cfg, nodes, log)
+	sshCfg, err := env.SSH(opts.AcceptNewHostKey)
 	if err != nil {
 		return nil, err
 	}
-	sshCfg := provision.SSHConfig{
-		User: cfg.SSH.User, Port: cfg.SSH.Port, Key: key.Bytes(), KnownHosts: cfg.SSH.KnownHosts,
-		AcceptNewHostKey: opts.AcceptNewHostKey, Sudo: cfg.SSH.Sudo,
-		ConnectTimeout: cfg.SSH.ConnectTimeout, CommandTimeout: cfg.SSH.CommandTimeout,
-	}
-
 	var results []NodeResult
 	var errs []error
 	for _, n := range nodes {
-		t0 := time.Now()
+		t0 := env.Clock.Now()
 		res := NodeResult{Node: n.Name}
-		err := provisionNode(ctx, cfg, n, resolver, sshCfg, &res)
-		res.Duration = time.Since(t0)
+		err := provisionNode(ctx, env, n, sshCfg, &res)
+		res.Duration = env.Clock.Now().Sub(t0)
 		if err != nil {
 			res.Err = fmt.Errorf("node %s: %w", n.Name, err)
 			errs = append(errs, res.Err)
@@ -83,8 +72,8 @@ func Provision(ctx context.Context, cfg *configs.Config, opts ProvisionOptions, 
 }
 
 // provisionNode runs the steps for one node: resolve → connect → prepare.
-func provisionNode(ctx context.Context, cfg *configs.Config, n configs.Node, r *provision.Resolver, sshCfg provision.SSHConfig, res *NodeResult) error {
-	loc, err := r.Resolve(ctx, provision.Target{Name: n.Name, Address: n.Address, VMID: n.VMID, VMName: n.VMName})
+func provisionNode(ctx context.Context, env *Env, n configs.Node, sshCfg provision.SSHConfig, res *NodeResult) error {
+	loc, err := env.resolve(ctx, n)
 	if err != nil {
 		return fmt.Errorf("resolve: %w", err)
 	}
@@ -95,12 +84,17 @@ func provisionNode(ctx context.Context, cfg *configs.Config, n configs.Node, r *
 	}
 	defer conn.Close()
 	res.PinnedHostKey = conn.PinnedKey
-	p, err := conn.Prepare(ctx, provision.Want{Path: cfg.NodeHostPath(n), UID: cfg.Vault.UID, GID: cfg.Vault.GID, Mode: uint32(cfg.Vault.DataMode)})
+	p, err := conn.Prepare(ctx, env.want(n))
 	if err != nil {
 		return fmt.Errorf("prepare: %w", err)
 	}
 	res.Prepared = &p
 	return nil
+}
+
+// want is the state node n's hostPath must have.
+func (e *Env) want(n configs.Node) provision.Want {
+	return provision.Want{Path: e.Config.NodeHostPath(n), UID: e.Config.Vault.UID, GID: e.Config.Vault.GID, Mode: uint32(e.Config.Vault.DataMode)}
 }
 
 func selectNodes(cfg *configs.Config, names []string) ([]configs.Node, error) {
@@ -122,33 +116,4 @@ func selectNodes(cfg *configs.Config, names []string) ([]configs.Node, error) {
 		out = append(out, n)
 	}
 	return out, nil
-}
-
-// newResolver builds the Proxmox resolver when a selected node is a VM; nil otherwise
-// (static addresses need no API).
-func newResolver(cfg *configs.Config, nodes []configs.Node, log *slog.Logger) (*provision.Resolver, error) {
-	needed := false
-	for _, n := range nodes {
-		needed = needed || n.VMID != 0 || n.VMName != ""
-	}
-	if !needed {
-		return nil, nil
-	}
-	return newResolverAlways(cfg, log)
-}
-
-// newResolverAlways builds the Proxmox API client from the configuration.
-func newResolverAlways(cfg *configs.Config, log *slog.Logger) (*provision.Resolver, error) {
-	secret, err := cfg.Proxmox.TokenSecret.Read()
-	if err != nil {
-		return nil, fmt.Errorf("proxmox.token_secret: %w", err)
-	}
-	if cfg.Proxmox.InsecureSkipVerify {
-		log.Warn("TLS verification of the Proxmox API is disabled (proxmox.insecure_skip_verify); set proxmox.ca_file instead", "url", cfg.Proxmox.URL)
-	}
-	return provision.NewResolver(provision.ProxmoxConfig{
-		URL: cfg.Proxmox.URL, TokenID: cfg.Proxmox.TokenID, TokenSecret: secret.Trimmed(),
-		CAFile: cfg.Proxmox.CAFile, InsecureSkipVerify: cfg.Proxmox.InsecureSkipVerify,
-		PreferCIDR: cfg.Proxmox.PreferCIDR, Timeout: cfg.Proxmox.Timeout,
-	})
 }

@@ -4,11 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"time"
 
-	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
 )
@@ -16,7 +14,7 @@ import (
 // Refusals of recover and restore, made before anything changes.
 var (
 	ErrUnknownKeyset = errors.New("the keyfile does not hold this snapshot's keys")
-	ErrNoSnapshot    = errors.New("no usable snapshot")
+	ErrOtherCluster  = errors.New("the pod holds another cluster's data")
 )
 
 // RecoverOptions choose the snapshot and what to do.
@@ -27,343 +25,434 @@ type RecoverOptions struct {
 	DryRun bool
 }
 
-// RecoverStep is one named step and what it found or did.
-type RecoverStep struct {
-	Name     string        `json:"name"`
-	Result   string        `json:"result"`
-	Duration time.Duration `json:"-"`
-	Seconds  float64       `json:"seconds"`
-}
-
 // RecoverReport is the plan and the steps taken.
 type RecoverReport struct {
 	Snapshot string             `json:"snapshot"`
 	Manifest *snapshot.Manifest `json:"manifest"`
-	Plan     []string           `json:"plan"`
-	Steps    []RecoverStep      `json:"steps"`
+	Plan     []PlanStep         `json:"plan"`
+	Opened   string             `json:"opened,omitempty"` // how the first pod was opened
+	Restored bool               `json:"restored"`         // the snapshot was written into an empty node
+	Steps    []StepResult       `json:"steps"`
 }
 
-// RecoverPlan is the fixed order of recover's steps.
-var RecoverPlan = []string{
-	"check the snapshot and that the keyfile holds its keys",
-	"provision the hostPath on every node",
-	"install the chart and wait for the pods",
-	"open the first pod (a throwaway init when its data is gone)",
-	"restore the snapshot (snapshot-force)",
-	"unseal with the snapshot's keys",
-	"join and unseal the other pods, remove stale Raft peers",
-	"verify every pod is unsealed and one is active",
+type recoverState struct {
+	env       *Env
+	opts      RecoverOptions
+	kf        *vault.Keyfile
+	pods      []vaultPod
+	first     vaultPod
+	throwaway *vault.Keyfile // its OperatorToken field holds the throwaway's root token
+	restored  bool           // the data is the snapshot's (or was never lost): no restore
+	rep       *RecoverReport
 }
+
+var recoverSteps = []step[recoverState]{
+	{"check", "check the snapshot offline and that the keyfile holds its keys", (*recoverState).check},
+	{"provision", "provision the hostPath on every node", (*recoverState).provision},
+	{"install", "install the chart and wait for the pods", (*recoverState).install},
+	{"open", "open the first pod: a throwaway init when its data is gone (resumes an interrupted recover)", (*recoverState).open},
+	{"restore", "restore the snapshot into it (snapshot-force, with the throwaway's own root token)", (*recoverState).restore},
+	{"unseal", "wait until the restore is applied, unseal with the snapshot's keys", (*recoverState).unseal},
+	{"followers", "join and unseal the other pods (wiping a removed node first), remove stale Raft peers", (*recoverState).followers},
+	{"tokens", "check the agent's tokens; replace any the snapshot brought back expired", (*recoverState).tokens},
+	{"verify", "verify every pod is unsealed and one is active", (*recoverState).verify},
+}
+
+// RecoverPlan is recover's plan, for printing.
+func RecoverPlan() []PlanStep { return planOf(recoverSteps) }
 
 // Recover brings Vault back after a node rebuild. Every step checks state first, so a
 // re-run after a failure or a kill continues where it stopped: a throwaway cluster's
-// keys are sealed next to the keyfile (".recover-throwaway") until the restore is done.
-// A snapshot whose keys the keyfile does not hold is refused before anything changes.
-func Recover(ctx context.Context, cfg *configs.Config, opts RecoverOptions, log *slog.Logger) (*RecoverReport, error) {
-	log = log.With("component", "recover")
-	rep := &RecoverReport{Plan: RecoverPlan}
-	s, err := sealer(cfg)
-	if err != nil {
-		return rep, err
+// keys are sealed next to the keyfile until the restore is done. A snapshot whose keys
+// the keyfile does not hold is refused before anything changes.
+func Recover(ctx context.Context, env *Env, opts RecoverOptions) (*RecoverReport, error) {
+	s := &recoverState{env: env, opts: opts, rep: &RecoverReport{Plan: RecoverPlan()}}
+	steps := recoverSteps
+	if opts.DryRun {
+		steps = steps[:1]
 	}
-	step := func(name string, f func() (string, error)) error {
-		t0 := time.Now()
-		log.Info("recover step started", "step", name)
-		res, err := f()
-		d := time.Since(t0)
-		rep.Steps = append(rep.Steps, RecoverStep{Name: name, Result: res, Duration: d, Seconds: d.Seconds()})
-		if err != nil {
-			return fmt.Errorf("recover step %q: %w", name, err)
-		}
-		log.Info("recover step done", "step", name, "result", res, "took", d.Round(time.Millisecond))
-		return nil
-	}
-
-	var kf *vault.Keyfile
-	if err := step("check", func() (string, error) {
-		path, m, err := chooseSnapshot(ctx, cfg, opts.Snapshot, log)
-		if err != nil {
-			return "", err
-		}
-		rep.Snapshot, rep.Manifest = path, m
-		if kf, err = vault.ReadKeyfile(ctx, cfg.Vault.Keyfile, s); err != nil {
-			return "", fmt.Errorf("keyfile: %w", err)
-		}
-		if fp := kf.Keyset.Fingerprint(); fp != m.KeysetFingerprint {
-			return "", fmt.Errorf("%w: snapshot %s was taken under keyset %s, the keyfile holds %s; use a snapshot of this keyset or the keyfile it belongs to (the offline recovery copy)", ErrUnknownKeyset, path, m.KeysetFingerprint, fp)
-		}
-		return fmt.Sprintf("%s (raft index %d, keyset %s)", path, m.RaftIndex, m.KeysetFingerprint), nil
-	}); err != nil || opts.DryRun {
-		return rep, err
-	}
-	if err := step("provision", func() (string, error) {
-		res, err := Provision(ctx, cfg, ProvisionOptions{}, log)
-		if err != nil {
-			return "", err
-		}
-		return fmt.Sprintf("%d node(s) ready", len(res)), nil
-	}); err != nil {
-		return rep, err
-	}
-	if err := step("install", func() (string, error) {
-		r, err := Install(ctx, cfg, InstallOptions{}, log)
-		if err != nil {
-			return "", err
-		}
-		return fmt.Sprintf("release %s revision %d, %d pod(s) running", r.Action, r.Revision, len(r.Pods)), nil
-	}); err != nil {
-		return rep, err
-	}
-	acc, err := newPodAccess(ctx, cfg, log)
-	if err != nil {
-		return rep, err
-	}
-	defer acc.Close()
-	pods, err := acc.Pods(ctx)
-	if err != nil {
-		return rep, err
-	}
-	if len(pods) == 0 {
-		return rep, errors.New("no running vault pod after install")
-	}
-	first := pods[0]
-	throwawayPath := cfg.Vault.Keyfile + ".recover-throwaway"
-	var throwaway *vault.Keyfile
-	restored := false
-	if err := step("open", func() (string, error) {
-		if alive, who := clusterAlive(ctx, pods, kf, log); alive {
-			restored = true
-			return "the cluster opens with the keyfile (" + who + "): no restore needed", nil
-		}
-		if vault.KeyfileExists(throwawayPath) {
-			if throwaway, err = vault.ReadKeyfile(ctx, throwawayPath, s); err != nil {
-				return "", fmt.Errorf("throwaway keys of an interrupted recover: %w", err)
-			}
-			if _, err := first.API.Unseal(ctx, throwaway.Keyset, log); err != nil {
-				if !errors.Is(err, vault.ErrWrongKeys) {
-					return "", err
-				}
-				// The restore went through before the interruption: the data, and so the
-				// keyring, are the snapshot's now.
-				if err := unsealAfterRestore(ctx, first, kf, log); err != nil {
-					return "", err
-				}
-				restored = true
-				_ = os.Remove(throwawayPath)
-				return "the interrupted recover had restored the snapshot already", nil
-			}
-			if _, err := waitActive(ctx, first.API, 60*time.Second); err != nil {
-				return "", err
-			}
-			return "resumed the throwaway cluster of an interrupted recover", nil
-		}
-		st, err := first.API.SealStatus(ctx)
-		if err != nil {
-			return "", err
-		}
-		if st.Initialized {
-			return "", fmt.Errorf("%s is initialised but opens neither with the keyfile nor with throwaway keys: it is not this cluster; recover will not overwrite it", first.Name)
-		}
-		// The same shares/threshold as the keyfile: after snapshot-force Vault keeps the
-		// running seal configuration until it restarts, so the snapshot's keys must fit it.
-		res, err := first.API.Init(ctx, len(kf.Keyset.Keys), kf.Keyset.Threshold)
-		if err != nil {
-			return "", err
-		}
-		throwaway = &vault.Keyfile{Keyset: res.Keyset, Created: time.Now().UTC()}
-		if err := vault.WriteKeyfile(ctx, throwawayPath, throwaway, s, true); err != nil {
-			return "", fmt.Errorf("store the throwaway keys: %w", err)
-		}
-		if _, err := first.API.Unseal(ctx, throwaway.Keyset, log); err != nil {
-			return "", err
-		}
-		if _, err := waitActive(ctx, first.API, 60*time.Second); err != nil {
-			return "", err
-		}
-		_ = first.API.RevokeSelf(ctx, res.RootToken)
-		return "initialised a throwaway cluster on " + first.Name, nil
-	}); err != nil {
-		return rep, err
-	}
-	if err := step("restore", func() (string, error) {
-		if restored {
-			return "skipped: already restored", nil
-		}
-		root, err := first.API.GenerateRoot(ctx, throwaway.Keyset)
-		if err != nil {
-			return "", err
-		}
-		f, err := os.Open(rep.Snapshot)
-		if err != nil {
-			return "", err
-		}
-		defer f.Close()
-		if err := first.API.RestoreSnapshot(ctx, root, f, true); err != nil {
-			return "", err
-		}
-		return fmt.Sprintf("restored %s into %s", rep.Snapshot, first.Name), nil
-	}); err != nil {
-		return rep, err
-	}
-	if err := step("unseal", func() (string, error) {
-		if restored {
-			return "skipped: already open", nil
-		}
-		if err := unsealAfterRestore(ctx, first, kf, log); err != nil {
-			return "", err
-		}
-		if _, err := waitActive(ctx, first.API, 60*time.Second); err != nil {
-			return "", err
-		}
-		if err := os.Remove(throwawayPath); err != nil && !errors.Is(err, os.ErrNotExist) {
-			return "", err
-		}
-		return first.Name + " unsealed with the snapshot's keys", nil
-	}); err != nil {
-		return rep, err
-	}
-	if err := step("followers", func() (string, error) {
-		return joinFollowers(ctx, pods, kf, log)
-	}); err != nil {
-		return rep, err
-	}
-	err = step("verify", func() (string, error) {
-		if _, _, err := findActive(ctx, acc.Pods); err != nil {
-			return "", err
-		}
-		for _, p := range pods {
-			st, err := p.API.SealStatus(ctx)
-			if err != nil || st.Sealed {
-				return "", fmt.Errorf("%s still sealed (%v)", p.Name, err)
-			}
-		}
-		return fmt.Sprintf("%d pod(s) unsealed, one active", len(pods)), nil
-	})
-	return rep, err
+	return s.rep, runSteps(ctx, env, "recover", steps, s, &s.rep.Steps)
 }
 
-// chooseSnapshot is the given file or the newest verified one, checked offline, with
-// its manifest.
-func chooseSnapshot(ctx context.Context, cfg *configs.Config, file string, log *slog.Logger) (string, *snapshot.Manifest, error) {
-	if file == "" {
-		_, es, err := Snapshots(ctx, cfg, log)
-		if err != nil {
-			return "", nil, err
-		}
-		for i := len(es) - 1; i >= 0; i-- {
-			if es[i].Verified {
-				file = es[i].Path
-				break
-			}
-		}
-		if file == "" {
-			return "", nil, fmt.Errorf("%w in %s: give one with --snapshot", ErrNoSnapshot, cfg.Snapshots.Dir)
+func (s *recoverState) throwawayPath() string { return s.env.Config.Vault.Keyfile + ".recover-throwaway" }
+func (s *recoverState) pendingPath() string   { return s.throwawayPath() + ".pending" }
+
+// removeThrowaway deletes the throwaway files: in every branch that no longer needs them.
+func (s *recoverState) removeThrowaway() error {
+	for _, p := range []string{s.throwawayPath(), s.pendingPath()} {
+		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return err
 		}
 	}
-	if _, err := snapshot.CheckFile(file); err != nil {
-		return "", nil, fmt.Errorf("%w: %v", ErrNoSnapshot, err)
-	}
-	m, err := snapshot.ReadManifest(file)
-	if err != nil {
-		return "", nil, fmt.Errorf("%w: %s has no readable manifest (%v): the agent cannot tell which keys it needs", ErrNoSnapshot, file, err)
-	}
-	return file, m, nil
+	return nil
 }
 
-// clusterAlive reports whether some pod opens with the keyfile (unsealed already, or
-// unsealed now): then the cluster's data exists and no restore is needed.
-func clusterAlive(ctx context.Context, pods []vaultPod, kf *vault.Keyfile, log *slog.Logger) (bool, string) {
-	for _, p := range pods {
+func (s *recoverState) check(ctx context.Context) (string, error) {
+	path, m, err := chooseSnapshot(ctx, s.env, s.opts.Snapshot)
+	if err != nil {
+		return "", err
+	}
+	s.rep.Snapshot, s.rep.Manifest = path, m
+	if s.kf, err = s.env.Keyfile.Read(ctx); err != nil {
+		return "", err
+	}
+	if fp := s.kf.Keyset.Fingerprint(); fp != m.KeysetFingerprint {
+		return "", withHint(fmt.Errorf("%w: snapshot %s was taken under keyset %s, the keyfile holds %s", ErrUnknownKeyset, path, m.KeysetFingerprint, fp),
+			"use a snapshot of this keyset, or the keyfile it belongs to (the offline recovery copy)")
+	}
+	if age := s.env.Clock.Now().Sub(m.Created); age > s.env.Config.Vault.TokenPeriod {
+		s.env.Log.Warn("the snapshot is older than the agent tokens' period: the tokens it brings back are expired; Vault will be restored and unsealed, but minting new tokens under Vault 2.x needs a valid token (see token rotate --auth-token-file)",
+			"age", age.Round(time.Hour), "token_period", s.env.Config.Vault.TokenPeriod)
+	}
+	return fmt.Sprintf("%s (raft index %d, keyset %s)", path, m.RaftIndex, m.KeysetFingerprint), nil
+}
+
+func (s *recoverState) provision(ctx context.Context) (string, error) {
+	res, err := Provision(ctx, s.env, ProvisionOptions{})
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%d node(s) ready", len(res)), nil
+}
+
+func (s *recoverState) install(ctx context.Context) (string, error) {
+	r, err := Install(ctx, s.env, InstallOptions{NoSnapshot: true})
+	if err != nil {
+		return "", err
+	}
+	if s.pods, err = s.env.openPods(ctx); err != nil {
+		return "", err
+	}
+	s.first = s.pods[0]
+	return fmt.Sprintf("release %s revision %d, %d pod(s) running", r.Action, r.Revision, len(s.pods)), nil
+}
+
+// facts reads what decideOpen needs.
+func (s *recoverState) facts(ctx context.Context) (openFacts, error) {
+	f := openFacts{KeyfileCluster: s.kf.ClusterID}
+	st, err := s.first.API.SealStatus(ctx)
+	if err != nil {
+		return f, err
+	}
+	f.Initialized, f.Sealed, f.ClusterID = st.Initialized, st.Sealed, st.ClusterID
+	for _, p := range s.pods {
+		if h, err := p.API.Health(ctx); err == nil && h.Initialized && !h.Sealed && h.ClusterID != "" && h.ClusterID == s.kf.ClusterID {
+			f.OursOpen = true
+		}
+	}
+	if vault.KeyfileExists(s.throwawayPath()) {
+		sealer, err := s.env.Keyfile.Sealer()
+		if err != nil {
+			return f, err
+		}
+		if s.throwaway, err = vault.ReadKeyfile(ctx, s.throwawayPath(), sealer); err != nil {
+			return f, fmt.Errorf("throwaway keys of an interrupted recover: %w", err)
+		}
+		f.Throwaway, f.ThrowawayCluster = true, s.throwaway.ClusterID
+	}
+	_, err = os.Stat(s.pendingPath())
+	f.PendingInit = err == nil
+	return f, nil
+}
+
+func (s *recoverState) open(ctx context.Context) (string, error) {
+	f, err := s.facts(ctx)
+	if err != nil {
+		return "", err
+	}
+	action, why := decideOpen(f)
+	s.rep.Opened = string(action)
+	s.env.Log.Info("recover: opening the first pod", "pod", s.first.Name, "action", action, "why", why)
+	switch action {
+	case openOurs:
+		s.restored = true
+		return why, s.removeThrowaway()
+	case openRefuse:
+		return "", withHint(fmt.Errorf("%w: %s: %s", ErrOtherCluster, s.first.Name, why), "recover will not overwrite it; point the configuration at the right node, or empty that node's data yourself")
+	case openUnsealOurs:
+		if err := s.env.unsealPod(ctx, s.first, s.kf.Keyset, s.env.Waits.Join); err != nil {
+			if errors.Is(err, vault.ErrWrongKeys) {
+				return "", withHint(fmt.Errorf("%w: %s is initialised and opens neither with the keyfile nor with throwaway keys", ErrOtherCluster, s.first.Name), "recover will not overwrite it")
+			}
+			return "", err
+		}
+		s.restored = true
+		return "unsealed with the keyfile: the cluster's data is there, no restore needed", s.removeThrowaway()
+	case openUnsealThrowaway:
+		err := s.env.unsealPod(ctx, s.first, s.throwaway.Keyset, s.env.Waits.Join)
+		if errors.Is(err, vault.ErrWrongKeys) {
+			// The restore went through before the interruption: the data, and so the
+			// keyring, are the snapshot's now. The unseal step opens it.
+			s.restored = true
+			s.rep.Restored = true
+			return "the interrupted recover had restored the snapshot already", nil
+		}
+		if err != nil {
+			return "", err
+		}
+		if _, err := s.env.waitActive(ctx, s.first.API); err != nil {
+			return "", err
+		}
+		return "resumed the throwaway cluster of an interrupted recover", nil
+	case openResume:
+		return why, nil
+	case openWipeLost:
+		if err := s.wipeAndRestart(ctx, s.first); err != nil {
+			return "", err
+		}
+		if err := os.Remove(s.pendingPath()); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return "", err
+		}
+		fallthrough
+	case openThrowawayInit:
+		if err := s.removeThrowaway(); err != nil {
+			return "", err
+		}
+		return s.throwawayInit(ctx)
+	}
+	return "", fmt.Errorf("recover: unknown action %s", action)
+}
+
+// throwawayInit initialises the empty first pod with throwaway keys (the same shares and
+// threshold as the keyfile: after snapshot-force Vault keeps the running seal
+// configuration until it restarts, so the snapshot's keys must fit it). Init and the
+// write of its keys run under a context an interruption does not cancel; a pending
+// marker written before lets a re-run recognise the one case a kill -9 leaves.
+func (s *recoverState) throwawayInit(ctx context.Context) (string, error) {
+	if err := os.WriteFile(s.pendingPath(), []byte(s.first.Name+" "+s.first.UID+"\n"), 0o600); err != nil {
+		return "", err
+	}
+	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
+	defer cancel()
+	res, err := s.first.API.Init(uctx, len(s.kf.Keyset.Keys), s.kf.Keyset.Threshold)
+	if err != nil {
+		return "", err
+	}
+	s.throwaway = &vault.Keyfile{Keyset: res.Keyset, OperatorToken: res.RootToken, Created: s.env.Clock.Now().UTC()}
+	sealer, err := s.env.Keyfile.Sealer()
+	if err == nil {
+		err = vault.WriteKeyfile(uctx, s.throwawayPath(), s.throwaway, sealer, true)
+	}
+	if err != nil {
+		return "", fmt.Errorf("store the throwaway keys: %w", err)
+	}
+	if err := os.Remove(s.pendingPath()); err != nil {
+		return "", err
+	}
+	if err := s.env.unsealPod(ctx, s.first, s.throwaway.Keyset, s.env.Waits.Join); err != nil {
+		return "", err
+	}
+	h, err := s.env.waitActive(ctx, s.first.API)
+	if err != nil {
+		return "", err
+	}
+	s.throwaway.ClusterID = h.ClusterID
+	if err := vault.WriteKeyfile(ctx, s.throwawayPath(), s.throwaway, sealer, false); err != nil {
+		return "", fmt.Errorf("record the throwaway cluster: %w", err)
+	}
+	return "initialised a throwaway cluster on " + s.first.Name, nil
+}
+
+func (s *recoverState) restore(ctx context.Context) (string, error) {
+	if s.restored {
+		return "skipped: already restored", nil
+	}
+	f, err := os.Open(s.rep.Snapshot)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	if err := s.first.API.RestoreSnapshot(ctx, s.throwaway.OperatorToken, f, true, s.env.Config.Snapshots.IdleTimeout); err != nil {
+		return "", err
+	}
+	s.rep.Restored = true
+	return fmt.Sprintf("uploaded %s into %s", s.rep.Snapshot, s.first.Name), nil
+}
+
+// unseal waits until the restore has been applied (Vault 2.x applies it after the upload
+// returns; a forced restore then seals Vault) and unseals with the keyfile: done when
+// the pod is active with the snapshot's cluster id.
+func (s *recoverState) unseal(ctx context.Context) (string, error) {
+	want := s.rep.Manifest.ClusterID
+	if want == "" {
+		want = s.kf.ClusterID
+	}
+	if s.restored && !s.rep.Restored {
+		return "skipped: already open", nil
+	}
+	err := awaitRestored(ctx, s.env, s.first, s.kf, want, s.throwawayCluster())
+	if err != nil {
+		return "", err
+	}
+	if err := s.removeThrowaway(); err != nil {
+		return "", err
+	}
+	return s.first.Name + " unsealed with the snapshot's keys, cluster " + want, nil
+}
+
+func (s *recoverState) throwawayCluster() string {
+	if s.throwaway == nil {
+		return ""
+	}
+	return s.throwaway.ClusterID
+}
+
+// awaitRestored waits until p serves the restored data: sealed by the forced restore and
+// unsealed with the keyfile, or already unsealed (by the daemon) with the snapshot's
+// cluster id. While it still answers as the old cluster, the restore is not applied yet.
+func awaitRestored(ctx context.Context, env *Env, p vaultPod, kf *vault.Keyfile, wantCluster, oldCluster string) error {
+	return poll(ctx, env.Clock, env.Waits.Poll, env.Waits.Restore, p.Name+" to serve the restored snapshot", func(ctx context.Context) error {
 		st, err := p.API.SealStatus(ctx)
-		if err != nil || !st.Initialized {
-			continue
+		if err != nil {
+			return err
 		}
 		if st.Sealed {
-			if res, err := p.API.Unseal(ctx, kf.Keyset, log); err == nil && !res.Sealed {
-				return true, p.Name
+			res, err := p.API.Unseal(ctx, kf.Keyset, env.Log)
+			if err != nil {
+				// Right after a restore Vault may still report the throwaway cluster's
+				// seal configuration: keep trying until the restored one shows.
+				return err
 			}
-			continue
+			if res.Sealed {
+				return errNotYet
+			}
 		}
-		// Unsealed: it is ours if our keys can generate a root token on it.
-		if root, err := p.API.GenerateRoot(ctx, kf.Keyset); err == nil {
-			_ = p.API.RevokeSelf(ctx, root)
-			return true, p.Name
+		h, err := p.API.Health(ctx)
+		switch {
+		case err != nil:
+			return err
+		case h.Sealed:
+			return errNotYet
+		case h.ClusterID != "" && h.ClusterID == oldCluster && oldCluster != wantCluster:
+			return fmt.Errorf("still the old cluster %s: the restore is not applied yet", oldCluster)
+		case wantCluster != "" && h.ClusterID != wantCluster:
+			return fmt.Errorf("cluster %s, want %s", h.ClusterID, wantCluster)
+		case !h.Active:
+			return errors.New("unsealed, not active yet")
 		}
-	}
-	return false, ""
+		return nil
+	})
 }
 
-// unsealAfterRestore waits for the seal that follows snapshot-force and unseals.
-func unsealAfterRestore(ctx context.Context, p vaultPod, kf *vault.Keyfile, log *slog.Logger) error {
-	deadline := time.Now().Add(60 * time.Second)
-	for {
-		res, err := p.API.Unseal(ctx, kf.Keyset, log)
-		if err == nil && !res.Sealed {
-			if res.WasSealed {
-				return nil
-			}
-			// Open already: by the daemon with the snapshot's keys (done), or still with
-			// the throwaway keyring because the restore has not sealed it yet (wait).
-			if root, gerr := p.API.GenerateRoot(ctx, kf.Keyset); gerr == nil {
-				_ = p.API.RevokeSelf(ctx, root)
-				return nil
-			}
-		}
-		// Right after a restore Vault may still report the throwaway cluster's seal
-		// configuration (one share): keep trying until the restored one shows.
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%s did not seal and reopen with the snapshot's keys within 60s (last: %v)", p.Name, err)
-		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-time.After(250 * time.Millisecond):
-		}
-	}
-}
-
-// joinFollowers unseals the other pods (they join through retry_join) and removes Raft
-// peers that no running pod answers for.
-func joinFollowers(ctx context.Context, pods []vaultPod, kf *vault.Keyfile, log *slog.Logger) (string, error) {
-	if len(pods) == 1 {
+func (s *recoverState) followers(ctx context.Context) (string, error) {
+	if len(s.pods) == 1 {
 		return "single node: nothing to join", nil
 	}
-	// Every pod that is not open yet joins (the rebuilt one among them when the rest of
-	// the cluster survived).
-	for _, p := range pods {
-		if st, err := p.API.SealStatus(ctx); err == nil && st.Initialized && !st.Sealed {
+	env := s.env
+	wiped := 0
+	for _, p := range s.pods {
+		st, err := p.API.SealStatus(ctx)
+		if err == nil && st.Initialized && !st.Sealed {
 			continue
 		}
-		if err := unsealFollower(ctx, p, kf.Keyset, log); err != nil {
-			return "", err
+		if err == nil && st.Removed {
+			// Vault 1.19+: a node removed from the Raft configuration refuses to rejoin
+			// while it holds data. Empty it and let a fresh pod join.
+			if err := s.wipeAndRestart(ctx, p); err != nil {
+				return "", err
+			}
+			wiped++
+			if p, err = env.podNamed(ctx, p.Name, ""); err != nil {
+				return "", err
+			}
+		}
+		if err := env.unsealPod(ctx, p, s.kf.Keyset, env.Waits.Join); err != nil {
+			return "", fmt.Errorf("unseal follower %s: %w", p.Name, err)
 		}
 	}
-	leader, _, err := findActive(ctx, func(context.Context) ([]vaultPod, error) { return pods, nil })
+	leader, _, err := findActive(ctx, env)
 	if err != nil {
 		return "", err
 	}
-	root, err := leader.API.GenerateRoot(ctx, kf.Keyset)
+	op, _, err := validOperatorToken(ctx, leader, s.kf)
 	if err != nil {
 		return "", err
 	}
-	defer leader.API.RevokeSelf(ctx, root)
-	peers, err := leader.API.RaftPeers(ctx, root)
+	peers, err := leader.API.RaftPeers(ctx, op)
 	if err != nil {
 		return "", err
 	}
 	live := map[string]bool{}
-	for _, p := range pods {
+	for _, p := range s.pods {
 		live[p.Name] = true
 	}
 	removed := 0
 	for _, peer := range peers {
 		if !live[peer.NodeID] {
-			if err := leader.API.RemovePeer(ctx, root, peer.NodeID); err != nil {
+			if err := leader.API.RemovePeer(ctx, op, peer.NodeID); err != nil {
 				return "", err
 			}
-			log.Info("removed a stale raft peer", "node_id", peer.NodeID, "address", peer.Address)
+			env.Log.Info("removed a stale raft peer", "node_id", peer.NodeID, "address", peer.Address)
 			removed++
 		}
 	}
-	return fmt.Sprintf("%d follower(s) unsealed, %d stale peer(s) removed", len(pods)-1, removed), nil
+	return fmt.Sprintf("%d follower(s) unsealed, %d wiped before rejoining, %d stale peer(s) removed", len(s.pods)-1, wiped, removed), nil
+}
+
+// wipeAndRestart empties a pod's data directory on its node and deletes the pod, so a
+// fresh one starts on the empty directory.
+func (s *recoverState) wipeAndRestart(ctx context.Context, p vaultPod) error {
+	env := s.env
+	n, ok := env.node(p.Node)
+	if !ok {
+		return fmt.Errorf("pod %s runs on node %s, which is not configured", p.Name, p.Node)
+	}
+	conn, _, err := env.dial(ctx, n)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	cl, err := env.Cluster(ctx)
+	if err != nil {
+		return err
+	}
+	if err := cl.DeletePod(ctx, p.Pod); err != nil {
+		return err
+	}
+	if err := conn.Wipe(ctx, env.Config.NodeHostPath(n)); err != nil {
+		return err
+	}
+	env.Log.Warn("wiped a node's Vault data so it can rejoin", "pod", p.Name, "node", p.Node)
+	np, err := cl.WaitReplaced(ctx, env.Config.Chart.Release, p.Pod, env.Config.Chart.Timeout)
+	if err != nil {
+		return err
+	}
+	fresh, err := env.podNamed(ctx, np.Name, np.UID)
+	if err != nil {
+		return err
+	}
+	for i := range s.pods {
+		if s.pods[i].Name == fresh.Name {
+			s.pods[i] = fresh
+		}
+	}
+	if s.first.Name == fresh.Name {
+		s.first = fresh
+	}
+	return nil
+}
+
+func (s *recoverState) tokens(ctx context.Context) (string, error) {
+	leader, _, err := findActive(ctx, s.env)
+	if err != nil {
+		return "", err
+	}
+	return ensureTokens(ctx, s.env, leader, s.kf)
+}
+
+func (s *recoverState) verify(ctx context.Context) (string, error) {
+	if _, _, err := findActive(ctx, s.env); err != nil {
+		return "", err
+	}
+	pods, err := s.env.openPods(ctx)
+	if err != nil {
+		return "", err
+	}
+	for _, p := range pods {
+		st, err := p.API.SealStatus(ctx)
+		if err != nil || st.Sealed {
+			return "", fmt.Errorf("%s still sealed (%v)", p.Name, err)
+		}
+	}
+	return fmt.Sprintf("%d pod(s) unsealed, one active", len(pods)), nil
 }

@@ -2,153 +2,94 @@ package agent
 
 import (
 	"context"
-	"fmt"
-	"strconv"
-	"strings"
 	"time"
+
+	"github.com/pve-vault-agent/pve-vault-agent/configs"
+	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
 )
 
-// Schedule says when the next backup is due.
-type Schedule interface {
-	Next(after time.Time) time.Time
+// NextRun is when the next scheduled run is due, anchored to the newest verified
+// snapshot on disk (or drill): the first slot after it. A slot already past (the host
+// was suspended, the agent down or restarted) is due now, so restarts never postpone a
+// backup and a missed one runs at once.
+func NextRun(s configs.Schedule, newest, now time.Time) time.Time {
+	if newest.IsZero() {
+		return now
+	}
+	next := s.Next(newest)
+	if next.IsZero() || next.Before(now) {
+		return now
+	}
+	return next
 }
 
-// ParseSchedule reads snapshots.schedule: an interval ("6h") or a five-field cron
-// expression ("0 3 * * *": minute hour day-of-month month day-of-week, in UTC, with *,
-// lists, ranges and steps).
-func ParseSchedule(s string) (Schedule, error) {
-	if d, err := time.ParseDuration(s); err == nil {
-		if d < time.Minute {
-			return nil, fmt.Errorf("schedule %q: shorter than a minute", s)
-		}
-		return interval(d), nil
-	}
-	f := strings.Fields(s)
-	if len(f) != 5 {
-		return nil, fmt.Errorf("schedule %q: neither an interval nor a five-field cron expression", s)
-	}
-	var c cron
-	var err error
-	bounds := [5][2]int{{0, 59}, {0, 23}, {1, 31}, {1, 12}, {0, 7}}
-	for i, dst := range []*[]bool{&c.min, &c.hour, &c.dom, &c.month, &c.dow} {
-		if *dst, err = cronField(f[i], bounds[i][0], bounds[i][1]); err != nil {
-			return nil, fmt.Errorf("schedule %q field %d: %w", s, i+1, err)
+// newestVerified is the newest verified snapshot of es (sorted oldest first).
+func newestVerified(es []snapshot.Entry) (snapshot.Entry, bool) {
+	for i := len(es) - 1; i >= 0; i-- {
+		if es[i].Verified {
+			return es[i], true
 		}
 	}
-	if c.dow[7] {
-		c.dow[0] = true // 7 is Sunday too
-	}
-	c.domAny, c.dowAny = f[2] == "*", f[4] == "*"
-	return c, nil
+	return snapshot.Entry{}, false
 }
 
-type interval time.Duration
-
-func (i interval) Next(after time.Time) time.Time { return after.Add(time.Duration(i)) }
-
-type cron struct {
-	min, hour, dom, month, dow []bool
-	domAny, dowAny             bool
-}
-
-// Next returns the first minute after `after` that matches, in UTC.
-func (c cron) Next(after time.Time) time.Time {
-	t := after.UTC().Truncate(time.Minute).Add(time.Minute)
-	limit := t.AddDate(5, 0, 0)
-	for t.Before(limit) {
-		switch {
-		case !c.month[int(t.Month())]:
-			t = time.Date(t.Year(), t.Month()+1, 1, 0, 0, 0, 0, time.UTC)
-		case !c.dayMatches(t):
-			t = time.Date(t.Year(), t.Month(), t.Day()+1, 0, 0, 0, 0, time.UTC)
-		case !c.hour[t.Hour()]:
-			t = time.Date(t.Year(), t.Month(), t.Day(), t.Hour()+1, 0, 0, 0, time.UTC)
-		case !c.min[t.Minute()]:
-			t = t.Add(time.Minute)
-		default:
-			return t
-		}
+// retryBackoff is the wait before retrying a failed scheduled run: a quarter of the
+// schedule's period (at least a second, at most a minute), doubling to 15 minutes.
+func retryBackoff(s configs.Schedule, now time.Time, prev time.Duration) time.Duration {
+	if prev > 0 {
+		return min(2*prev, 15*time.Minute)
 	}
-	return limit // an impossible date such as 30 February
+	period := s.Next(s.Next(now)).Sub(s.Next(now))
+	return min(max(period/4, time.Second), time.Minute)
 }
 
-// dayMatches follows cron: when both day fields are restricted, either may match.
-func (c cron) dayMatches(t time.Time) bool {
-	dom, dow := c.dom[t.Day()], c.dow[int(t.Weekday())]
-	switch {
-	case c.domAny && c.dowAny:
-		return true
-	case c.domAny:
-		return dow
-	case c.dowAny:
-		return dom
+// runBackups is the daemon's backup schedule: it sleeps until NextRun, takes a backup,
+// and computes the next due time from the disk again.
+func (d *daemon) runBackups(ctx context.Context, env *Env) {
+	sched, err := configs.ParseSchedule(env.Config.Snapshots.Schedule)
+	if err != nil {
+		d.log.Error("backup schedule unusable", "err", err) // validated at load: not expected
+		return
 	}
-	return dom || dow
-}
-
-func cronField(s string, lo, hi int) ([]bool, error) {
-	set := make([]bool, hi+1)
-	for _, part := range strings.Split(s, ",") {
-		rng, step := part, 1
-		if i := strings.IndexByte(part, '/'); i >= 0 {
-			n, err := strconv.Atoi(part[i+1:])
-			if err != nil || n < 1 {
-				return nil, fmt.Errorf("bad step in %q", part)
-			}
-			rng, step = part[:i], n
-		}
-		from, to := lo, hi
-		if rng != "*" {
-			a, b, isRange := strings.Cut(rng, "-")
-			var err error
-			if from, err = strconv.Atoi(a); err != nil {
-				return nil, fmt.Errorf("bad value %q", part)
-			}
-			to = from
-			if isRange {
-				if to, err = strconv.Atoi(b); err != nil {
-					return nil, fmt.Errorf("bad range %q", part)
-				}
-			} else if step > 1 {
-				to = hi
-			}
-		}
-		if from < lo || to > hi || from > to {
-			return nil, fmt.Errorf("%q is outside %d-%d", part, lo, hi)
-		}
-		for v := from; v <= to; v += step {
-			set[v] = true
-		}
-	}
-	return set, nil
-}
-
-// Clock is time as the scheduler sees it; tests inject a fake one.
-type Clock interface {
-	Now() time.Time
-	After(d time.Duration) <-chan time.Time
-}
-
-type realClock struct{}
-
-func (realClock) Now() time.Time                         { return time.Now() }
-func (realClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
-
-// runSchedule calls job at every time the schedule gives, until ctx ends. A job that
-// overruns its next slot makes the scheduler skip to the following one (no pile-up).
-func runSchedule(ctx context.Context, clock Clock, s Schedule, job func(ctx context.Context, due time.Time)) {
-	next := s.Next(clock.Now())
+	clock := env.Clock
+	var backoff time.Duration
+	var failedAt time.Time
 	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-clock.After(max(0, next.Sub(clock.Now()))):
+		var newest time.Time
+		if _, es, err := Snapshots(ctx, env); err != nil {
+			d.log.Warn("list snapshots for the schedule", "err", err)
+		} else if e, ok := newestVerified(es); ok {
+			newest = e.Time
 		}
-		job(ctx, next)
 		now := clock.Now()
-		next = s.Next(next)
-		for !next.After(now) {
-			next = s.Next(next)
+		due := NextRun(sched, newest, now)
+		if backoff > 0 && failedAt.Add(backoff).After(due) {
+			due = failedAt.Add(backoff)
+		}
+		d.metrics.backupNext.Set(float64(due.Unix()))
+		if sleep(ctx, clock, due.Sub(now)) != nil {
+			return
+		}
+		t0 := clock.Now()
+		rep, err := BackupNow(ctx, env, BackupOptions{})
+		d.metrics.backupDuration.Set(clock.Now().Sub(t0).Seconds())
+		if ctx.Err() != nil {
+			return
+		}
+		if rep == nil {
+			backoff, failedAt = retryBackoff(sched, clock.Now(), backoff), clock.Now()
+			d.metrics.backupFailures.Inc()
+			d.log.Error("scheduled backup failed; retrying", "due", due, "retry_in", backoff, "err", err)
+			continue
+		}
+		backoff = 0
+		d.metrics.backupLastSuccess.Set(float64(rep.Snapshot.Time.Unix()))
+		d.metrics.backupLastSize.Set(float64(rep.Snapshot.Size))
+		if rep.Token != nil {
+			d.metrics.tokenTTL.WithLabelValues("snapshot").Set(rep.Token.TTLSeconds)
+		}
+		if err != nil {
+			d.log.Warn("backup stored; retention failed", "err", err)
 		}
 	}
 }

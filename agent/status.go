@@ -3,12 +3,10 @@ package agent
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"time"
 
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/k8s"
-	"github.com/pve-vault-agent/pve-vault-agent/provision"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
 
@@ -18,9 +16,12 @@ type Status struct {
 	Nodes        []NodeStatus     `json:"nodes"`
 	Release      *k8s.ReleaseInfo `json:"release,omitempty"`
 	Pods         []PodStatus      `json:"pods"`
+	Rejected     []k8s.Rejected   `json:"rejected_pods,omitempty"`
 	Keyfile      *vault.Meta      `json:"keyfile,omitempty"`
+	Tokens       []TokenStatus    `json:"tokens,omitempty"`
 	LastSnapshot *SnapshotStatus  `json:"last_snapshot,omitempty"`
-	NextBackup   time.Time        `json:"next_backup"`
+	NextBackup   time.Time        `json:"next_backup,omitzero"`
+	Warnings     []string         `json:"warnings"`
 	Attention    []string         `json:"attention"`
 }
 
@@ -41,6 +42,7 @@ type PodStatus struct {
 	Initialized bool   `json:"initialized"`
 	Sealed      bool   `json:"sealed"`
 	Active      bool   `json:"active"`
+	Health      int    `json:"health_code,omitempty"`
 	Version     string `json:"version,omitempty"`
 }
 
@@ -54,45 +56,34 @@ type SnapshotStatus struct {
 
 // GetStatus gathers the status; a part that cannot be read becomes an attention line,
 // never an abort.
-func GetStatus(ctx context.Context, cfg *configs.Config, now time.Time, log *slog.Logger) *Status {
-	st := &Status{Attention: []string{}, Pods: []PodStatus{}}
+func GetStatus(ctx context.Context, env *Env) *Status {
+	cfg, now := env.Config, env.Clock.Now()
+	st := &Status{Attention: []string{}, Warnings: []string{}, Pods: []PodStatus{}}
 	attn := func(format string, a ...any) { st.Attention = append(st.Attention, fmt.Sprintf(format, a...)) }
+	if cfg.Vault.TLSCAFile == "" {
+		st.Warnings = append(st.Warnings, tlsOffWarning)
+	}
+	writable, _ := UnitWritable(ctx)
+	st.Warnings = append(st.Warnings, WritablePathWarnings(cfg, writable, "")...)
 
 	// Nodes: VM state and address, hostPath owner and mode over SSH.
-	resolver, err := newResolver(cfg, cfg.Nodes, log)
-	if err != nil {
-		attn("proxmox: %v", err)
-	}
-	var sshCfg provision.SSHConfig
-	if key, err := cfg.SSH.Identity.Read(); err != nil {
-		attn("ssh.identity: %v", err)
-	} else {
-		sshCfg = provision.SSHConfig{User: cfg.SSH.User, Port: cfg.SSH.Port, Key: key.Bytes(), KnownHosts: cfg.SSH.KnownHosts, Sudo: cfg.SSH.Sudo,
-			ConnectTimeout: cfg.SSH.ConnectTimeout, CommandTimeout: cfg.SSH.CommandTimeout}
-	}
 	for _, n := range cfg.Nodes {
 		ns := NodeStatus{Name: n.Name, HostPath: cfg.NodeHostPath(n)}
-		loc, err := resolver.Resolve(ctx, provision.Target{Name: n.Name, Address: n.Address, VMID: n.VMID, VMName: n.VMName})
+		conn, loc, err := env.dial(ctx, n)
+		ns.Address, ns.VMStatus = loc.Address, loc.Status
 		if err != nil {
 			attn("%v", err)
 			st.Nodes = append(st.Nodes, ns)
 			continue
 		}
-		ns.Address, ns.VMStatus = loc.Address, loc.Status
-		if sshCfg.Key != nil {
-			if c, err := provision.Dial(ctx, loc.Address, sshCfg); err != nil {
-				attn("node %s: %v", n.Name, err)
-			} else {
-				uid, gid, mode, err := c.Stat(ctx, ns.HostPath)
-				c.Close()
-				if err != nil {
-					attn("node %s: %s: %v (run provision)", n.Name, ns.HostPath, err)
-				} else {
-					ns.Owner, ns.Mode = fmt.Sprintf("%d:%d", uid, gid), mode
-					if uid != cfg.Vault.UID || gid != cfg.Vault.GID || mode != cfg.Vault.DataMode.String() {
-						attn("node %s: %s is %d:%d %s, want %d:%d %s (run provision)", n.Name, ns.HostPath, uid, gid, mode, cfg.Vault.UID, cfg.Vault.GID, cfg.Vault.DataMode)
-					}
-				}
+		uid, gid, mode, err := conn.Stat(ctx, ns.HostPath)
+		conn.Close()
+		if err != nil {
+			attn("node %s: %s: %v (run provision)", n.Name, ns.HostPath, err)
+		} else {
+			ns.Owner, ns.Mode = fmt.Sprintf("%d:%d", uid, gid), mode
+			if uid != cfg.Vault.UID || gid != cfg.Vault.GID || mode != cfg.Vault.DataMode.String() {
+				attn("node %s: %s is %d:%d %s, want %d:%d %s (run provision)", n.Name, ns.HostPath, uid, gid, mode, cfg.Vault.UID, cfg.Vault.GID, cfg.Vault.DataMode)
 			}
 		}
 		st.Nodes = append(st.Nodes, ns)
@@ -100,8 +91,7 @@ func GetStatus(ctx context.Context, cfg *configs.Config, now time.Time, log *slo
 
 	// Release and pods.
 	if cfg.Vault.PodAccess != "static" {
-		cl, err := k8s.Connect(ctx, k8s.ClusterConfig{Kubeconfig: cfg.Kubernetes.Kubeconfig, Context: cfg.Kubernetes.Context, Namespace: cfg.Chart.Namespace}, log)
-		if err != nil {
+		if cl, err := env.Cluster(ctx); err != nil {
 			attn("kubernetes: %v", err)
 		} else if st.Release, err = cl.Release(cfg.Chart.Release); err != nil {
 			attn("helm: %v (run install)", err)
@@ -109,65 +99,89 @@ func GetStatus(ctx context.Context, cfg *configs.Config, now time.Time, log *slo
 			attn("helm release %s is %s (run install)", st.Release.Name, st.Release.Status)
 		}
 	}
-	if acc, err := newPodAccess(ctx, cfg, log); err != nil {
+	var active vaultPod
+	if acc, err := env.Pods(); err != nil {
 		attn("vault pods: %v", err)
 	} else {
 		pods, err := acc.Pods(ctx)
 		if err != nil {
 			attn("vault pods: %v", err)
 		}
-		active := false
+		st.Rejected = acc.Rejected()
+		for _, r := range st.Rejected {
+			attn("pod %s carries the Vault server labels but is not a server pod of the release (%s): it gets no shares; find out who created it", r.Name, r.Reason)
+		}
 		for _, p := range pods {
 			ps := PodStatus{Name: p.Name, Node: p.Node}
 			h, err := p.API.Health(ctx)
 			if err != nil {
 				attn("pod %s unreachable: %v", p.Name, err)
-			} else {
-				ps.Initialized, ps.Sealed, ps.Active, ps.Version = h.Initialized, h.Sealed, h.Active, h.Version
-				active = active || h.Active
-				switch {
-				case !h.Initialized:
-					attn("pod %s is not initialised", p.Name)
-				case h.Sealed:
-					attn("pod %s is sealed (is the daemon running? pve-vault-agent unseal)", p.Name)
-				}
+				st.Pods = append(st.Pods, ps)
+				continue
+			}
+			ps.Initialized, ps.Sealed, ps.Active, ps.Version, ps.Health = h.Initialized, h.Sealed, h.Active, h.Version, h.Code()
+			if h.Active {
+				active = p
+			}
+			switch {
+			case h.Removed:
+				attn("pod %s was removed from the Raft cluster (530): it sealed itself; run recover to wipe and rejoin it", p.Name)
+			case !h.Initialized:
+				attn("pod %s is not initialised", p.Name)
+			case h.Sealed:
+				attn("pod %s is sealed (is the daemon running? pve-vault-agent unseal)", p.Name)
+			case h.HAUnhealthy:
+				attn("pod %s is a standby that cannot reach the active node (474)", p.Name)
 			}
 			st.Pods = append(st.Pods, ps)
 		}
-		acc.Close()
-		if len(pods) > 0 && !active {
+		if len(pods) > 0 && active.API == nil {
 			attn("no active Vault node")
 		}
 	}
 
-	// Keyfile and snapshots.
-	if s, err := sealer(cfg); err != nil {
-		attn("keyfile: %v", err)
-	} else if kf, err := vault.ReadKeyfile(ctx, cfg.Vault.Keyfile, s); err != nil {
+	// Keyfile and tokens.
+	if kf, err := env.Keyfile.Read(ctx); err != nil {
 		attn("keyfile: %v", err)
 	} else {
 		m := kf.Meta()
 		st.Keyfile = &m
+		if active.API != nil {
+			for _, t := range []struct {
+				name string
+				tok  vault.Token
+			}{{"snapshot", kf.SnapshotToken}, {"operator", kf.OperatorToken}} {
+				ts := lookupToken(ctx, env, active.API, t.name, t.tok)
+				st.Tokens = append(st.Tokens, ts)
+				switch {
+				case ts.Error != "":
+					attn("%s token: %s (pve-vault-agent token rotate)", t.name, ts.Error)
+				case ts.Warning != "":
+					attn("%s", ts.Warning)
+				}
+			}
+		}
+		if env.Keyfile.Modified() {
+			attn("the keyfile on disk changed after the service loaded it (a rotation): restart the service (systemctl restart pve-vault-agent)")
+		}
 	}
-	sched, _ := ParseSchedule(cfg.Snapshots.Schedule)
-	if _, es, err := Snapshots(ctx, cfg, log); err != nil {
+
+	// Snapshots and the schedule.
+	var sched configs.Schedule
+	if cfg.Snapshots.Schedule != "" {
+		sched, _ = configs.ParseSchedule(cfg.Snapshots.Schedule) // validated at load
+	}
+	if _, es, err := Snapshots(ctx, env); err != nil {
 		attn("snapshots: %v", err)
-	} else if len(es) == 0 {
-		attn("no snapshot yet (pve-vault-agent backup-now)")
+	} else if newest, ok := newestVerified(es); !ok {
+		attn("no verified snapshot yet (pve-vault-agent backup-now)")
 	} else {
-		last := es[len(es)-1]
-		age := now.Sub(last.Time)
-		st.LastSnapshot = &SnapshotStatus{Path: last.Path, Age: age.Round(time.Second).String(), AgeSecs: age.Seconds(), Verified: last.Verified}
-		if !last.Verified {
-			attn("the newest snapshot has no manifest (snapshots verify)")
-		}
-		if sched != nil && now.After(sched.Next(sched.Next(last.Time))) {
-			attn("the newest snapshot is %s old: more than two backup periods", age.Round(time.Minute))
-		}
+		age := now.Sub(newest.Time)
+		st.LastSnapshot = &SnapshotStatus{Path: newest.Path, Age: age.Round(time.Second).String(), AgeSecs: age.Seconds(), Verified: newest.Verified}
 		if sched != nil {
-			st.NextBackup = sched.Next(last.Time)
-			if st.NextBackup.Before(now) {
-				st.NextBackup = sched.Next(now)
+			st.NextBackup = NextRun(sched, newest.Time, now)
+			if now.After(sched.Next(sched.Next(newest.Time))) {
+				attn("the newest snapshot is %s old: more than two backup periods", age.Round(time.Minute))
 			}
 		}
 	}

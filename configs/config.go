@@ -84,8 +84,10 @@ type SSH struct {
 
 // Kubernetes is the cluster Vault runs in.
 type Kubernetes struct {
-	Kubeconfig string `mapstructure:"kubeconfig" json:"kubeconfig"`
-	Context    string `mapstructure:"context" json:"context"`
+	// Kubeconfig is the cluster's admin kubeconfig, the strongest credential the agent
+	// holds: a secret like the others (a 0600 file owned by root, or a credential).
+	Kubeconfig SecretRef `mapstructure:"kubeconfig" json:"kubeconfig"`
+	Context    string    `mapstructure:"context" json:"context"`
 }
 
 // Chart is the Vault Helm chart and release.
@@ -96,7 +98,10 @@ type Chart struct {
 	// Version pins the chart version exactly (no ranges).
 	Version string `mapstructure:"version" json:"version"`
 	// Path is a local chart directory or .tgz; when set, repository/name/version are ignored.
-	Path        string        `mapstructure:"path" json:"path"`
+	Path string `mapstructure:"path" json:"path"`
+	// Digest pins the chart archive ("sha256:<hex>"): a download or cached copy that
+	// does not match is refused.
+	Digest      string        `mapstructure:"digest" json:"digest"`
 	Release     string        `mapstructure:"release" json:"release"`
 	Namespace   string        `mapstructure:"namespace" json:"namespace"`
 	ValuesFiles []string      `mapstructure:"values_files" json:"values_files"`
@@ -120,8 +125,11 @@ type Vault struct {
 	Port      int      `mapstructure:"port" json:"port"`
 	// TLSCAFile: when set, the listener speaks TLS and is verified against this CA.
 	TLSCAFile string `mapstructure:"tls_ca_file" json:"tls_ca_file"`
-	Shares    int    `mapstructure:"shares" json:"shares"`
-	Threshold int    `mapstructure:"threshold" json:"threshold"`
+	// AllowHTTP accepts http:// static addresses (the shares then cross the network in
+	// clear text); without it they are refused.
+	AllowHTTP bool `mapstructure:"allow_http" json:"allow_http"`
+	Shares    int  `mapstructure:"shares" json:"shares"`
+	Threshold int  `mapstructure:"threshold" json:"threshold"`
 	// Keyfile is the sealed file holding the unseal shares.
 	Keyfile string `mapstructure:"keyfile" json:"keyfile"`
 	// Seal: "systemd-creds" or "age".
@@ -132,6 +140,9 @@ type Vault struct {
 	AgeIdentity SecretRef `mapstructure:"age_identity" json:"age_identity"`
 	// RecoveryRecipient (age1…) receives an offline copy of the keyfile at init.
 	RecoveryRecipient string `mapstructure:"recovery_recipient" json:"recovery_recipient"`
+	// TokenPeriod is the period of the agent's tokens; the daemon renews them at a third
+	// of it. Values under an hour are a test knob (the lab's compressed-time soak).
+	TokenPeriod time.Duration `mapstructure:"token_period" json:"token_period"`
 }
 
 // Snapshots is where and when Raft snapshots are stored.
@@ -139,10 +150,14 @@ type Snapshots struct {
 	// Dir on the Proxmox host; or ProxmoxStorage, a storage ID resolved through the API.
 	Dir            string `mapstructure:"dir" json:"dir"`
 	ProxmoxStorage string `mapstructure:"proxmox_storage" json:"proxmox_storage"`
-	// Schedule is an interval ("6h") or a five-field cron expression ("0 3 * * *").
-	Schedule  string        `mapstructure:"schedule" json:"schedule"`
-	Timeout   time.Duration `mapstructure:"timeout" json:"timeout"`
-	Retention Retention     `mapstructure:"retention" json:"retention"`
+	// Schedule is an interval ("6h"), a five-field cron expression ("0 3 * * *", local
+	// time unless prefixed CRON_TZ=Zone), or a descriptor (@daily, @hourly, @every 6h),
+	// as Kubernetes CronJobs take them. Empty: no schedule (a timer runs backup-now).
+	Schedule string `mapstructure:"schedule" json:"schedule"`
+	// IdleTimeout abandons a snapshot or restore stream that moves no byte for this long
+	// (there is no total timeout: a large snapshot takes what it takes).
+	IdleTimeout time.Duration `mapstructure:"idle_timeout" json:"idle_timeout"`
+	Retention   Retention     `mapstructure:"retention" json:"retention"`
 }
 
 // Retention keeps the last N snapshots plus the newest in each period tier.
@@ -157,6 +172,8 @@ type Retention struct {
 // Metrics is the Prometheus endpoint of the daemon; empty Listen disables it.
 type Metrics struct {
 	Listen string `mapstructure:"listen" json:"listen"`
+	// AllowRemote accepts a listen address other than loopback.
+	AllowRemote bool `mapstructure:"allow_remote" json:"allow_remote"`
 }
 
 // Defaults returns the configuration used where the file and environment say nothing.
@@ -172,7 +189,7 @@ func Defaults() Config {
 			ConnectTimeout: 10 * time.Second,
 			CommandTimeout: 60 * time.Second,
 		},
-		Kubernetes: Kubernetes{Kubeconfig: "/etc/pve-vault-agent/kubeconfig"},
+		Kubernetes: Kubernetes{Kubeconfig: SecretRef{File: "/etc/pve-vault-agent/kubeconfig"}},
 		Chart: Chart{
 			Repository: "https://helm.releases.hashicorp.com",
 			Name:       "vault",
@@ -194,12 +211,13 @@ func Defaults() Config {
 			Keyfile:         "/var/lib/pve-vault-agent/unseal.cred",
 			Seal:            "systemd-creds",
 			SystemdCredsKey: "auto",
+			TokenPeriod:     768 * time.Hour,
 		},
 		Snapshots: Snapshots{
-			Dir:       "/var/lib/pve-vault-agent/snapshots",
-			Schedule:  "6h",
-			Timeout:   10 * time.Minute,
-			Retention: Retention{KeepLast: 8, Daily: 7, Weekly: 4, Monthly: 6},
+			Dir:         "/var/lib/pve-vault-agent/snapshots",
+			Schedule:    "6h",
+			IdleTimeout: 2 * time.Minute,
+			Retention:   Retention{KeepLast: 8, Daily: 7, Weekly: 4, Monthly: 6},
 		},
 		Metrics: Metrics{Listen: "127.0.0.1:9465"},
 	}

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"io/fs"
+	"os"
 	"reflect"
 	"sort"
 	"strings"
@@ -11,6 +12,7 @@ import (
 
 	"github.com/go-viper/mapstructure/v2"
 	"github.com/spf13/viper"
+	"go.yaml.in/yaml/v3"
 )
 
 // ErrInvalidConfig is matched (errors.Is) by every error Load returns for a configuration
@@ -81,15 +83,25 @@ func Load(path string) (*Config, error) {
 	v.SetEnvKeyReplacer(strings.NewReplacer(".", "_"))
 	v.AutomaticEnv()
 
+	var raw map[string]any
 	if path != "" {
 		v.SetConfigFile(path)
 		v.SetConfigType("yaml")
 		if err := v.ReadInConfig(); err != nil {
 			return nil, fileError(path, err)
 		}
+		// Unknown keys are found in the file as written: viper drops a key whose value
+		// is empty ("proxmoxx:" or "metricz: {}"), which would hide the typo.
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return nil, fileError(path, err)
+		}
+		if err := yaml.Unmarshal(b, &raw); err != nil {
+			return nil, fileError(path, err)
+		}
 	}
 
-	problems := unknownKeys(v.AllSettings(), reflect.TypeOf(Config{}), "")
+	problems := unknownKeys(lowerKeys(raw), reflect.TypeOf(Config{}), "")
 	cfg := Defaults()
 	cfg.Nodes = nil
 	err := v.Unmarshal(&cfg, viper.DecodeHook(mapstructure.ComposeDecodeHookFunc(
@@ -222,6 +234,29 @@ func unknownKeys(settings map[string]any, t reflect.Type, prefix string) []*Fiel
 		}
 	}
 	return out
+}
+
+// lowerKeys lower-cases map keys throughout, as viper does.
+func lowerKeys(m map[string]any) map[string]any {
+	out := make(map[string]any, len(m))
+	for k, v := range m {
+		out[strings.ToLower(k)] = lowerValue(v)
+	}
+	return out
+}
+
+func lowerValue(v any) any {
+	switch x := v.(type) {
+	case map[string]any:
+		return lowerKeys(x)
+	case []any:
+		out := make([]any, len(x))
+		for i, e := range x {
+			out[i] = lowerValue(e)
+		}
+		return out
+	}
+	return v
 }
 
 // closest returns the known key within edit distance 2 of k, if any.

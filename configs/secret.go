@@ -8,6 +8,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+
+	"github.com/pve-vault-agent/pve-vault-agent/internal/safefile"
 )
 
 // SecretRef names where a secret lives: a file (mode 0600 or tighter) or a systemd
@@ -32,12 +34,17 @@ func (r SecretRef) String() string {
 	return "unset"
 }
 
-// ErrInsecureSecretFile is returned when a secret file is readable by group or others.
-var ErrInsecureSecretFile = errors.New("secret file is readable by group or others")
+// ErrInsecureSecretFile is wrapped when a secret file is open to group or others, or
+// owned by another user.
+var ErrInsecureSecretFile = safefile.ErrInsecure
 
-// Read loads the secret. A file must be a regular file with no group/other permission
-// bits; a credential is read from $CREDENTIALS_DIRECTORY. Errors name the source and the
-// fix, never the content.
+// maxSecret bounds a secret file (a kubeconfig is a few KiB).
+const maxSecret = 1 << 20
+
+// Read loads the secret. A file is opened without following a symlink and checked on
+// the open descriptor: a regular file owned by root (or the agent's user) with no
+// permission for group or others. A credential is read the same way from
+// $CREDENTIALS_DIRECTORY. Errors name the source and the fix, never the content.
 func (r SecretRef) Read() (Secret, error) {
 	switch {
 	case r.Credential != "":
@@ -45,25 +52,15 @@ func (r SecretRef) Read() (Secret, error) {
 		if dir == "" {
 			return Secret{}, fmt.Errorf("credential %q: $CREDENTIALS_DIRECTORY is not set; run under systemd with LoadCredentialEncrypted=%s:… or use a file reference", r.Credential, r.Credential)
 		}
-		b, err := os.ReadFile(filepath.Join(dir, r.Credential))
+		b, err := safefile.ReadSecret(filepath.Join(dir, r.Credential), maxSecret)
 		if err != nil {
 			return Secret{}, fmt.Errorf("credential %q: %w", r.Credential, err)
 		}
 		return Secret{b: b}, nil
 	case r.File != "":
-		fi, err := os.Stat(r.File)
+		b, err := safefile.ReadSecret(r.File, maxSecret)
 		if err != nil {
-			return Secret{}, fmt.Errorf("secret file %s: %w", r.File, err)
-		}
-		if !fi.Mode().IsRegular() {
-			return Secret{}, fmt.Errorf("secret file %s: not a regular file", r.File)
-		}
-		if perm := fi.Mode().Perm(); perm&0o077 != 0 {
-			return Secret{}, fmt.Errorf("secret file %s has mode %04o: %w (fix: chmod 600 %s)", r.File, perm, ErrInsecureSecretFile, r.File)
-		}
-		b, err := os.ReadFile(r.File)
-		if err != nil {
-			return Secret{}, fmt.Errorf("secret file %s: %w", r.File, err)
+			return Secret{}, fmt.Errorf("secret file: %w", err)
 		}
 		return Secret{b: b}, nil
 	}

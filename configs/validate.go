@@ -18,8 +18,12 @@ var (
 	dns1123Re = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
 	nodeRe    = regexp.MustCompile(`^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$`)
 	semverRe  = regexp.MustCompile(`^v?\d+\.\d+\.\d+(-[0-9A-Za-z.-]+)?(\+[0-9A-Za-z.-]+)?$`)
-	cronField = regexp.MustCompile(`^[0-9*,/-]+$`)
 	credRe    = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
+	chartRe   = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
+	digestRe  = regexp.MustCompile(`^sha256:[0-9a-fA-F]{64}$`)
+	// storageRe is Proxmox's own rule for storage IDs (pve-storage, PVE::JSONSchema
+	// pve-storage-id), case-insensitive.
+	storageRe = regexp.MustCompile(`(?i)^[a-z][a-z0-9\-_.]*[a-z0-9]$`)
 )
 
 type problems []*FieldError
@@ -39,11 +43,23 @@ func (c *Config) validate() []*FieldError {
 	c.validateVault(&p)
 	c.validateSnapshots(&p)
 	if c.Metrics.Listen != "" {
-		if _, port, err := net.SplitHostPort(c.Metrics.Listen); err != nil || !validPort(port) {
+		host, port, err := net.SplitHostPort(c.Metrics.Listen)
+		switch {
+		case err != nil || !validPort(port):
 			p.add("metrics.listen", fmt.Sprintf("%q is not host:port", c.Metrics.Listen), `e.g. "127.0.0.1:9465", or "" to disable`)
+		case !isLoopback(host) && !c.Metrics.AllowRemote:
+			p.add("metrics.listen", fmt.Sprintf("%q is reachable from other hosts", c.Metrics.Listen), `bind to loopback ("127.0.0.1:9465"), or set metrics.allow_remote: true to expose it on purpose`)
 		}
 	}
 	return p
+}
+
+func isLoopback(host string) bool {
+	if host == "localhost" {
+		return true
+	}
+	ip := net.ParseIP(host)
+	return ip != nil && ip.IsLoopback()
 }
 
 func (c *Config) usesProxmox() bool {
@@ -150,9 +166,7 @@ func (c *Config) validateSSH(p *problems) {
 }
 
 func (c *Config) validateKubernetes(p *problems) {
-	if c.Kubernetes.Kubeconfig == "" || !filepath.IsAbs(c.Kubernetes.Kubeconfig) {
-		p.add("kubernetes.kubeconfig", "must be an absolute path", "e.g. /etc/pve-vault-agent/kubeconfig")
-	}
+	validateSecretRef(p, "kubernetes.kubeconfig", c.Kubernetes.Kubeconfig, true)
 }
 
 func (c *Config) validateChart(p *problems) {
@@ -171,12 +185,15 @@ func (c *Config) validateChart(p *problems) {
 		default:
 			p.add("chart.repository", fmt.Sprintf("%q is not an https:// repository or oci:// reference", ch.Repository), "e.g. https://helm.releases.hashicorp.com, or set chart.path for a local chart")
 		}
-		if ch.Name == "" {
-			p.add("chart.name", "required", `the chart's name in the repository, e.g. "vault"`)
+		if !chartRe.MatchString(ch.Name) || strings.Contains(ch.Name, "..") {
+			p.add("chart.name", fmt.Sprintf("%q is not a chart name", ch.Name), `the chart's name in the repository, e.g. "vault"`)
 		}
 		if !semverRe.MatchString(ch.Version) {
 			p.add("chart.version", fmt.Sprintf("%q is not an exact version", ch.Version), `pin one release, e.g. "0.34.1"; ranges are not accepted`)
 		}
+	}
+	if ch.Digest != "" && !digestRe.MatchString(ch.Digest) {
+		p.add("chart.digest", fmt.Sprintf("%q is not a sha256 digest", ch.Digest), "sha256:<64 hex digits>, e.g. from sha256sum vault-0.34.1.tgz")
 	}
 	if !dns1123Re.MatchString(ch.Release) || len(ch.Release) > 53 {
 		p.add("chart.release", fmt.Sprintf("%q is not a valid release name", ch.Release), "lower-case letters, digits and '-', at most 53 characters")
@@ -221,9 +238,18 @@ func (c *Config) validateVault(p *problems) {
 		p.add("vault.pod_access", fmt.Sprintf("%q is not ssh-tunnel or static", v.PodAccess), `"ssh-tunnel" reaches each pod through its node`)
 	}
 	for i, a := range v.Addresses {
-		if u, err := url.Parse(a); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			p.add(fmt.Sprintf("vault.addresses[%d]", i), fmt.Sprintf("%q is not an http(s) URL", a), "e.g. http://10.0.0.21:8200")
+		u, err := url.Parse(a)
+		switch {
+		case err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "":
+			p.add(fmt.Sprintf("vault.addresses[%d]", i), fmt.Sprintf("%q is not an http(s) URL", a), "e.g. https://10.0.0.21:8200")
+		case u.Scheme == "http" && !v.AllowHTTP:
+			p.add(fmt.Sprintf("vault.addresses[%d]", i), fmt.Sprintf("%q is plain HTTP: the unseal shares would cross the network in clear text", a), "use https:// with vault.tls_ca_file, or set vault.allow_http: true for a lab")
+		case u.Path != "" && u.Path != "/":
+			p.add(fmt.Sprintf("vault.addresses[%d]", i), fmt.Sprintf("%q has a path", a), "give the pod's base URL, e.g. https://10.0.0.21:8200")
 		}
+	}
+	if v.TokenPeriod < 10*time.Second {
+		p.add("vault.token_period", fmt.Sprintf("%s is too short", v.TokenPeriod), `the default "768h"; under an hour only for tests`)
 	}
 	if v.Port < 1 || v.Port > 65535 {
 		p.add("vault.port", fmt.Sprintf("%d is not a TCP port", v.Port), "the chart listens on 8200")
@@ -265,14 +291,16 @@ func (c *Config) validateSnapshots(p *problems) {
 	if s.ProxmoxStorage == "" && !filepath.IsAbs(s.Dir) {
 		p.add("snapshots.dir", "must be an absolute path", "e.g. /var/lib/pve-vault-agent/snapshots")
 	}
-	if s.ProxmoxStorage != "" && !dns1123Re.MatchString(strings.ToLower(s.ProxmoxStorage)) {
-		p.add("snapshots.proxmox_storage", fmt.Sprintf("%q is not a storage ID", s.ProxmoxStorage), "as in pvesm status, e.g. local")
+	if s.ProxmoxStorage != "" && !storageRe.MatchString(s.ProxmoxStorage) {
+		p.add("snapshots.proxmox_storage", fmt.Sprintf("%q is not a Proxmox storage ID", s.ProxmoxStorage), "as in pvesm status, e.g. local or nfs_backup: a letter first, then letters, digits, '-', '_' or '.'")
 	}
-	if err := checkSchedule(s.Schedule); err != nil {
-		p.add("snapshots.schedule", err.Error(), `an interval like "6h" or a cron expression like "0 3 * * *"`)
+	if s.Schedule != "" {
+		if _, err := ParseSchedule(s.Schedule); err != nil {
+			p.add("snapshots.schedule", err.Error(), `an interval like "6h", a cron expression like "0 3 * * *", or @daily; "" for none`)
+		}
 	}
-	if s.Timeout <= 0 {
-		p.add("snapshots.timeout", "must be positive", `e.g. "10m"`)
+	if s.IdleTimeout <= 0 {
+		p.add("snapshots.idle_timeout", "must be positive", `e.g. "2m"`)
 	}
 	r := s.Retention
 	if r.KeepLast < 1 {
@@ -283,25 +311,6 @@ func (c *Config) validateSnapshots(p *problems) {
 			p.add("snapshots.retention."+name, "must not be negative", "0 disables the tier")
 		}
 	}
-}
-
-func checkSchedule(s string) error {
-	if d, err := time.ParseDuration(s); err == nil {
-		if d < time.Minute {
-			return fmt.Errorf("interval %s is shorter than a minute", d)
-		}
-		return nil
-	}
-	fields := strings.Fields(s)
-	if len(fields) != 5 {
-		return fmt.Errorf("%q is neither an interval nor a five-field cron expression", s)
-	}
-	for _, f := range fields {
-		if !cronField.MatchString(f) {
-			return fmt.Errorf("cron field %q is not valid", f)
-		}
-	}
-	return nil
 }
 
 func validateSecretRef(p *problems, at string, r SecretRef, required bool) {

@@ -8,6 +8,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 
 	"helm.sh/helm/v3/pkg/action"
@@ -27,9 +28,15 @@ type ChartSource struct {
 	Name       string
 	Version    string
 	Path       string
+	// Digest, when set ("sha256:<hex>"), is the chart archive's digest: a download, a
+	// cached copy or a local .tgz that does not match is refused.
+	Digest string
 	// CacheDir keeps downloaded archives; a cached version is used without network.
 	CacheDir string
 }
+
+// chartNameRe is what a chart name may be: it becomes a file name in the cache.
+var chartNameRe = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 
 func (s ChartSource) String() string {
 	if s.Path != "" {
@@ -42,9 +49,20 @@ func (s ChartSource) String() string {
 func LoadChart(src ChartSource) (*chart.Chart, error) {
 	path := src.Path
 	if path == "" {
+		if !chartNameRe.MatchString(src.Name) || strings.Contains(src.Name, "..") {
+			return nil, fmt.Errorf("%w: chart name %q is not a plain name", ErrChart, src.Name)
+		}
 		var err error
 		if path, err = fetchChart(src); err != nil {
 			return nil, fmt.Errorf("%w: %s: %v", ErrChart, src, err)
+		}
+	}
+	if src.Digest != "" {
+		if err := checkDigest(path, src.Digest); err != nil {
+			if src.Path == "" {
+				_ = os.Remove(path) // a bad download or a tampered cache entry is not kept
+			}
+			return nil, fmt.Errorf("%w: %v", ErrChart, err)
 		}
 	}
 	ch, err := loader.Load(path)
@@ -55,6 +73,34 @@ func LoadChart(src ChartSource) (*chart.Chart, error) {
 		return nil, fmt.Errorf("%w: %s holds version %s, want %s", ErrChart, path, ch.Metadata.Version, src.Version)
 	}
 	return ch, nil
+}
+
+// checkDigest compares a chart archive's sha256 with want ("sha256:<hex>").
+func checkDigest(path, want string) error {
+	hexWant, ok := strings.CutPrefix(want, "sha256:")
+	if !ok {
+		return fmt.Errorf("chart digest %q: write it as sha256:<hex>", want)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return err
+	}
+	if fi.IsDir() {
+		return fmt.Errorf("%s is a directory: a digest can only check a chart archive (.tgz)", path)
+	}
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return err
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); !strings.EqualFold(got, hexWant) {
+		return fmt.Errorf("%s has digest sha256:%s, chart.digest pins %s: refusing a chart that is not the one pinned", path, got, want)
+	}
+	return nil
 }
 
 func fetchChart(src ChartSource) (string, error) {

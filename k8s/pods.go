@@ -13,13 +13,15 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 )
 
 // ErrPodsNotRunning is returned when pods do not come up in time; the message names
 // each stuck pod and why.
 var ErrPodsNotRunning = errors.New("vault pods not running")
 
-// ServerSelector selects the chart's Vault server pods.
+// ServerSelector selects the chart's Vault server pods (labels alone prove nothing: see
+// ServerPods).
 func ServerSelector(release string) string {
 	return "app.kubernetes.io/name=vault,app.kubernetes.io/instance=" + release + ",component=server"
 }
@@ -34,20 +36,105 @@ type Pod struct {
 	UID     string `json:"uid"`
 	// Revision is the StatefulSet revision the pod was created from.
 	Revision string `json:"revision"`
+	// ServerName is the pod's DNS name under the chart's headless Service: what a TLS
+	// listener's certificate names.
+	ServerName string `json:"server_name"`
+	// Terminating: the pod is being deleted.
+	Terminating bool `json:"terminating,omitempty"`
 }
 
-// Pods lists the release's Vault server pods, by ordinal.
-func (c *Cluster) Pods(ctx context.Context, release string) ([]Pod, error) {
-	list, err := c.Clients.CoreV1().Pods(c.cfg.Namespace).List(ctx, metav1.ListOptions{LabelSelector: ServerSelector(release)})
-	if err != nil {
-		return nil, fmt.Errorf("list vault pods: %w", err)
+// Rejected is a pod that carries the chart's server labels but is not one of the
+// release's server pods, and why. It receives nothing from the agent.
+type Rejected struct {
+	Name   string `json:"name"`
+	Reason string `json:"reason"`
+}
+
+// ServerPods lists the release's Vault server pods, by ordinal. A pod counts only when
+// its controlling owner is the release's StatefulSet (matched by UID), it is named
+// <release>-N with N below the StatefulSet's replicas, and it runs on the node its
+// agent-made volume pins (a pod not scheduled yet is listed without a node). Every other
+// pod with the chart's labels is returned in rejected: whoever can create a pod in the
+// namespace must not be able to collect the unseal shares.
+func (c *Cluster) ServerPods(ctx context.Context, release string) ([]Pod, []Rejected, error) {
+	ns := c.cfg.Namespace
+	sts, err := c.Clients.AppsV1().StatefulSets(ns).Get(ctx, release, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil, nil, nil
 	}
+	if err != nil {
+		return nil, nil, fmt.Errorf("read StatefulSet %s: %w", release, err)
+	}
+	replicas := 1
+	if sts.Spec.Replicas != nil {
+		replicas = int(*sts.Spec.Replicas)
+	}
+	list, err := c.Clients.CoreV1().Pods(ns).List(ctx, metav1.ListOptions{LabelSelector: ServerSelector(release)})
+	if err != nil {
+		return nil, nil, fmt.Errorf("list vault pods: %w", err)
+	}
+	pins := map[int]string{}
 	var out []Pod
-	for _, p := range list.Items {
-		out = append(out, toPod(release, &p))
+	var rejected []Rejected
+	for i := range list.Items {
+		p := &list.Items[i]
+		reject := func(format string, a ...any) {
+			rejected = append(rejected, Rejected{Name: p.Name, Reason: fmt.Sprintf(format, a...)})
+		}
+		owner := metav1.GetControllerOf(p)
+		if owner == nil || owner.Kind != "StatefulSet" || owner.Name != release || owner.UID != sts.UID {
+			reject("not controlled by StatefulSet %s (uid %s)", release, sts.UID)
+			continue
+		}
+		ord, err := strconv.Atoi(strings.TrimPrefix(p.Name, release+"-"))
+		if err != nil || !strings.HasPrefix(p.Name, release+"-") || ord < 0 || ord >= replicas || p.Name != fmt.Sprintf("%s-%d", release, ord) {
+			reject("not named %s-N with N below %d", release, replicas)
+			continue
+		}
+		pin, ok := pins[ord]
+		if !ok {
+			pin, err = c.pinnedNode(ctx, release, ord)
+			if err != nil {
+				return nil, nil, err
+			}
+			pins[ord] = pin
+		}
+		switch {
+		case pin == "":
+			reject("no volume of the agent pins %s to a node (run install)", p.Name)
+			continue
+		case p.Spec.NodeName != "" && p.Spec.NodeName != pin:
+			reject("runs on node %s, but its volume is on %s", p.Spec.NodeName, pin)
+			continue
+		}
+		out = append(out, toPod(release, p))
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Ordinal < out[j].Ordinal })
-	return out, nil
+	return out, rejected, nil
+}
+
+// pinnedNode is the node the agent's PersistentVolume for ordinal i requires, or "".
+func (c *Cluster) pinnedNode(ctx context.Context, release string, i int) (string, error) {
+	pv, err := c.Clients.CoreV1().PersistentVolumes().Get(ctx, PVName(c.cfg.Namespace, release, i), metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return "", nil
+	}
+	if err != nil {
+		return "", fmt.Errorf("read PersistentVolume %s: %w", PVName(c.cfg.Namespace, release, i), err)
+	}
+	if pv.Labels["app.kubernetes.io/managed-by"] != FieldManager {
+		return "", nil
+	}
+	if na := pv.Spec.NodeAffinity; na != nil && na.Required != nil {
+		for _, term := range na.Required.NodeSelectorTerms {
+			for _, e := range term.MatchExpressions {
+				if e.Key == "kubernetes.io/hostname" && e.Operator == corev1.NodeSelectorOpIn && len(e.Values) == 1 {
+					return e.Values[0], nil
+				}
+			}
+		}
+	}
+	return "", nil
 }
 
 func toPod(release string, p *corev1.Pod) Pod {
@@ -56,7 +143,8 @@ func toPod(release string, p *corev1.Pod) Pod {
 		ord = -1
 	}
 	return Pod{Name: p.Name, Ordinal: ord, Node: p.Spec.NodeName, IP: p.Status.PodIP, Phase: string(p.Status.Phase),
-		UID: string(p.UID), Revision: p.Labels[appsv1.ControllerRevisionHashLabelKey]}
+		UID: string(p.UID), Revision: p.Labels[appsv1.ControllerRevisionHashLabelKey], ServerName: p.Name + "." + release + "-internal",
+		Terminating: p.DeletionTimestamp != nil}
 }
 
 // WaitRunning waits until pods <release>-0 … <release>-(replicas-1) exist, are
@@ -87,13 +175,33 @@ func (c *Cluster) WaitRunning(ctx context.Context, release string, replicas int,
 	}
 }
 
-// podsState returns the running pods and, for each one that is not, why.
+// podsState returns the running server pods and, for each ordinal that is not, why.
 func (c *Cluster) podsState(ctx context.Context, release string, replicas int) ([]Pod, []string, error) {
 	ns := c.cfg.Namespace
+	servers, rejected, err := c.ServerPods(ctx, release)
+	if err != nil {
+		return nil, nil, err
+	}
+	byOrd := map[int]Pod{}
+	for _, p := range servers {
+		byOrd[p.Ordinal] = p
+	}
+	why := map[string]string{}
+	for _, r := range rejected {
+		why[r.Name] = r.Reason
+	}
 	var pods []Pod
 	var stuck []string
 	for i := 0; i < replicas; i++ {
 		name := fmt.Sprintf("%s-%d", release, i)
+		if sp, ok := byOrd[i]; ok && sp.Phase == string(corev1.PodRunning) && !sp.Terminating {
+			pods = append(pods, sp)
+			continue
+		}
+		if r, ok := why[name]; ok {
+			stuck = append(stuck, name+": not the release's server pod: "+r)
+			continue
+		}
 		p, err := c.Clients.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
 		if apierrors.IsNotFound(err) {
 			stuck = append(stuck, c.whyMissing(ctx, release, name))
@@ -104,10 +212,6 @@ func (c *Cluster) podsState(ctx context.Context, release string, replicas int) (
 		}
 		if p.DeletionTimestamp != nil {
 			stuck = append(stuck, name+": terminating")
-			continue
-		}
-		if p.Status.Phase == corev1.PodRunning {
-			pods = append(pods, toPod(release, p))
 			continue
 		}
 		// A claim recreated after its volume was released (pod and claim deleted, the
@@ -158,55 +262,27 @@ func (c *Cluster) whyPending(ctx context.Context, p *corev1.Pod, release string,
 	return strings.Join(reasons, "; ")
 }
 
-// RollFunc is called for each pod once it runs again on the new revision, before the
-// next pod is rolled (the Vault side unseals it here).
-type RollFunc func(ctx context.Context, pod Pod) error
+// UpdateRevision waits until the StatefulSet's controller has observed its current
+// generation and returns the revision new pods are created from. (After an upgrade the
+// controller publishes it asynchronously; the chart's OnDelete strategy restarts nothing
+// by itself.)
+func (c *Cluster) UpdateRevision(ctx context.Context, release string, timeout time.Duration) (string, error) {
+	sts, err := c.Clients.AppsV1().StatefulSets(c.cfg.Namespace).Get(ctx, release, metav1.GetOptions{})
+	if err != nil {
+		return "", fmt.Errorf("read StatefulSet %s: %w", release, err)
+	}
+	return c.updateRevision(ctx, release, sts.Generation, timeout)
+}
 
-// Roll replaces, one at a time and highest ordinal first, every pod not on the
-// StatefulSet's update revision (the chart's updateStrategy is OnDelete, so an upgrade
-// restarts nothing by itself): delete, wait until the new pod runs, call after, go on.
-// Returns the names of the rolled pods.
-func (c *Cluster) Roll(ctx context.Context, release string, timeout time.Duration, after RollFunc) ([]string, error) {
-	ns := c.cfg.Namespace
-	sts, err := c.Clients.AppsV1().StatefulSets(ns).Get(ctx, release, metav1.GetOptions{})
-	if err != nil {
-		return nil, fmt.Errorf("read StatefulSet %s: %w", release, err)
+// DeletePod deletes exactly this incarnation of a pod (UID precondition): a pod already
+// replaced is left alone.
+func (c *Cluster) DeletePod(ctx context.Context, p Pod) error {
+	uid := types.UID(p.UID)
+	err := c.Clients.CoreV1().Pods(c.cfg.Namespace).Delete(ctx, p.Name, metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid}})
+	if err != nil && !apierrors.IsNotFound(err) && !apierrors.IsConflict(err) {
+		return fmt.Errorf("delete pod %s: %w", p.Name, err)
 	}
-	replicas := 1
-	if sts.Spec.Replicas != nil {
-		replicas = int(*sts.Spec.Replicas)
-	}
-	// The controller publishes the update revision asynchronously after an upgrade.
-	target, err := c.updateRevision(ctx, release, sts.Generation, timeout)
-	if err != nil {
-		return nil, err
-	}
-	pods, err := c.WaitRunning(ctx, release, replicas, timeout)
-	if err != nil {
-		return nil, err
-	}
-	var rolled []string
-	for i := len(pods) - 1; i >= 0; i-- {
-		p := pods[i]
-		if p.Revision == target {
-			continue
-		}
-		c.log.Info("rolling pod to the new revision", "pod", p.Name, "from", p.Revision, "to", target)
-		if err := c.Clients.CoreV1().Pods(ns).Delete(ctx, p.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-			return rolled, fmt.Errorf("delete pod %s: %w", p.Name, err)
-		}
-		np, err := c.waitReplaced(ctx, release, p, timeout)
-		if err != nil {
-			return rolled, err
-		}
-		rolled = append(rolled, p.Name)
-		if after != nil {
-			if err := after(ctx, np); err != nil {
-				return rolled, fmt.Errorf("after rolling %s: %w", p.Name, err)
-			}
-		}
-	}
-	return rolled, nil
+	return nil
 }
 
 func (c *Cluster) updateRevision(ctx context.Context, release string, generation int64, timeout time.Duration) (string, error) {
@@ -230,15 +306,19 @@ func (c *Cluster) updateRevision(ctx context.Context, release string, generation
 	}
 }
 
-// waitReplaced waits until the pod of old's name is a new object and running.
-func (c *Cluster) waitReplaced(ctx context.Context, release string, old Pod, timeout time.Duration) (Pod, error) {
+// WaitReplaced waits until the pod of old's name is a new object, a server pod of the
+// release, and running.
+func (c *Cluster) WaitReplaced(ctx context.Context, release string, old Pod, timeout time.Duration) (Pod, error) {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	for {
-		p, err := c.Clients.CoreV1().Pods(c.cfg.Namespace).Get(ctx, old.Name, metav1.GetOptions{})
-		if err == nil && string(p.UID) != old.UID && p.DeletionTimestamp == nil && p.Status.Phase == corev1.PodRunning {
-			return toPod(release, p), nil
+		servers, _, serr := c.ServerPods(ctx, release)
+		for _, sp := range servers {
+			if serr == nil && sp.Name == old.Name && sp.UID != old.UID && !sp.Terminating && sp.Phase == string(corev1.PodRunning) {
+				return sp, nil
+			}
 		}
+		p, err := c.Clients.CoreV1().Pods(c.cfg.Namespace).Get(ctx, old.Name, metav1.GetOptions{})
 		select {
 		case <-ctx.Done():
 			why := "not recreated"

@@ -23,7 +23,13 @@ type InstallSpec struct {
 	Timeout time.Duration
 	// DryRun renders and compares against the deployed release; changes nothing.
 	DryRun bool
+	// Now is the clock for the age of a pending revision (default time.Now).
+	Now func() time.Time
 }
+
+// ErrReleaseBusy means the release's last revision is pending and young enough that
+// another operation may still be working on it.
+var ErrReleaseBusy = errors.New("release is busy")
 
 // Action is what Install did (or, in a dry run, would do).
 type Action string
@@ -75,6 +81,14 @@ func (c *Cluster) Install(ctx context.Context, spec InstallSpec) (*InstallResult
 		last = history[len(history)-1]
 	}
 	if last != nil && last.Info.Status.IsPending() {
+		now := time.Now
+		if spec.Now != nil {
+			now = spec.Now
+		}
+		if age := now().Sub(last.Info.LastDeployed.Time); age < spec.Timeout {
+			return nil, fmt.Errorf("%w: revision %d of %s has been %s for %s: another helm operation may still be working on it; wait until it ends (or chart.timeout, %s, has passed) and run install again",
+				ErrReleaseBusy, last.Version, spec.Release, last.Info.Status, age.Round(time.Second), spec.Timeout)
+		}
 		msg, gone, err := c.recoverPending(cfg, spec, history)
 		if err != nil {
 			return nil, err

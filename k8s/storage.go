@@ -120,6 +120,14 @@ func (c *Cluster) releaseStaleClaim(ctx context.Context, pvName, claim string) e
 		return fmt.Errorf("make released PersistentVolume %s available again: %w", pvName, err)
 	}
 	c.log.Info("reusing released volume", "pv", pvName, "claim", claim)
+	// The volume binder looks at a pending claim again only at its periodic resync
+	// (15 s by default): touch the claim so it binds now.
+	if err == nil {
+		touch := []byte(fmt.Sprintf(`{"metadata":{"annotations":{"pva.io/volume-released":%q}}}`, pvName+"@"+pv.ResourceVersion))
+		if _, err := c.Clients.CoreV1().PersistentVolumeClaims(c.cfg.Namespace).Patch(ctx, claim, types.MergePatchType, touch, metav1.PatchOptions{}); err != nil && !apierrors.IsNotFound(err) {
+			c.log.Debug("touch claim", "claim", claim, "err", err)
+		}
+	}
 	return nil
 }
 

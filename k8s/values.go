@@ -7,6 +7,7 @@ import (
 	"sort"
 	"strings"
 
+	"helm.sh/helm/v3/pkg/chartutil"
 	"sigs.k8s.io/yaml"
 )
 
@@ -96,7 +97,23 @@ func MergeValues(files []ValuesFile, enforced map[string]any) (map[string]any, e
 		})
 		return nil, &ConflictError{Conflicts: conflicts}
 	}
-	return mergeMaps(merged, enforced), nil
+	return AsValuesFile(mergeMaps(merged, enforced))
+}
+
+// AsValuesFile returns v with the Go types a values file would give it, by writing it
+// as YAML and reading it back as Helm reads values files. Charts test kinds: the real
+// vault chart takes server.ha.replicas only when it is an int64 or float64, so a Go int
+// there silently became its default of 3 replicas.
+func AsValuesFile(v map[string]any) (map[string]any, error) {
+	b, err := yaml.Marshal(v)
+	if err != nil {
+		return nil, fmt.Errorf("values as YAML: %w", err)
+	}
+	out, err := chartutil.ReadValues(b)
+	if err != nil {
+		return nil, fmt.Errorf("values as YAML: %w", err)
+	}
+	return out.AsMap(), nil
 }
 
 // leafPaths lists the paths of every non-map value in m.

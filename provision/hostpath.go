@@ -52,10 +52,33 @@ func CheckHostPath(p string) error {
 			return fmt.Errorf("%w: %q is a system directory; %s", ErrUnsafePath, p, hint)
 		}
 	}
-	for _, d := range []string{"/proc", "/sys", "/dev", "/etc", "/boot", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/run"} {
+	for _, d := range []string{"/proc", "/sys", "/dev", "/etc", "/boot", "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/run", "/var/run"} {
 		if strings.HasPrefix(p, d+"/") {
 			return fmt.Errorf("%w: %q is inside the system directory %s; %s", ErrUnsafePath, p, d, hint)
 		}
 	}
+	for _, u := range unsafeTrees {
+		if p == u.dir || strings.HasPrefix(p, u.dir+"/") {
+			return fmt.Errorf("%w: %q is inside %s, %s; %s", ErrUnsafePath, p, u.dir, u.why, hint)
+		}
+	}
 	return nil
+}
+
+// unsafeTrees are directories whose contents belong to someone else: Vault's data there
+// would be cleaned up, shared, or would hand the agent's chown a tree it must not touch.
+var unsafeTrees = []struct{ dir, why string }{
+	{"/tmp", "which is cleaned at boot and writable by every user"},
+	{"/var/tmp", "which is writable by every user and cleaned by tmpfiles"},
+	{"/dev/shm", "which is memory and writable by every user"},
+	{"/home", "which holds users' files"},
+	{"/root", "root's home directory"},
+	{"/var/log", "which log rotation cleans"},
+	{"/var/lib/etcd", "the Kubernetes datastore"},
+	{"/var/lib/kubelet", "the kubelet's state (pods, volumes, secrets)"},
+	{"/var/lib/containerd", "the container runtime's state"},
+	{"/var/lib/docker", "the container runtime's state"},
+	{"/var/lib/cni", "the container network's state"},
+	{"/opt/cni", "the container network plugins"},
+	{"/etc/kubernetes", "the cluster's configuration and keys"},
 }

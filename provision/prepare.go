@@ -39,9 +39,12 @@ type Prepared struct {
 }
 
 // prepareScript runs as root on the node with $1 path, $2 uid, $3 gid, $4 octal mode.
-// It refuses symlinks (the path or any component), creates the directory, chowns the
-// tree only when an entry has the wrong owner, sets the mode, relabels for containers
-// when SELinux enforces, and prints the numeric result. Exit codes 20+ are refusals.
+// It refuses symlinks (the path or any component), creates the directory, then works
+// from inside it: `cd -P` resolves it once and is checked against the path, and every
+// later command names "." or what find reaches below it with -execdir, -xdev and -h, so
+// a symlink swapped in after the check is never followed and no mount is crossed. It
+// chowns only entries with the wrong owner, sets the mode, relabels for containers when
+// SELinux enforces, and prints the numeric result. Exit codes 20+ are refusals.
 const prepareScript = `set -eu
 p=$1 uid=$2 gid=$3 mode=$4
 state=unchanged
@@ -56,23 +59,58 @@ if [ ! -e "$p" ]; then
   mkdir -p -- "$p"
   state=created
 fi
-if [ -n "$(find "$p" -xdev \( ! -uid "$uid" -o ! -gid "$gid" \) -print -quit)" ]; then
-  chown -R -P -- "$uid:$gid" "$p"
+cd -P -- "$p"
+if [ "$(pwd -P)" != "$p" ]; then echo "$p resolves to $(pwd -P): a symbolic link appeared in its path" >&2; exit 21; fi
+if [ -n "$(find . -xdev \( ! -uid "$uid" -o ! -gid "$gid" \) -print -quit)" ]; then
+  find . -xdev \( ! -uid "$uid" -o ! -gid "$gid" \) -execdir chown -h -- "$uid:$gid" {} +
   [ "$state" = created ] || state=fixed
 fi
-if [ "$(stat -c %a -- "$p")" != "$mode" ]; then
-  chmod -- "$mode" "$p"
+if [ "$(stat -c %a .)" != "$mode" ]; then
+  chmod -- "$mode" .
   [ "$state" = created ] || state=fixed
 fi
 selinux=0
 if command -v getenforce >/dev/null 2>&1 && [ "$(getenforce 2>/dev/null)" = Enforcing ]; then
-  chcon -R -t container_file_t -- "$p"
+  find . -xdev -execdir chcon -h -t container_file_t -- {} +
   selinux=1
 fi
 echo "state=$state"
 echo "selinux=$selinux"
-stat -c 'stat=%u %g %a %F' -- "$p"
+stat -c 'stat=%u %g %a %F' .
 `
+
+// wipeScript empties the data directory $1 (keeping the directory, its owner and mode)
+// with the same care: no symlink followed, no mount crossed.
+const wipeScript = `set -eu
+p=$1
+if [ -L "$p" ]; then echo "$p is a symbolic link" >&2; exit 20; fi
+if [ ! -d "$p" ]; then echo left=0; exit 0; fi
+cd -P -- "$p"
+if [ "$(pwd -P)" != "$p" ]; then echo "$p resolves to $(pwd -P): a symbolic link appeared in its path" >&2; exit 21; fi
+find . -xdev -mindepth 1 -delete
+echo "left=$(find . -mindepth 1 | wc -l)"
+`
+
+// Wipe empties a Vault data directory on the node, for a Raft node that must rejoin:
+// Vault 1.19+ refuses to rejoin a cluster while it holds data from before its removal.
+// The directory itself, its owner and mode stay.
+func (c *Conn) Wipe(ctx context.Context, path string) error {
+	if err := CheckHostPath(path); err != nil {
+		return err
+	}
+	out, err := c.Run(ctx, "wipe "+path, wipeScript, path)
+	if err != nil {
+		var re *RunError
+		if errors.As(err, &re) && re.Status >= 20 && re.Status <= 22 {
+			return fmt.Errorf("%w: %s", ErrUnsafePath, strings.TrimSpace(re.Stderr))
+		}
+		return err
+	}
+	if !strings.Contains(out, "left=0") {
+		return fmt.Errorf("wipe %s: entries remain (%s): another filesystem is mounted inside it", path, strings.TrimSpace(out))
+	}
+	return nil
+}
 
 // Prepare makes w.Path on the node a directory owned by w.UID:w.GID with mode w.Mode,
 // in one SSH session, and verifies the result numerically. It refuses unsafe paths

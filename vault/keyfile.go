@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"filippo.io/age"
+
+	"github.com/pve-vault-agent/pve-vault-agent/internal/safefile"
 )
 
 // Keyfile errors a caller branches on.
@@ -27,35 +29,74 @@ var (
 // sealed file to it, and the unit loads it with LoadCredentialEncrypted=<name>:<path>.
 const CredentialName = "pve-vault-agent-unseal"
 
-const keyfileVersion = 1
+// keyfileVersion is written; version 1 (no operator token) is still read.
+const keyfileVersion = 2
 
-// Keyfile is what the agent keeps of a Vault cluster: the unseal shares, the snapshot
-// token, and metadata that tells one cluster's keyfile from another's.
+// maxRetired bounds how many earlier operator tokens a keyfile remembers.
+const maxRetired = 4
+
+// Keyfile is what the agent keeps of a Vault cluster: the unseal shares, its tokens, and
+// metadata that tells one cluster's keyfile from another's.
 type Keyfile struct {
-	Version       int
-	ClusterID     string
-	ClusterName   string
-	Keyset        Keyset
+	Version     int
+	ClusterID   string
+	ClusterName string
+	Keyset      Keyset
+	// SnapshotToken reads Raft snapshots; OperatorToken restores them, manages Raft peers
+	// and authorises generate-root (Vault 2.x). Both are periodic and renewed by the daemon.
 	SnapshotToken Token
-	Created       time.Time
+	OperatorToken Token
+	// RetiredOperatorTokens are operator tokens replaced by a rotation, newest first: a
+	// snapshot taken before the rotation brings its token back when restored, and the
+	// agent can use it to mint fresh ones.
+	RetiredOperatorTokens []Token
+	// Canary is the value init wrote at CanaryPath, read back by a restore drill.
+	Canary string
+	// ManifestKey authenticates off-host snapshot manifests (HMAC-SHA256).
+	ManifestKey []byte
+	Created     time.Time
+	Rotated     time.Time
 }
 
 // Meta is the non-secret part, for `keyfile check` and status.
 type Meta struct {
-	Version     int       `json:"version"`
-	ClusterID   string    `json:"cluster_id"`
-	ClusterName string    `json:"cluster_name"`
-	Shares      int       `json:"shares"`
-	Threshold   int       `json:"threshold"`
-	Fingerprint string    `json:"keyset_fingerprint"`
-	HasToken    bool      `json:"snapshot_token"`
-	Created     time.Time `json:"created"`
+	Version          int       `json:"version"`
+	ClusterID        string    `json:"cluster_id"`
+	ClusterName      string    `json:"cluster_name"`
+	Shares           int       `json:"shares"`
+	Threshold        int       `json:"threshold"`
+	Fingerprint      string    `json:"keyset_fingerprint"`
+	HasToken         bool      `json:"snapshot_token"`
+	HasOperatorToken bool      `json:"operator_token"`
+	RetiredTokens    int       `json:"retired_operator_tokens,omitempty"`
+	HasCanary        bool      `json:"canary"`
+	Created          time.Time `json:"created"`
+	Rotated          time.Time `json:"rotated,omitzero"`
 }
 
 // Meta returns the non-secret metadata.
 func (k *Keyfile) Meta() Meta {
 	return Meta{Version: k.Version, ClusterID: k.ClusterID, ClusterName: k.ClusterName, Shares: len(k.Keyset.Keys),
-		Threshold: k.Keyset.Threshold, Fingerprint: k.Keyset.Fingerprint(), HasToken: !k.SnapshotToken.Empty(), Created: k.Created}
+		Threshold: k.Keyset.Threshold, Fingerprint: k.Keyset.Fingerprint(), HasToken: !k.SnapshotToken.Empty(),
+		HasOperatorToken: !k.OperatorToken.Empty(), RetiredTokens: len(k.RetiredOperatorTokens), HasCanary: k.Canary != "",
+		Created: k.Created, Rotated: k.Rotated}
+}
+
+// Retire records the current operator token as retired (newest first, bounded) before a
+// rotation replaces it.
+func (k *Keyfile) Retire() {
+	if k.OperatorToken.Empty() {
+		return
+	}
+	k.RetiredOperatorTokens = append([]Token{k.OperatorToken}, k.RetiredOperatorTokens...)
+	if len(k.RetiredOperatorTokens) > maxRetired {
+		k.RetiredOperatorTokens = k.RetiredOperatorTokens[:maxRetired]
+	}
+}
+
+// Tokens lists every secret token value the keyfile holds, for leak scanners.
+func (k *Keyfile) Tokens() []Token {
+	return append([]Token{k.SnapshotToken, k.OperatorToken}, k.RetiredOperatorTokens...)
 }
 
 // payload is the sealed JSON; it exists only in memory and inside the sealed file.
@@ -67,32 +108,47 @@ type payload struct {
 	Shares        []string  `json:"shares_b64"`
 	Fingerprint   string    `json:"keyset_fingerprint"`
 	SnapshotToken string    `json:"snapshot_token"`
+	OperatorToken string    `json:"operator_token,omitempty"`
+	Retired       []string  `json:"retired_operator_tokens,omitempty"`
+	Canary        string    `json:"canary,omitempty"`
+	ManifestKey   []byte    `json:"manifest_key,omitempty"`
 	Created       time.Time `json:"created"`
+	Rotated       time.Time `json:"rotated,omitzero"`
 }
 
 func (k *Keyfile) marshal() ([]byte, error) {
 	p := payload{Version: keyfileVersion, ClusterID: k.ClusterID, ClusterName: k.ClusterName, Threshold: k.Keyset.Threshold,
-		Fingerprint: k.Keyset.Fingerprint(), SnapshotToken: k.SnapshotToken.value, Created: k.Created.UTC()}
+		Fingerprint: k.Keyset.Fingerprint(), SnapshotToken: k.SnapshotToken.value, OperatorToken: k.OperatorToken.value,
+		Canary: k.Canary, ManifestKey: k.ManifestKey, Created: k.Created.UTC(), Rotated: k.Rotated.UTC()}
 	for _, s := range k.Keyset.Keys {
 		p.Shares = append(p.Shares, s.value)
+	}
+	for _, t := range k.RetiredOperatorTokens {
+		p.Retired = append(p.Retired, t.value)
 	}
 	return json.Marshal(p)
 }
 
-func unmarshalKeyfile(b []byte) (*Keyfile, error) {
+// ParseKeyfile reads a decrypted keyfile payload (a systemd credential the service
+// manager decrypted, or Open's output).
+func ParseKeyfile(b []byte) (*Keyfile, error) {
 	var p payload
 	dec := json.NewDecoder(bytes.NewReader(b))
 	dec.DisallowUnknownFields()
 	if err := dec.Decode(&p); err != nil {
 		return nil, fmt.Errorf("%w: payload is not a keyfile: %v", ErrKeyfileCorrupt, err)
 	}
-	if p.Version != keyfileVersion {
-		return nil, fmt.Errorf("%w: version %d, this agent reads version %d", ErrKeyfileCorrupt, p.Version, keyfileVersion)
+	if p.Version < 1 || p.Version > keyfileVersion {
+		return nil, fmt.Errorf("%w: version %d, this agent reads versions 1 to %d", ErrKeyfileCorrupt, p.Version, keyfileVersion)
 	}
 	if p.Threshold < 1 || len(p.Shares) < p.Threshold {
 		return nil, fmt.Errorf("%w: %d shares for threshold %d", ErrKeyfileCorrupt, len(p.Shares), p.Threshold)
 	}
-	k := &Keyfile{Version: p.Version, ClusterID: p.ClusterID, ClusterName: p.ClusterName, SnapshotToken: Token{p.SnapshotToken}, Created: p.Created}
+	k := &Keyfile{Version: p.Version, ClusterID: p.ClusterID, ClusterName: p.ClusterName, SnapshotToken: Token{p.SnapshotToken},
+		OperatorToken: Token{p.OperatorToken}, Canary: p.Canary, ManifestKey: p.ManifestKey, Created: p.Created, Rotated: p.Rotated}
+	for _, t := range p.Retired {
+		k.RetiredOperatorTokens = append(k.RetiredOperatorTokens, Token{t})
+	}
 	k.Keyset.Threshold = p.Threshold
 	for i, s := range p.Shares {
 		k.Keyset.Keys = append(k.Keyset.Keys, Key{Index: i + 1, value: s})
@@ -215,10 +271,7 @@ func (a Age) Open(_ context.Context, path string) ([]byte, error) {
 // overwrites keys).
 func WriteKeyfile(ctx context.Context, path string, k *Keyfile, s Sealer, exclusive bool) error {
 	dir := filepath.Dir(path)
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("keyfile directory: %w", err)
-	}
-	if err := os.Chmod(dir, 0o700); err != nil {
+	if err := safefile.PrivateDir(dir); err != nil {
 		return fmt.Errorf("keyfile directory: %w", err)
 	}
 	if exclusive {
@@ -244,7 +297,7 @@ func WriteKeyfile(ctx context.Context, path string, k *Keyfile, s Sealer, exclus
 	if err := os.Chmod(tmpName, 0o600); err != nil {
 		return err
 	}
-	if err := syncFile(tmpName); err != nil {
+	if err := safefile.SyncFile(tmpName); err != nil {
 		return err
 	}
 	if exclusive {
@@ -258,19 +311,14 @@ func WriteKeyfile(ctx context.Context, path string, k *Keyfile, s Sealer, exclus
 	} else if err := os.Rename(tmpName, path); err != nil {
 		return err
 	}
-	return syncFile(dir)
+	return safefile.SyncDir(dir)
 }
 
-// ReadKeyfile opens the keyfile. Under systemd with LoadCredentialEncrypted=, the
-// decrypted credential in $CREDENTIALS_DIRECTORY is used; otherwise path is decrypted.
+// ReadKeyfile decrypts the keyfile at path with s. It reads exactly that path: where a
+// service reads a credential the service manager decrypted instead, the caller says so
+// (ParseKeyfile), never the environment.
 func ReadKeyfile(ctx context.Context, path string, s Sealer) (*Keyfile, error) {
-	if dir := os.Getenv("CREDENTIALS_DIRECTORY"); dir != "" {
-		if b, err := os.ReadFile(filepath.Join(dir, CredentialName)); err == nil {
-			defer clear(b)
-			return unmarshalKeyfile(b)
-		}
-	}
-	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
 		return nil, fmt.Errorf("%w at %s: run `pve-vault-agent init` on a new cluster, or put the keyfile back (decrypt the offline .recovery.age copy and seal it again, see the README)", ErrNoKeyfile, path)
 	}
 	b, err := s.Open(ctx, path)
@@ -278,7 +326,7 @@ func ReadKeyfile(ctx context.Context, path string, s Sealer) (*Keyfile, error) {
 		return nil, err
 	}
 	defer clear(b)
-	return unmarshalKeyfile(b)
+	return ParseKeyfile(b)
 }
 
 // KeyfileExists reports whether a keyfile is at path.
@@ -287,11 +335,3 @@ func KeyfileExists(path string) bool {
 	return err == nil
 }
 
-func syncFile(p string) error {
-	f, err := os.Open(p)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	return f.Sync()
-}

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"strings"
-	"time"
 
 	"github.com/hashicorp/vault/api"
 )
@@ -19,6 +18,10 @@ type UnsealResult struct {
 	SharesUsed  int    `json:"shares_submitted"`
 	ResetStale  bool   `json:"reset_stale_progress,omitempty"`
 	Initialized bool   `json:"initialized"`
+	// Joining: the threshold was met without an error but Vault is still sealed: a Raft
+	// follower answers its leader's challenge and unseals a moment later. The caller
+	// polls SealStatus.
+	Joining bool `json:"joining,omitempty"`
 }
 
 // Unseal brings n out of the sealed state with ks: a stale unseal in progress (someone
@@ -39,8 +42,11 @@ func (n *Node) Unseal(ctx context.Context, ks Keyset, log *slog.Logger) (UnsealR
 	if !st.Sealed {
 		return res, nil
 	}
-	if st.T != 0 && st.T != ks.Threshold {
-		return res, fmt.Errorf("%s: %w: vault wants %d shares, the keyfile's threshold is %d", n.Name, ErrWrongKeys, st.T, ks.Threshold)
+	if st.Removed {
+		return res, fmt.Errorf("%s: %w: it sealed itself and will not rejoin while it holds data", n.Name, ErrRemoved)
+	}
+	if st.Threshold != 0 && st.Threshold != ks.Threshold {
+		return res, fmt.Errorf("%s: %w: vault wants %d shares, the keyfile's threshold is %d", n.Name, ErrWrongKeys, st.Threshold, ks.Threshold)
 	}
 	if st.Progress > 0 {
 		if err := n.reset(ctx); err != nil {
@@ -67,30 +73,11 @@ func (n *Node) Unseal(ctx context.Context, ks Keyset, log *slog.Logger) (UnsealR
 		if resp.Progress == 0 && res.SharesUsed >= ks.Threshold {
 			// The threshold was met without an error: a follower joining a Raft cluster
 			// answers the leader's challenge now and unseals a moment later.
-			return n.awaitUnsealed(ctx, res)
+			res.Joining = true
+			return res, nil
 		}
 	}
 	return res, fmt.Errorf("%s: still sealed after all %d shares", n.Name, len(ks.Keys))
-}
-
-// awaitUnsealed polls until Vault reports unsealed (up to 30s).
-func (n *Node) awaitUnsealed(ctx context.Context, res UnsealResult) (UnsealResult, error) {
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		st, err := n.SealStatus(ctx)
-		if err == nil && !st.Sealed {
-			res.Sealed = false
-			return res, nil
-		}
-		if time.Now().After(deadline) {
-			return res, fmt.Errorf("%s: still sealed 30s after the threshold was met (a Raft follower that cannot reach its leader?)", n.Name)
-		}
-		select {
-		case <-ctx.Done():
-			return res, ctx.Err()
-		case <-time.After(100 * time.Millisecond):
-		}
-	}
 }
 
 func (n *Node) reset(ctx context.Context) error {

@@ -2,15 +2,17 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"strings"
 
 	"github.com/spf13/cobra"
+	"golang.org/x/term"
 
+	"github.com/pve-vault-agent/pve-vault-agent/agent"
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
 )
 
@@ -19,6 +21,7 @@ const (
 	exitOK          = 0
 	exitFailed      = 1
 	exitUsage       = 2
+	exitConfig      = 78 // EX_CONFIG: the one code the unit does not restart on
 	exitInterrupted = 130
 )
 
@@ -28,10 +31,11 @@ var (
 	commit  = "unknown"
 )
 
-// globalOptions are the flags every verb shares.
+// globalOptions are the flags every verb shares and the process's streams.
 type globalOptions struct {
 	configPath string
 	logLevel   string
+	stdin      io.Reader
 	stdout     io.Writer
 	stderr     io.Writer
 }
@@ -45,35 +49,40 @@ func (g *globalOptions) logger() (*slog.Logger, error) {
 	return slog.New(slog.NewTextHandler(g.stderr, &slog.HandlerOptions{Level: lvl})), nil
 }
 
-// loadConfig loads and validates the configuration named by --config.
-func (g *globalOptions) loadConfig() (*configs.Config, error) {
-	return configs.Load(g.configPath)
-}
-
-// setup builds the logger and loads the configuration, the start of most verbs.
-func (g *globalOptions) setup() (*slog.Logger, *configs.Config, error) {
+// environment loads the configuration and builds the environment every flow of the
+// verb shares: logger, clock, keyfile source (the credential the service manager
+// decrypted, when this runs under systemd with LoadCredentialEncrypted=), connections.
+func (g *globalOptions) environment() (*agent.Env, error) {
 	log, err := g.logger()
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
-	cfg, err := g.loadConfig()
-	return log, cfg, err
+	cfg, err := configs.Load(g.configPath)
+	if err != nil {
+		return nil, err
+	}
+	return agent.NewEnv(cfg, log, agent.EnvOptions{Version: version, CredentialsDir: os.Getenv("CREDENTIALS_DIRECTORY")}), nil
 }
 
-// start is how a verb that prints text or json begins: check -o, build the logger,
-// load the configuration.
-func (g *globalOptions) start(output string) (*slog.Logger, *configs.Config, error) {
-	if err := outputFormat(output, "text", "json"); err != nil {
-		return nil, nil, err
+// start is how a verb that prints text or json begins: check -o, then build the
+// environment. The caller closes it.
+func (g *globalOptions) start(output string, formats ...string) (*agent.Env, error) {
+	if len(formats) == 0 {
+		formats = []string{"text", "json"}
 	}
-	return g.setup()
+	if err := outputFormat(output, formats...); err != nil {
+		return nil, err
+	}
+	return g.environment()
 }
 
-// writeJSON prints v as indented JSON on stdout.
-func writeJSON(g *globalOptions, v any) error {
-	enc := json.NewEncoder(g.stdout)
-	enc.SetIndent("", "  ")
-	return enc.Encode(v)
+// interactive reports whether a question can be asked: stdin is a terminal, or a reader
+// a test handed in.
+func (g *globalOptions) interactive() bool {
+	if f, ok := g.stdin.(*os.File); ok {
+		return term.IsTerminal(int(f.Fd()))
+	}
+	return g.stdin != nil
 }
 
 // usageError marks a mistake in how the command was called (exit 2).
@@ -85,10 +94,11 @@ func usageErrorf(format string, a ...any) error { return &usageError{msg: fmt.Sp
 
 // run executes one invocation and returns the process exit code. Nothing below main
 // exits the process.
-func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	g := &globalOptions{stdout: stdout, stderr: stderr}
+func run(ctx context.Context, args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	g := &globalOptions{stdin: stdin, stdout: stdout, stderr: stderr}
 	root := newRootCommand(g)
 	root.SetArgs(args)
+	root.SetIn(stdin)
 	root.SetOut(stdout)
 	root.SetErr(stderr)
 
@@ -100,15 +110,22 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "pve-vault-agent: interrupted")
 		return exitInterrupted
 	}
-	fmt.Fprintf(stderr, "pve-vault-agent: %v\n", err)
+	if agent.Refused(err) {
+		fmt.Fprintf(stderr, "pve-vault-agent: refused, nothing changed: %v\n", err)
+	} else {
+		fmt.Fprintf(stderr, "pve-vault-agent: %v\n", err)
+	}
+	for _, h := range agent.Hints(err) {
+		fmt.Fprintf(stderr, "hint: %s\n", h)
+	}
 	var ue *usageError
 	switch {
 	case errors.As(err, &ue):
-		fmt.Fprintln(stderr, "Run 'pve-vault-agent --help' for usage.")
+		fmt.Fprintln(stderr, "hint: run 'pve-vault-agent --help' for usage")
 		return exitUsage
-	case errors.Is(err, configs.ErrInvalidConfig):
-		fmt.Fprintln(stderr, "Fix the configuration and run 'pve-vault-agent config check' again.")
-		return exitUsage
+	case errors.Is(err, configs.ErrInvalidConfig), errors.Is(err, agent.ErrChartValues):
+		fmt.Fprintln(stderr, "hint: fix the configuration and run 'pve-vault-agent config check' again")
+		return exitConfig
 	}
 	return exitFailed
 }
@@ -122,7 +139,7 @@ official Helm chart with Raft storage in a Kubernetes cluster of Proxmox VMs, pr
 unsealed and backed up.
 
 Results go to stdout, progress and logs to stderr.
-Exit codes: 0 ok, 1 operation failed, 2 usage or invalid configuration, 130 interrupted.`,
+Exit codes: 0 ok, 1 operation failed, 2 usage, 78 invalid configuration, 130 interrupted.`,
 		SilenceErrors: true,
 		SilenceUsage:  true,
 		Args:          noArgs,
@@ -138,9 +155,9 @@ Exit codes: 0 ok, 1 operation failed, 2 usage or invalid configuration, 130 inte
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 
 	root.AddCommand(newVersionCommand(g), newConfigCommand(g), newProvisionCommand(g), newInstallCommand(g),
-		newInitCommand(g), newUnsealCommand(g), newKeyfileCommand(g), newRunCommand(g),
-		newBackupNowCommand(g), newSnapshotsCommand(g),
-		newRecoverCommand(g), newRestoreCommand(g), newStatusCommand(g))
+		newUpgradeCommand(g), newInitCommand(g), newUnsealCommand(g), newKeyfileCommand(g), newRunCommand(g),
+		newBackupNowCommand(g), newSnapshotsCommand(g), newRecoverCommand(g), newRestoreCommand(g),
+		newStatusCommand(g), newTokenCommand(g))
 	return root
 }
 

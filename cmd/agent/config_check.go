@@ -1,10 +1,14 @@
 package main
 
 import (
+	"context"
 	"fmt"
 
 	"github.com/spf13/cobra"
 	"go.yaml.in/yaml/v3"
+
+	"github.com/pve-vault-agent/pve-vault-agent/agent"
+	"github.com/pve-vault-agent/pve-vault-agent/configs"
 )
 
 type configCheckOptions struct {
@@ -12,37 +16,38 @@ type configCheckOptions struct {
 }
 
 func newConfigCommand(g *globalOptions) *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   "config",
-		Short: "Inspect the configuration",
-		Args:  noArgs,
-		RunE:  showHelp,
-	}
+	cmd := &cobra.Command{Use: "config", Short: "Inspect the configuration", Args: noArgs, RunE: showHelp}
 	opts := &configCheckOptions{}
 	check := &cobra.Command{
 		Use:   "check",
 		Short: "Load and validate the configuration, then print the effective result (changes nothing)",
 		Long: `Loads the configuration file (--config), applies PVA_ environment overrides, reports every
-problem at once with its key path and a hint, and exits 2 if there is any. Otherwise prints
-the effective configuration with defaults filled in. Secrets are references (a file or a
-systemd credential), so nothing secret is printed. Changes nothing; safe to re-run.`,
+problem at once with its key path and a hint, and exits 78 if there is any. Otherwise prints
+the effective configuration with defaults filled in, and warns (on stderr) about directories
+the service unit would not let the agent write. Secrets are references (a file or a systemd
+credential), so nothing secret is printed. Changes nothing; safe to re-run.`,
 		Args: noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runConfigCheck(opts, g)
-		},
+		RunE: func(cmd *cobra.Command, _ []string) error { return runConfigCheck(cmd.Context(), opts, g) },
 	}
 	check.Flags().StringVarP(&opts.output, "output", "o", "yaml", "output format: yaml or json")
 	cmd.AddCommand(check)
 	return cmd
 }
 
-func runConfigCheck(opts *configCheckOptions, g *globalOptions) error {
+func runConfigCheck(ctx context.Context, opts *configCheckOptions, g *globalOptions) error {
 	if err := outputFormat(opts.output, "yaml", "json"); err != nil {
 		return err
 	}
-	cfg, err := g.loadConfig()
+	cfg, err := configs.Load(g.configPath)
 	if err != nil {
 		return err
+	}
+	writable, source := agent.UnitWritable(ctx)
+	for _, w := range agent.WritablePathWarnings(cfg, writable, "") {
+		fmt.Fprintf(g.stderr, "warning: %s (writable paths from %s)\n", w, source)
+	}
+	if cfg.Vault.TLSCAFile == "" {
+		fmt.Fprintln(g.stderr, "warning: vault.tls_ca_file is empty: Vault's listener has TLS off, unseal shares cross the pod network in clear text")
 	}
 	view := cfg.View()
 	if opts.output == "json" {

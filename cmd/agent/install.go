@@ -1,8 +1,9 @@
 package main
 
 import (
-	"errors"
+	"context"
 	"fmt"
+	"io"
 
 	"github.com/spf13/cobra"
 	"go.yaml.in/yaml/v3"
@@ -11,8 +12,9 @@ import (
 )
 
 type installOptions struct {
-	dryRun bool
-	output string
+	dryRun  bool
+	output  string
+	upgrade bool // the upgrade verb: the release must exist
 }
 
 func newInstallCommand(g *globalOptions) *cobra.Command {
@@ -25,46 +27,55 @@ name + pinned version, an oci:// repository, or a local chart). Your values file
 merged under the values the agent enforces: Raft HA with one replica per node, data on
 a local PersistentVolume per node bound to its hostPath, the pod running as
 vault.uid:vault.gid. A value of yours that contradicts an enforced one is reported
-(exit 2), never overwritten.
+(exit 78), never overwritten.
+
+When the release exists and the change reaches the pods (a new chart version, a new
+image, new values), this is an upgrade done as Vault's documentation asks: a verified
+snapshot first, then the standbys one at a time, then the active node steps down and is
+rolled last. A pod that does not come back healthy stops the roll; nothing more is deleted.
 
 Changes: the StorageClass and PersistentVolumes (server-side apply, field manager
-pve-vault-agent), the Helm release, and — when the pod template changed — the Vault
-pods, restarted one at a time. Safe to re-run: nothing changed makes no new revision.
---dry-run prints the merged values and what would change, and changes nothing.`,
+pve-vault-agent), the Helm release, the Vault pods. Safe to re-run: nothing changed makes
+no new revision. --dry-run prints the merged values and what would change.`,
 		Args: noArgs,
-		RunE: func(cmd *cobra.Command, _ []string) error { return runInstall(cmd, opts, g) },
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			env, err := g.start(opts.output)
+			if err != nil {
+				return err
+			}
+			defer env.Close()
+			return runInstall(cmd.Context(), opts, env, g)
+		},
 	}
 	cmd.Flags().BoolVar(&opts.dryRun, "dry-run", false, "render and compare with the deployed release; change nothing")
 	cmd.Flags().StringVarP(&opts.output, "output", "o", "text", "output format: text or json")
 	return cmd
 }
 
-func runInstall(cmd *cobra.Command, opts *installOptions, g *globalOptions) error {
-	log, cfg, err := g.start(opts.output)
-	if err != nil {
-		return err
+func runInstall(ctx context.Context, opts *installOptions, env *agent.Env, g *globalOptions) error {
+	verb := "install"
+	if opts.upgrade {
+		verb = "upgrade"
 	}
-	rep, err := agent.Install(cmd.Context(), cfg, agent.InstallOptions{DryRun: opts.dryRun}, log)
-	if errors.Is(err, agent.ErrChartValues) {
-		return &usageError{msg: err.Error()}
-	}
-	if rep != nil {
-		if opts.output == "json" {
-			if jerr := writeJSON(g, rep); jerr != nil {
-				return jerr
-			}
-		} else {
-			printInstall(g, rep)
+	if !opts.dryRun {
+		unlock, err := env.Lock(verb)
+		if err != nil {
+			return err
 		}
+		defer unlock()
 	}
+	rep, err := agent.Install(ctx, env, agent.InstallOptions{DryRun: opts.dryRun, RequireRelease: opts.upgrade})
 	if err != nil {
-		return fmt.Errorf("install: %w", err)
+		err = fmt.Errorf("%s: %w", verb, err)
 	}
-	return nil
+	return report(g, opts.output, rep, func(w io.Writer) { printInstall(w, rep) }, err)
 }
 
-func printInstall(g *globalOptions, rep *agent.InstallReport) {
-	w := g.stdout
+func printInstall(w io.Writer, rep *agent.InstallReport) {
+	printSteps(w, rep.Steps)
+	if rep.Release == "" {
+		return
+	}
 	verb := string(rep.Action)
 	if rep.DryRun {
 		verb = "would be " + verb
@@ -78,10 +89,18 @@ func printInstall(g *globalOptions, rep *agent.InstallReport) {
 	for _, c := range rep.Changes {
 		fmt.Fprintf(w, "  %-8s %s\n", c.Change, c.Object)
 	}
+	if rep.Snapshot != "" {
+		fmt.Fprintf(w, "snapshot before the roll: %s\n", rep.Snapshot)
+	}
 	for _, p := range rep.Pods {
 		fmt.Fprintf(w, "pod %s on %s: %s (%s)\n", p.Name, p.Node, p.Phase, p.IP)
 	}
-	for _, r := range rep.Rolled {
-		fmt.Fprintf(w, "rolled %s onto the new revision\n", r)
+	if r := rep.Roll; r != nil {
+		for _, name := range r.Rolled {
+			fmt.Fprintf(w, "rolled %s onto revision %s\n", name, r.Target)
+		}
+		for _, name := range r.Left {
+			fmt.Fprintf(w, "left on the old revision: %s\n", name)
+		}
 	}
 }

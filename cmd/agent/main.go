@@ -1,6 +1,7 @@
 // Command pve-vault-agent keeps a HashiCorp Vault, deployed by the official Helm chart
 // with Raft storage in a Kubernetes cluster of Proxmox VMs, provisioned, unsealed and
-// backed up. This package only wires verbs, flags and configuration to the agent.
+// backed up. This package only wires verbs, flags and configuration to the agent: one
+// file per verb, each an options struct and a runX function.
 package main
 
 import (
@@ -12,7 +13,7 @@ import (
 
 func main() {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
+	code := run(ctx, os.Args[1:], os.Stdin, os.Stdout, os.Stderr)
 	stop()
 	os.Exit(code)
 }

@@ -1,8 +1,10 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"io"
 	"text/tabwriter"
 	"time"
 
@@ -25,14 +27,19 @@ func newProvisionCommand(g *globalOptions) *cobra.Command {
 		Long: `Resolves each configured node (a static address, or a Proxmox VM whose address comes
 from the QEMU guest agent), connects over SSH with the host key checked against
 ssh.known_hosts, and makes the Vault data directory exist with owner vault.uid:vault.gid
-and mode vault.data_mode, chowning recursively inside it only when an entry is wrong.
-The result is read back numerically with stat.
+and mode vault.data_mode, chowning inside it only entries with the wrong owner (never
+following a symlink, never crossing a mount). The result is read back numerically.
 
 Changes: the directory on each node (and, with --accept-new-host-key, known_hosts).
 Safe to re-run: a prepared node reports "unchanged". Exit 1 if any node failed.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			return runProvision(cmd, opts, g)
+			env, err := g.start(opts.output)
+			if err != nil {
+				return err
+			}
+			defer env.Close()
+			return runProvision(cmd.Context(), opts, env, g)
 		},
 	}
 	f := cmd.Flags()
@@ -48,29 +55,37 @@ type provisionJSON struct {
 	Error      string `json:"error,omitempty"`
 }
 
-func runProvision(cmd *cobra.Command, opts *provisionOptions, g *globalOptions) error {
-	log, cfg, err := g.start(opts.output)
+func runProvision(ctx context.Context, opts *provisionOptions, env *agent.Env, g *globalOptions) error {
+	unlock, err := env.Lock("provision")
 	if err != nil {
 		return err
 	}
-	results, runErr := agent.Provision(cmd.Context(), cfg, agent.ProvisionOptions{Nodes: opts.nodes, AcceptNewHostKey: opts.acceptNewHostKey}, log)
+	defer unlock()
+	results, runErr := agent.Provision(ctx, env, agent.ProvisionOptions{Nodes: opts.nodes, AcceptNewHostKey: opts.acceptNewHostKey})
 	if errors.Is(runErr, agent.ErrUnknownNode) {
 		return &usageError{msg: runErr.Error()}
 	}
-	if opts.output == "json" {
-		out := make([]provisionJSON, 0, len(results))
-		for _, r := range results {
-			j := provisionJSON{NodeResult: r, DurationMS: r.Duration.Milliseconds()}
-			if r.Err != nil {
-				j.Error = r.Err.Error()
-			}
-			out = append(out, j)
+	out := make([]provisionJSON, 0, len(results))
+	for _, r := range results {
+		j := provisionJSON{NodeResult: r, DurationMS: r.Duration.Milliseconds()}
+		if r.Err != nil {
+			j.Error = r.Err.Error()
 		}
-		if err := writeJSON(g, out); err != nil {
-			return err
+		out = append(out, j)
+	}
+	for _, r := range results {
+		if r.PinnedHostKey != "" {
+			fmt.Fprintf(g.stderr, "pinned new host key of %s (%s) %s in %s\n", r.Node, r.Location.Address, r.PinnedHostKey, env.Config.SSH.KnownHosts)
 		}
-	} else if len(results) > 0 {
-		tw := tabwriter.NewWriter(g.stdout, 0, 4, 2, ' ', 0)
+	}
+	if runErr != nil {
+		runErr = fmt.Errorf("provision: %w", runErr)
+	}
+	return report(g, opts.output, out, func(w io.Writer) {
+		if len(results) == 0 {
+			return
+		}
+		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 		fmt.Fprintln(tw, "NODE\tADDRESS\tPATH\tOWNER\tMODE\tSTATE\tTIME")
 		for _, r := range results {
 			if r.Err != nil {
@@ -81,21 +96,5 @@ func runProvision(cmd *cobra.Command, opts *provisionOptions, g *globalOptions) 
 			fmt.Fprintf(tw, "%s\t%s\t%s\t%d:%d\t%s\t%s\t%s\n", r.Node, r.Location.Address, p.Path, p.UID, p.GID, p.Mode, p.State, r.Duration.Round(time.Millisecond))
 		}
 		tw.Flush()
-	}
-	for _, r := range results {
-		if r.PinnedHostKey != "" {
-			fmt.Fprintf(g.stderr, "pinned new host key of %s (%s) %s in %s\n", r.Node, r.Location.Address, r.PinnedHostKey, cfg.SSH.KnownHosts)
-		}
-	}
-	if runErr != nil {
-		return fmt.Errorf("provision: %w", runErr)
-	}
-	return nil
-}
-
-func dash(s string) string {
-	if s == "" {
-		return "-"
-	}
-	return s
+	}, runErr)
 }

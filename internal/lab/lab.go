@@ -17,6 +17,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -157,21 +158,61 @@ func WaitFor(ctx context.Context, timeout time.Duration, what string, cond func(
 	}
 }
 
+// DataRoot holds the lab nodes' Vault data directories. It is not under /tmp: the agent
+// refuses a hostPath there (cleaned at boot, writable by everyone), as it would on a
+// real node.
+const DataRoot = "/var/lib/pva-lab"
+
+// NewDataDir creates a fresh directory under DataRoot for one test or demo (the
+// caller removes it) and makes DataRoot traversable for the uid-100 Vault.
+func NewDataDir(name string) (string, error) {
+	if err := os.MkdirAll(DataRoot, 0o711); err != nil {
+		return "", err
+	}
+	if err := os.Chmod(DataRoot, 0o711); err != nil {
+		return "", err
+	}
+	return os.MkdirTemp(DataRoot, name+"-")
+}
+
+// TestDataDir is NewDataDir for a test, removed by t.Cleanup.
+func TestDataDir(t testing.TB) string {
+	t.Helper()
+	name := strings.NewReplacer("/", "-", " ", "-").Replace(t.Name())
+	if len(name) > 40 {
+		name = name[:40]
+	}
+	d, err := NewDataDir(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.RemoveAll(d) })
+	return d
+}
+
 // MakeTraversable adds search (o+x) permission to every ancestor of dir below the
-// system temp directory, so a server running as another uid (Vault as 100) can reach
-// dir. dir itself is left alone: its owner and mode are what the test is about.
+// system temp directory or DataRoot, so a server running as another uid (Vault as 100)
+// can reach dir. dir itself is left alone: its owner and mode are what the test is about.
 func MakeTraversable(dir string) error {
-	tmp := filepath.Clean(os.TempDir())
-	for p := filepath.Dir(filepath.Clean(dir)); strings.HasPrefix(p, tmp+string(os.PathSeparator)); p = filepath.Dir(p) {
-		fi, err := os.Stat(p)
-		if err != nil {
-			return err
-		}
-		if fi.Mode().Perm()&0o001 == 0 {
-			if err := os.Chmod(p, fi.Mode().Perm()|0o011); err != nil {
+	for _, root := range []string{filepath.Clean(os.TempDir()), DataRoot} {
+		for p := filepath.Dir(filepath.Clean(dir)); strings.HasPrefix(p, root+string(os.PathSeparator)); p = filepath.Dir(p) {
+			fi, err := os.Stat(p)
+			if err != nil {
 				return err
+			}
+			if fi.Mode().Perm()&0o001 == 0 {
+				if err := os.Chmod(p, fi.Mode().Perm()|0o011); err != nil {
+					return err
+				}
 			}
 		}
 	}
 	return nil
+}
+
+// Chart returns the absolute path of the real hashicorp/vault chart archive of that
+// version kept under internal/lab/testdata/charts (0.33.0 or 0.34.1).
+func Chart(version string) string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "testdata", "charts", "vault-"+version+".tgz")
 }

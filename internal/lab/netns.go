@@ -5,10 +5,14 @@ import (
 	"crypto/rand"
 	"encoding/binary"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
+
+	"golang.org/x/sys/unix"
 )
 
 // Netns is a network namespace playing a node VM's network: a veth pair with the host
@@ -109,4 +113,49 @@ func (u *User) Close() {
 		_ = os.Remove(u.sudoers)
 	}
 	_ = exec.Command("userdel", u.Name).Run()
+}
+
+// Listen opens a TCP listener inside the namespace: the socket is created by a thread
+// that entered the namespace and then returned to its own, so it serves the namespace's
+// addresses while the test process stays where it is.
+//
+// The thread must never exit: lab servers are started with Pdeathsig, which the kernel
+// ties to the thread that forked them, so a dying thread would kill an unrelated server.
+// A thread that cannot get back to its namespace is parked for good instead.
+func (ns *Netns) Listen(addr string) (net.Listener, error) {
+	type result struct {
+		l   net.Listener
+		err error
+	}
+	ch := make(chan result, 1)
+	go func() {
+		runtime.LockOSThread()
+		self, err := unix.Open("/proc/thread-self/ns/net", unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{nil, fmt.Errorf("open this thread's namespace: %w", err)}
+			return
+		}
+		defer unix.Close(self)
+		fd, err := unix.Open("/var/run/netns/"+ns.Name, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{nil, fmt.Errorf("open namespace %s: %w", ns.Name, err)}
+			return
+		}
+		defer unix.Close(fd)
+		if err := unix.Setns(fd, unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			ch <- result{nil, fmt.Errorf("enter namespace %s: %w", ns.Name, err)}
+			return
+		}
+		l, err := net.Listen("tcp", addr)
+		ch <- result{l, err}
+		if unix.Setns(self, unix.CLONE_NEWNET) != nil {
+			select {} // stuck in the namespace: park the thread rather than let it die
+		}
+		runtime.UnlockOSThread()
+	}()
+	r := <-ch
+	return r.l, r.err
 }

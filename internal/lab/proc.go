@@ -102,3 +102,6 @@ func (p *Process) Kill() {
 	_ = p.cmd.Process.Kill()
 	<-p.done
 }
+
+// PID is the process id.
+func (p *Process) PID() int { return p.cmd.Process.Pid }

@@ -21,9 +21,10 @@ type VaultOptions struct {
 	StateDir string
 	// IP is the loopback address to listen on (127.0.0.2, 127.0.0.3, … for HA peers).
 	IP string
-	// Port for the API and ClusterPort for Raft; 0 picks a free port, so tests running
-	// in parallel never collide.
-	Port, ClusterPort int
+	// Port is the API as clients see it (the Gate); BackendPort is Vault's own listener
+	// behind it; ClusterPort is Raft's. 0 picks a free port, so tests running in
+	// parallel never collide (inside a namespace give them explicitly).
+	Port, BackendPort, ClusterPort int
 	// NodeID of the Raft node (default: vault-<IP>).
 	NodeID string
 	// RetryJoin lists leader API addresses for Raft retry_join.
@@ -38,23 +39,28 @@ type VaultOptions struct {
 	Netns *Netns
 }
 
-// Vault is a running Vault server process.
+// Vault is a running Vault server process behind its Gate (the Vault 2.x rules).
 type Vault struct {
 	Opts VaultOptions
-	// Addr is the API URL, http://IP:PORT.
-	Addr       string
+	// Addr is the API URL clients use, http://IP:PORT (the gate).
+	Addr string
+	// Direct is Vault's own listener behind the gate (tests that inspect Vault itself).
+	Direct     string
 	ConfigPath string
+	Gate       *Gate
 	bin        string
 	proc       *Process
 }
 
 // VaultHCL renders the lab's Vault configuration: Raft storage on DataDir with
-// performance_multiplier 1 (init in ~1.5 s instead of ~9 s), a plain-HTTP listener.
+// performance_multiplier 1 (init in ~1.5 s instead of ~9 s), a plain-HTTP listener on
+// the backend port, the gate's address as api_addr.
 func VaultHCL(o VaultOptions) string {
 	var join strings.Builder
 	for _, a := range o.RetryJoin {
 		fmt.Fprintf(&join, "  retry_join {\n    leader_api_addr = %q\n  }\n", a)
 	}
+	listen := net.JoinHostPort(o.IP, strconv.Itoa(o.BackendPort))
 	api := net.JoinHostPort(o.IP, strconv.Itoa(o.Port))
 	cluster := net.JoinHostPort(o.IP, strconv.Itoa(o.ClusterPort))
 	return fmt.Sprintf(`storage "raft" {
@@ -73,16 +79,16 @@ api_addr = "http://%s"
 cluster_addr = "https://%s"
 disable_mlock = true
 ui = false
-`, o.DataDir, o.NodeID, join.String(), api, cluster, api, cluster)
+`, o.DataDir, o.NodeID, join.String(), listen, cluster, api, cluster)
 }
 
-// StartVault writes the config and starts Vault, waiting until its API answers
-// (any HTTP status: uninitialised is 501, sealed 503).
+// StartVault writes the config, starts the gate and Vault behind it, and waits until
+// the API answers through the gate (any HTTP status: uninitialised is 501, sealed 503).
 func StartVault(ctx context.Context, bins Bins, o VaultOptions) (*Vault, error) {
 	if o.IP == "" {
 		o.IP = "127.0.0.1"
 	}
-	for _, port := range []*int{&o.Port, &o.ClusterPort} {
+	for _, port := range []*int{&o.Port, &o.BackendPort, &o.ClusterPort} {
 		if *port == 0 {
 			p, err := FreePort(o.IP)
 			if err != nil {
@@ -102,8 +108,23 @@ func StartVault(ctx context.Context, bins Bins, o VaultOptions) (*Vault, error) 
 		cfg = VaultHCL(o)
 	}
 	v := &Vault{Opts: o, Addr: "http://" + net.JoinHostPort(o.IP, strconv.Itoa(o.Port)),
+		Direct:     "http://" + net.JoinHostPort(o.IP, strconv.Itoa(o.BackendPort)),
 		ConfigPath: filepath.Join(o.StateDir, "vault.hcl"), bin: bins.Vault}
 	if err := os.WriteFile(v.ConfigPath, []byte(cfg), 0o644); err != nil {
+		return nil, err
+	}
+	var l net.Listener
+	var err error
+	if o.Netns != nil {
+		l, err = o.Netns.Listen(net.JoinHostPort(o.IP, strconv.Itoa(o.Port)))
+	} else {
+		l, err = net.Listen("tcp", net.JoinHostPort(o.IP, strconv.Itoa(o.Port)))
+	}
+	if err != nil {
+		return nil, fmt.Errorf("gate for vault %s: %w", o.NodeID, err)
+	}
+	if v.Gate, err = StartGate(l, v.Direct, filepath.Join(o.StateDir, "gate.log")); err != nil {
+		l.Close()
 		return nil, err
 	}
 	if o.UID != nil {
@@ -116,7 +137,11 @@ func StartVault(ctx context.Context, bins Bins, o VaultOptions) (*Vault, error) 
 			return nil, err
 		}
 	}
-	return v, v.Start(ctx)
+	if err := v.Start(ctx); err != nil {
+		v.Gate.Close()
+		return nil, err
+	}
+	return v, nil
 }
 
 // Start (re)starts the process with the same config and waits for the API.
@@ -168,8 +193,11 @@ func (v *Vault) Process() *Process { return v.proc }
 // Kill is kill -9: Vault comes back sealed on the next Start.
 func (v *Vault) Kill() { v.proc.Kill() }
 
-// Close stops Vault gracefully.
-func (v *Vault) Close() { v.proc.Stop() }
+// Close stops Vault gracefully, then its gate.
+func (v *Vault) Close() {
+	v.proc.Stop()
+	v.Gate.Close()
+}
 
 // StartFreshVault starts a single-node Raft Vault on 127.0.0.1 with an empty data
 // directory dir/data (mode 0700) and its state in dir/vault.

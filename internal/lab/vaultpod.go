@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 
@@ -14,12 +15,16 @@ import (
 	"k8s.io/client-go/kubernetes"
 )
 
-// VaultPods runs the chart's Vault pods as real Vault processes: when the lab kubelet
-// starts a pod, the Vault config the chart rendered (ConfigMap <release>-config) is read
-// and started with only what cannot hold outside a pod rewritten — the listener and
-// cluster addresses become the pod's loopback IP, /vault/data becomes the pod's
-// hostPath, and service_registration "kubernetes" is dropped. The env the real chart
-// sets (VAULT_API_ADDR, VAULT_CLUSTER_ADDR, VAULT_RAFT_NODE_ID) is set the same way.
+// VaultPods runs the release's Vault server pods as real Vault processes, each behind a
+// Gate that enforces Vault 2.x's rules: when the lab kubelet starts a server pod (its
+// controller is the release's StatefulSet and it carries the chart's server labels),
+// the Vault config the chart rendered (ConfigMap <release>-config) is read and started
+// with only what cannot hold outside a pod rewritten — the listener binds the pod's
+// loopback IP behind the gate, /vault/data becomes the pod's hostPath, and
+// service_registration "kubernetes" is dropped. The env the real chart sets
+// (VAULT_API_ADDR, VAULT_CLUSTER_ADDR, VAULT_RAFT_NODE_ID) is set the same way. Every
+// other pod of the namespace (the chart's injector, a rogue pod) just runs, without a
+// process, at Other's address (default 192.0.2.1, which routes nowhere).
 type VaultPods struct {
 	Bins     Bins
 	Clients  kubernetes.Interface
@@ -34,6 +39,8 @@ type VaultPods struct {
 	UID, GID *uint32
 	// Netns, when set, runs pod ordinal i inside that node's network namespace.
 	Netns func(ordinal int) *Netns
+	// Other gives the IP of a pod that is not a Vault server pod (nil: 192.0.2.1).
+	Other func(pod *corev1.Pod) string
 
 	mu     sync.Mutex
 	vaults map[string]*Vault // pod name → process
@@ -61,16 +68,30 @@ func (vp *VaultPods) Close() {
 	vp.vaults = nil
 }
 
+// The ports of a lab pod: the gate on the chart's API port, Vault behind it.
+const (
+	podAPIPort     = 8200
+	podBackendPort = 18200
+	podClusterPort = 8201
+)
+
 var (
 	listenRe  = regexp.MustCompile(`"\[::\]:(\d+)"`)
 	svcRegRe  = regexp.MustCompile(`(?m)^\s*service_registration\s+"kubernetes"\s*\{\s*\}\s*$`)
 	dataDirRe = regexp.MustCompile(`"/vault/data"`)
 )
 
-// PodConfig rewrites a chart-rendered Vault config for a pod running on the host; hosts
-// maps the pods' DNS names to their loopback IPs.
+// PodConfig rewrites a chart-rendered Vault config for a pod running on the host: the
+// API listener moves behind the gate (port 8200 → 18200 on the pod's IP), the cluster
+// listener binds the pod's IP; hosts maps the pods' DNS names to their IPs.
 func PodConfig(rendered, ip, dataDir string, hosts map[string]string) string {
-	c := listenRe.ReplaceAllString(rendered, `"`+ip+`:$1"`)
+	c := listenRe.ReplaceAllStringFunc(rendered, func(m string) string {
+		port := listenRe.FindStringSubmatch(m)[1]
+		if port == strconv.Itoa(podAPIPort) {
+			port = strconv.Itoa(podBackendPort)
+		}
+		return `"` + ip + `:` + port + `"`
+	})
 	for name, addr := range hosts {
 		c = strings.ReplaceAll(c, "://"+name+":", "://"+addr+":")
 	}
@@ -78,7 +99,20 @@ func PodConfig(rendered, ip, dataDir string, hosts map[string]string) string {
 	return svcRegRe.ReplaceAllString(c, "")
 }
 
+// IsServerPod reports whether the kubelet runs pod as a Vault server of the release.
+func (vp *VaultPods) IsServerPod(pod *corev1.Pod) bool {
+	owner := metav1.GetControllerOf(pod)
+	return owner != nil && owner.Kind == "StatefulSet" && owner.Name == vp.Release &&
+		pod.Labels["component"] == "server" && pod.Labels["app.kubernetes.io/instance"] == vp.Release
+}
+
 func (vp *VaultPods) start(ctx context.Context, pod *corev1.Pod) (string, error) {
+	if !vp.IsServerPod(pod) {
+		if vp.Other != nil {
+			return vp.Other(pod), nil
+		}
+		return "192.0.2.1", nil
+	}
 	cm, err := vp.Clients.CoreV1().ConfigMaps(pod.Namespace).Get(ctx, vp.Release+"-config", metav1.GetOptions{})
 	if err != nil {
 		return "", fmt.Errorf("read the rendered config: %w", err)
@@ -93,13 +127,13 @@ func (vp *VaultPods) start(ctx context.Context, pod *corev1.Pod) (string, error)
 	for i := 0; i < 10; i++ {
 		hosts[fmt.Sprintf("%s-%d.%s-internal", vp.Release, i, vp.Release)] = vp.IP(i)
 	}
-	env := []string{"VAULT_API_ADDR=http://" + ip + ":8200", "VAULT_CLUSTER_ADDR=https://" + ip + ":8201", "HOSTNAME=" + pod.Name}
+	env := []string{fmt.Sprintf("VAULT_API_ADDR=http://%s:%d", ip, podAPIPort), fmt.Sprintf("VAULT_CLUSTER_ADDR=https://%s:%d", ip, podClusterPort), "HOSTNAME=" + pod.Name}
 	if strings.Contains(podEnv(pod), "VAULT_RAFT_NODE_ID") {
 		env = append(env, "VAULT_RAFT_NODE_ID="+pod.Name)
 	}
 	v, err := StartVault(ctx, vp.Bins, VaultOptions{
 		DataDir: data, StateDir: filepath.Join(vp.StateDir, pod.Name+"-"+string(pod.UID)[:8]),
-		IP: ip, Port: 8200, ClusterPort: 8201, NodeID: pod.Name, UID: vp.UID, GID: vp.GID,
+		IP: ip, Port: podAPIPort, BackendPort: podBackendPort, ClusterPort: podClusterPort, NodeID: pod.Name, UID: vp.UID, GID: vp.GID,
 		Config: PodConfig(rendered, ip, data, hosts), Env: env, Netns: vp.netns(ord),
 	})
 	if err != nil {

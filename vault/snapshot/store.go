@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/pve-vault-agent/pve-vault-agent/internal/safefile"
 )
 
 // Errors a caller branches on.
@@ -92,10 +94,10 @@ func (s *Store) Lock(ctx context.Context) (func(), error) {
 }
 
 func (s *Store) ensureDir() error {
-	if err := os.MkdirAll(s.Dir, 0o700); err != nil {
+	if err := safefile.PrivateDir(s.Dir); err != nil {
 		return fmt.Errorf("snapshot directory: %w", err)
 	}
-	return os.Chmod(s.Dir, 0o700)
+	return nil
 }
 
 // CheckSpace refuses to start when the filesystem has less free space than needed.
@@ -185,7 +187,7 @@ func (s *Store) Save(ctx context.Context, now time.Time, m Manifest, fill func(w
 	if err := os.Rename(filepath.Join(s.Dir, name+".json.tmp"), final+".json"); err != nil {
 		return Entry{}, err
 	}
-	if err := syncDir(s.Dir); err != nil {
+	if err := safefile.SyncDir(s.Dir); err != nil {
 		return Entry{}, err
 	}
 	return Entry{Path: final, Time: m.Created, Size: m.Size, Verified: true, Manifest: &m}, nil
@@ -286,13 +288,34 @@ func (s *Store) List() ([]Entry, error) {
 			continue
 		}
 		en := Entry{Path: filepath.Join(s.Dir, name), Time: ts, Size: fi.Size()}
-		if m, err := ReadManifest(en.Path); err == nil && m.Size == fi.Size() {
-			en.Verified, en.Manifest = true, m
+		if m, err := ReadManifest(en.Path); err == nil && m.Size == fi.Size() && m.File == name {
+			// The manifest's time, recorded when the snapshot was verified, orders it:
+			// a file name is whatever a writer chose.
+			en.Verified, en.Manifest, en.Time = true, m, m.Created
+		} else if ts.After(fi.ModTime()) {
+			en.Time = fi.ModTime() // an unverified file cannot claim to be newer than it is
 		}
 		out = append(out, en)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Time.Before(out[j].Time) })
+	SortEntries(out)
 	return out, nil
+}
+
+// SortEntries orders snapshots oldest first: by time, then Raft index.
+func SortEntries(es []Entry) {
+	sort.SliceStable(es, func(i, j int) bool {
+		if !es[i].Time.Equal(es[j].Time) {
+			return es[i].Time.Before(es[j].Time)
+		}
+		return es[i].raftIndex() < es[j].raftIndex()
+	})
+}
+
+func (e Entry) raftIndex() uint64 {
+	if e.Manifest == nil {
+		return 0
+	}
+	return e.Manifest.RaftIndex
 }
 
 // ReadManifest reads the manifest beside a snapshot.
@@ -346,7 +369,7 @@ func (s *Store) Remove(e Entry) error {
 	if err := os.Remove(e.Path); err != nil {
 		return err
 	}
-	return syncDir(s.Dir)
+	return safefile.SyncDir(s.Dir)
 }
 
 func writeJSONAtomic(path string, v any) error {
@@ -369,11 +392,3 @@ func writeJSONAtomic(path string, v any) error {
 	return f.Close()
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}

@@ -13,6 +13,7 @@ package snapshot
 import (
 	"archive/tar"
 	"bufio"
+	"bytes"
 	"compress/gzip"
 	"crypto/sha256"
 	"encoding/hex"
@@ -28,8 +29,18 @@ import (
 // ErrInvalid is wrapped by every verification failure.
 var ErrInvalid = errors.New("invalid raft snapshot")
 
-// members are exactly the files of a Vault Raft snapshot archive.
-var members = []string{"meta.json", "state.bin", "SHA256SUMS", "SHA256SUMS.sealed"}
+// members are exactly the files of a Vault Raft snapshot archive, with the largest size
+// each may have: verification reads the archive with flat memory and rejects anything
+// else at its header, before reading a byte of it.
+var members = map[string]int64{
+	"meta.json":         1 << 20,
+	"state.bin":         MaxStateSize,
+	"SHA256SUMS":        4 << 10,
+	"SHA256SUMS.sealed": 64 << 10,
+}
+
+// MaxStateSize caps state.bin (256 GiB: far beyond any Vault that fits a homelab).
+const MaxStateSize int64 = 256 << 30
 
 // Info is what verification learns of a snapshot.
 type Info struct {
@@ -54,14 +65,17 @@ func VerifyFile(path string) (Info, error) {
 		return Info{}, err
 	}
 	defer f.Close()
-	return Verify(bufio.NewReaderSize(f, 1<<20))
+	return Verify(f)
 }
 
-// Verify reads a snapshot archive to its end: gzip to EOF with nothing after it, tar
-// members exactly meta.json, state.bin, SHA256SUMS and SHA256SUMS.sealed, SHA256SUMS
-// matching the other two, meta.json parsing with a Size equal to state.bin's.
+// Verify reads a snapshot archive to its end: gzip to EOF with nothing after it; tar
+// members exactly meta.json, state.bin, SHA256SUMS and SHA256SUMS.sealed, each a regular
+// file within its size cap, each once; SHA256SUMS matching the first two; meta.json
+// parsing with a Size equal to state.bin's. The same rules apply to a stream being
+// saved and to a file on disk. Memory stays flat and errors short, whatever the input.
 func Verify(r io.Reader) (Info, error) {
-	zr, err := gzip.NewReader(r)
+	br := bufio.NewReaderSize(r, 1<<20) // gzip reads through it: trailing bytes stay visible below
+	zr, err := gzip.NewReader(br)
 	if err != nil {
 		return Info{}, fmt.Errorf("%w: not gzip: %v", ErrInvalid, err)
 	}
@@ -70,7 +84,6 @@ func Verify(r io.Reader) (Info, error) {
 	sums := map[string]string{}
 	sizes := map[string]int64{}
 	var metaRaw, sumsRaw []byte
-	var order []string
 	for {
 		h, err := tr.Next()
 		if err == io.EOF {
@@ -79,45 +92,62 @@ func Verify(r io.Reader) (Info, error) {
 		if err != nil {
 			return Info{}, fmt.Errorf("%w: tar: %v", ErrInvalid, err)
 		}
+		limit, known := members[h.Name]
+		switch {
+		case !known:
+			return Info{}, fmt.Errorf("%w: unexpected member %.64q (a Raft snapshot holds exactly %s)", ErrInvalid, h.Name, memberList())
+		case h.Typeflag != tar.TypeReg && h.Typeflag != tar.TypeRegA: //nolint:staticcheck // TypeRegA: old writers
+			return Info{}, fmt.Errorf("%w: member %s is not a regular file (type %q)", ErrInvalid, h.Name, h.Typeflag)
+		case h.Size < 0 || h.Size > limit:
+			return Info{}, fmt.Errorf("%w: member %s claims %d bytes, more than the %d allowed", ErrInvalid, h.Name, h.Size, limit)
+		}
 		if _, dup := sizes[h.Name]; dup {
 			return Info{}, fmt.Errorf("%w: member %s appears twice", ErrInvalid, h.Name)
 		}
-		order = append(order, h.Name)
 		hash := sha256.New()
-		var buf strings.Builder
+		var buf bytes.Buffer
 		w := io.Writer(hash)
 		if h.Name == "meta.json" || h.Name == "SHA256SUMS" {
-			w = io.MultiWriter(hash, &limitedBuilder{b: &buf, max: 1 << 20})
+			w = io.MultiWriter(hash, &buf) // bounded by the member's cap
 		}
-		n, err := io.Copy(w, tr)
+		n, err := io.Copy(w, io.LimitReader(tr, limit+1))
 		if err != nil {
 			return Info{}, fmt.Errorf("%w: member %s: %v", ErrInvalid, h.Name, err)
+		}
+		if n > limit {
+			return Info{}, fmt.Errorf("%w: member %s is larger than the %d bytes allowed", ErrInvalid, h.Name, limit)
 		}
 		sizes[h.Name] = n
 		sums[h.Name] = hex.EncodeToString(hash.Sum(nil))
 		switch h.Name {
 		case "meta.json":
-			metaRaw = []byte(buf.String())
+			metaRaw = buf.Bytes()
 		case "SHA256SUMS":
-			sumsRaw = []byte(buf.String())
+			sumsRaw = buf.Bytes()
 		}
 	}
-	// Drain: the gzip stream must end cleanly (checksum and size trailer verified).
-	if _, err := io.Copy(io.Discard, zr); err != nil {
+	// Drain: the gzip stream must end cleanly (checksum and size trailer verified); a
+	// tar archive ends with at most a few KiB of padding.
+	if n, err := io.Copy(io.Discard, io.LimitReader(zr, 1<<20+1)); err != nil {
 		return Info{}, fmt.Errorf("%w: gzip: %v", ErrInvalid, err)
+	} else if n > 1<<20 {
+		return Info{}, fmt.Errorf("%w: more than 1 MiB of data after the tar archive", ErrInvalid)
 	}
 	if err := zr.Close(); err != nil {
 		return Info{}, fmt.Errorf("%w: gzip: %v", ErrInvalid, err)
 	}
-	if n, _ := io.Copy(io.Discard, r); n > 0 {
+	if n, _ := io.Copy(io.Discard, br); n > 0 {
 		return Info{}, fmt.Errorf("%w: %d bytes after the end of the archive", ErrInvalid, n)
 	}
-	got := append([]string(nil), order...)
-	sort.Strings(got)
-	want := append([]string(nil), members...)
-	sort.Strings(want)
-	if strings.Join(got, ",") != strings.Join(want, ",") {
-		return Info{}, fmt.Errorf("%w: members %v, want exactly %v", ErrInvalid, order, members)
+	if len(sizes) != len(members) {
+		var missing []string
+		for name := range members {
+			if _, ok := sizes[name]; !ok {
+				missing = append(missing, name)
+			}
+		}
+		sort.Strings(missing)
+		return Info{}, fmt.Errorf("%w: members missing: %s (a Raft snapshot holds exactly %s)", ErrInvalid, strings.Join(missing, ", "), memberList())
 	}
 	if sizes["SHA256SUMS.sealed"] == 0 {
 		return Info{}, fmt.Errorf("%w: SHA256SUMS.sealed is empty (the seal failed mid-snapshot)", ErrInvalid)
@@ -126,18 +156,18 @@ func Verify(r io.Reader) (Info, error) {
 	for _, line := range strings.Split(strings.TrimSpace(string(sumsRaw)), "\n") {
 		f := strings.Fields(line)
 		if len(f) != 2 {
-			return Info{}, fmt.Errorf("%w: SHA256SUMS line %q", ErrInvalid, line)
+			return Info{}, fmt.Errorf("%w: SHA256SUMS line %.80q", ErrInvalid, line)
 		}
 		listed[f[1]] = f[0]
 	}
 	for _, name := range []string{"meta.json", "state.bin"} {
 		if listed[name] != sums[name] {
-			return Info{}, fmt.Errorf("%w: %s has sha256 %s, SHA256SUMS says %q", ErrInvalid, name, sums[name], listed[name])
+			return Info{}, fmt.Errorf("%w: %s has sha256 %s, SHA256SUMS says %.80q", ErrInvalid, name, sums[name], listed[name])
 		}
 	}
 	var m raftMeta
 	if err := json.Unmarshal(metaRaw, &m); err != nil {
-		return Info{}, fmt.Errorf("%w: meta.json: %v", ErrInvalid, err)
+		return Info{}, fmt.Errorf("%w: meta.json: %.200v", ErrInvalid, err)
 	}
 	if m.Size != sizes["state.bin"] {
 		return Info{}, fmt.Errorf("%w: meta.json says %d bytes of state, state.bin has %d", ErrInvalid, m.Size, sizes["state.bin"])
@@ -145,16 +175,11 @@ func Verify(r io.Reader) (Info, error) {
 	return Info{Index: m.Index, Term: m.Term, ID: m.ID, Size: m.Size}, nil
 }
 
-// limitedBuilder keeps at most max bytes (meta.json and SHA256SUMS are small; a huge
-// one is a broken archive, not a reason to use memory).
-type limitedBuilder struct {
-	b   *strings.Builder
-	max int
-}
-
-func (l *limitedBuilder) Write(p []byte) (int, error) {
-	if l.b.Len()+len(p) > l.max {
-		return 0, fmt.Errorf("%w: member larger than %d bytes", ErrInvalid, l.max)
+func memberList() string {
+	names := make([]string, 0, len(members))
+	for n := range members {
+		names = append(names, n)
 	}
-	return l.b.Write(p)
+	sort.Strings(names)
+	return strings.Join(names, ", ")
 }

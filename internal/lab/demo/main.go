@@ -72,6 +72,50 @@ func (d *demo) agentCmd(ctx context.Context, args ...string) error {
 	return cmd.Run()
 }
 
+// agentJSON runs the agent with -o json, shows its stderr, and decodes its stdout.
+func (d *demo) agentJSON(ctx context.Context, v any, args ...string) error {
+	fmt.Fprintf(d.out, "      $ pve-vault-agent %s\n", strings.Join(args, " "))
+	cmd := exec.CommandContext(ctx, d.agent, args...)
+	var mu sync.Mutex
+	var stdout strings.Builder
+	cmd.Stdout = &stdout
+	cmd.Stderr = &prefixed{w: d.out, mu: &mu}
+	err := cmd.Run()
+	if jerr := json.Unmarshal([]byte(stdout.String()), v); jerr != nil && err == nil {
+		err = fmt.Errorf("decode the agent's JSON: %w", jerr)
+	}
+	return err
+}
+
+// unsealedLines counts the daemon's "unsealed" log lines for pod.
+func unsealedLines(log, pod string) int {
+	n := 0
+	for _, l := range strings.Split(log, "\n") {
+		if strings.Contains(l, "msg=unsealed ") && strings.Contains(l, " pod="+pod+" ") {
+			n++
+		}
+	}
+	return n
+}
+
+// syncBuffer keeps the daemon's log for the demo's checks.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  strings.Builder
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
 // prefixed indents whole lines of a command's output; stdout and stderr share mu so
 // their lines never interleave mid-line.
 type prefixed struct {
@@ -155,11 +199,19 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 	cfgPath := filepath.Join(dir, "config.yaml")
 	keyfile := filepath.Join(dir, "state", "unseal.cred")
 	const tokenID, tokenSecret = "vault-agent@pve!demo", "5b0c1e2d-demo-4a7f-9e3b-0c1d2e3f4a5b"
-	hostPath := filepath.Join(dir, "node1-root", "srv", "vault")
-	if _, err := os.Stat("k8s/testdata/vault-chart"); err != nil {
-		fmt.Fprintln(out, "demo: run it from the repository root (make demo)")
+	dataDir, err := lab.NewDataDir("demo")
+	if err != nil {
+		fmt.Fprintln(out, "demo:", err)
+		return 1
+	}
+	defer os.RemoveAll(dataDir)
+	hostPath := filepath.Join(dataDir, "node1", "vault")
+	chart := lab.Chart("0.34.1")
+	if _, err := os.Stat(chart); err != nil {
+		fmt.Fprintf(out, "demo: the real Vault chart is missing (%v)\n", err)
 		return 2
 	}
+	daemonLog := &syncBuffer{}
 	steps := []struct {
 		title string
 		f     func() error
@@ -194,8 +246,8 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			}
 			return err
 		}},
-		{"write the agent's configuration for the lab (node = VMID 201, data in " + hostPath + ")", func() error {
-			return writeConfig(dir, hostPath, cp, node, pve, tokenID, tokenSecret)
+		{"write the agent's configuration for the lab (node = VMID 201, data in " + hostPath + ", the real hashicorp/vault chart 0.34.1)", func() error {
+			return writeConfig(dir, hostPath, chart, cp, node, pve, tokenID, tokenSecret)
 		}},
 		{"pve-vault-agent version", func() error { return d.agentCmd(ctx, "version") }},
 		{"pve-vault-agent config check (validates, prints the effective config; secrets are references)", func() error {
@@ -233,7 +285,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		{"pve-vault-agent install again: same chart and values, no new revision", func() error {
 			return d.agentCmd(ctx, "install", "--config", filepath.Join(dir, "config.yaml"))
 		}},
-		{"pve-vault-agent init: initialise Vault, seal the keys into the keyfile (systemd-creds), keep a snapshot-only token, revoke root", func() error {
+		{"pve-vault-agent init: initialise Vault, seal the keys into the keyfile (systemd-creds), mint the snapshot and operator tokens, revoke root", func() error {
 			return d.agentCmd(ctx, "init", "--config", filepath.Join(dir, "config.yaml"))
 		}},
 		{"pve-vault-agent keyfile check: the keyfile decrypts; only metadata is shown", func() error {
@@ -242,7 +294,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		{"start the daemon (pve-vault-agent run), as the systemd service would", func() error {
 			daemon = exec.CommandContext(ctx, d.agent, "run", "--config", filepath.Join(dir, "config.yaml"))
 			var mu sync.Mutex
-			daemon.Stderr = &prefixed{w: d.out, mu: &mu}
+			daemon.Stderr = io.MultiWriter(&prefixed{w: d.out, mu: &mu}, daemonLog)
 			if err := daemon.Start(); err != nil {
 				return err
 			}
@@ -254,21 +306,29 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			if v == nil {
 				return fmt.Errorf("no Vault process for pod vault-0")
 			}
+			if sealed, err := sealedAt(v.Addr); err != nil || sealed {
+				return fmt.Errorf("vault-0 is not unsealed before the reboot (sealed %v, %v)", sealed, err)
+			}
+			before := unsealedLines(daemonLog.String(), "vault-0")
 			v.Kill()
 			if err := v.Start(ctx); err != nil {
 				return err
 			}
 			t0 := time.Now()
 			for {
-				if sealed, err := sealedAt(v.Addr); err == nil && !sealed {
+				sealed, err := sealedAt(v.Addr)
+				if err == nil && !sealed && unsealedLines(daemonLog.String(), "vault-0") > before {
 					break
 				}
+				if gone, _ := v.Process().Exited(); gone {
+					return fmt.Errorf("the restarted vault-0 exited:\n%s", v.Process().Tail(10))
+				}
 				if time.Since(t0) > 30*time.Second {
-					return fmt.Errorf("vault-0 still sealed after 30s")
+					return fmt.Errorf("vault-0 not unsealed by the daemon 30s after the restart (sealed %v, %v)", sealed, err)
 				}
 				time.Sleep(10 * time.Millisecond)
 			}
-			d.say("vault-0 listening → unsealed by the daemon in %s", time.Since(t0).Round(time.Millisecond))
+			d.say("vault-0 came back sealed (pid %d) and the daemon's log shows it unsealed it: listening → unsealed in %s", v.Process().PID(), time.Since(t0).Round(time.Millisecond))
 			return nil
 		}},
 		{"pve-vault-agent unseal: nothing to do, every pod is unsealed", func() error {
@@ -304,11 +364,26 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			return nil
 		}},
 		{"pve-vault-agent recover --yes: provision → install → throwaway init → snapshot-force → unseal with the keyfile", func() error {
-			err := d.agentCmd(ctx, "recover", "--yes", "--config", cfgPath)
-			if err == nil {
-				d.say("node rebuilt → unsealed with data back in %s", time.Since(rebuilt).Round(time.Millisecond))
+			var rep struct {
+				Opened   string `json:"opened"`
+				Restored bool   `json:"restored"`
+				Steps    []struct {
+					Name    string  `json:"name"`
+					Result  string  `json:"result"`
+					Seconds float64 `json:"seconds"`
+				} `json:"steps"`
 			}
-			return err
+			if err := d.agentJSON(ctx, &rep, "recover", "--yes", "-o", "json", "--config", cfgPath); err != nil {
+				return err
+			}
+			for _, s := range rep.Steps {
+				d.say("%-10s %6.2fs  %s", s.Name, s.Seconds, s.Result)
+			}
+			if rep.Opened != "throwaway-init" || !rep.Restored {
+				return fmt.Errorf("recover did not restore the snapshot into an empty node (opened %q, restored %v): the act did not happen", rep.Opened, rep.Restored)
+			}
+			d.say("node rebuilt → unsealed with data back in %s", time.Since(rebuilt).Round(time.Millisecond))
+			return nil
 		}},
 		{"read the secret back", func() error {
 			return withRoot(ctx, pods, keyfile, func(n *vault.Node, root vault.Token) error {
@@ -339,6 +414,10 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 const seedValues = `global:
   enabled: true
   tlsDisable: true   # lab only
+# The lab has no cluster DNS: with the injector on, the API server would resolve its
+# webhook Service through the host's resolver, off loopback.
+injector:
+  enabled: false
 server:
   resources:
     requests: {cpu: 100m, memory: 256Mi}
@@ -352,11 +431,7 @@ server:
     initialDelaySeconds: 60
 `
 
-func writeConfig(dir, hostPath string, cp *lab.ControlPlane, node *lab.SSHD, pve *lab.PVE, tokenID, tokenSecret string) error {
-	chartPath, err := filepath.Abs("k8s/testdata/vault-chart")
-	if err != nil {
-		return err
-	}
+func writeConfig(dir, hostPath, chartPath string, cp *lab.ControlPlane, node *lab.SSHD, pve *lab.PVE, tokenID, tokenSecret string) error {
 	valuesFile := filepath.Join(dir, "values.yaml")
 	if err := os.WriteFile(valuesFile, []byte(seedValues), 0o600); err != nil {
 		return err
@@ -384,7 +459,7 @@ ssh:
   identity: {file: %s}
   known_hosts: %s
 kubernetes:
-  kubeconfig: %s
+  kubeconfig: {file: %s}
 chart:
   path: %s
   values_files: [%s]
@@ -395,6 +470,7 @@ snapshots:
 vault:
   keyfile: %s
   systemd_creds_key: host
+  token_period: 1h
 metrics:
   listen: 127.0.0.1:0
 `, pve.URL, tokenID, secretFile, pve.CAFile, hostPath, node.Port, node.ClientKeyPath, known, cp.Kubeconfig,
@@ -416,8 +492,9 @@ func sealedAt(addr string) (bool, error) {
 	return st.Sealed, nil
 }
 
-// withRoot runs f with a root token generated from the keyfile's shares on vault-0 and
-// revokes it after: how an operator gets a privileged token once root was revoked.
+// withRoot runs f with a root token generated from the keyfile's shares on vault-0 (the
+// operator token authorising generate-root, as Vault 2.x requires) and revokes it
+// after: how an operator gets a privileged token once root was revoked.
 func withRoot(ctx context.Context, pods *lab.VaultPods, keyfile string, f func(*vault.Node, vault.Token) error) error {
 	v := pods.Vault("vault-0")
 	if v == nil {
@@ -431,7 +508,8 @@ func withRoot(ctx context.Context, pods *lab.VaultPods, keyfile string, f func(*
 	if err != nil {
 		return err
 	}
-	root, err := n.GenerateRoot(ctx, kf.Keyset)
+	// Vault 2.x (the lab's gate): generate-root needs a token as well as the shares.
+	root, err := n.GenerateRoot(ctx, kf.Keyset, vault.GenerateRootOptions{Auth: kf.OperatorToken})
 	if err != nil {
 		return err
 	}

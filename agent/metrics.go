@@ -1,0 +1,178 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"runtime"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+type metrics struct {
+	reg                *prometheus.Registry
+	backupLastSuccess  prometheus.Gauge
+	backupNext         prometheus.Gauge
+	backupLastSize     prometheus.Gauge
+	backupFailures     prometheus.Counter
+	backupDuration     prometheus.Gauge
+	reloadFailures     prometheus.Counter
+	discoveryFailures  prometheus.Counter
+	sealed             *prometheus.GaugeVec
+	removed            *prometheus.GaugeVec
+	reachable          *prometheus.GaugeVec
+	attempts           *prometheus.CounterVec
+	failures           *prometheus.CounterVec
+	lastUnseal         *prometheus.GaugeVec
+	tokenTTL           *prometheus.GaugeVec
+	tokenRenewed       *prometheus.GaugeVec
+	tokenRenewFailures *prometheus.CounterVec
+}
+
+func newMetrics(version string) *metrics {
+	g := func(name, help string) prometheus.Gauge {
+		return prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help})
+	}
+	c := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Name: name, Help: help})
+	}
+	gv := func(name, help string, labels ...string) *prometheus.GaugeVec {
+		return prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: name, Help: help}, labels)
+	}
+	cv := func(name, help string, labels ...string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labels)
+	}
+	m := &metrics{
+		reg:                prometheus.NewRegistry(),
+		backupLastSuccess:  g("pva_backup_last_success_timestamp_seconds", "When the newest scheduled snapshot was taken."),
+		backupNext:         g("pva_backup_next_timestamp_seconds", "When the next scheduled snapshot is due."),
+		backupLastSize:     g("pva_backup_last_size_bytes", "Size of the last stored snapshot."),
+		backupFailures:     c("pva_backup_failures_total", "Scheduled backups that stored nothing."),
+		backupDuration:     g("pva_backup_duration_seconds", "How long the last scheduled backup took."),
+		reloadFailures:     c("pva_reload_failures_total", "Reloads refused (the running configuration was kept)."),
+		discoveryFailures:  c("pva_discovery_failures_total", "Pod listings that failed or timed out."),
+		sealed:             gv("pva_vault_sealed", "1 when the Vault pod is sealed.", "pod"),
+		removed:            gv("pva_vault_removed", "1 when the Vault pod was removed from the Raft cluster.", "pod"),
+		reachable:          gv("pva_vault_reachable", "1 when the agent reached the Vault pod.", "pod"),
+		attempts:           cv("pva_unseal_attempts_total", "Unseal attempts per pod.", "pod"),
+		failures:           cv("pva_unseal_failures_total", "Failed unseal attempts per pod and reason.", "pod", "reason"),
+		lastUnseal:         gv("pva_last_unseal_timestamp_seconds", "When the agent last unsealed the pod.", "pod"),
+		tokenTTL:           gv("pva_token_ttl_seconds", "Remaining TTL of the agent's token after its last renewal.", "token"),
+		tokenRenewed:       gv("pva_token_last_renewal_timestamp_seconds", "When the token was last renewed.", "token"),
+		tokenRenewFailures: cv("pva_token_renewal_failures_total", "Failed token renewals.", "token"),
+	}
+	build := gv("pva_build_info", "Build of the running agent.", "version", "goversion")
+	build.WithLabelValues(version, runtime.Version()).Set(1)
+	m.reg.MustRegister(m.backupLastSuccess, m.backupNext, m.backupLastSize, m.backupFailures, m.backupDuration, m.reloadFailures,
+		m.discoveryFailures, m.sealed, m.removed, m.reachable, m.attempts, m.failures, m.lastUnseal, m.tokenTTL, m.tokenRenewed,
+		m.tokenRenewFailures, build)
+	return m
+}
+
+func (m *metrics) forget(pod string) {
+	m.sealed.DeleteLabelValues(pod)
+	m.removed.DeleteLabelValues(pod)
+	m.reachable.DeleteLabelValues(pod)
+}
+
+// metricsMaxConns bounds concurrent scrapes: idle or slow clients cannot exhaust the
+// daemon's file descriptors.
+const metricsMaxConns = 16
+
+// serveMetrics serves /metrics on listen (loopback unless metrics.allow_remote) with
+// read, write and idle timeouts and a connection limit.
+func (d *daemon) serveMetrics(listen string) (func(), error) {
+	if listen == "" {
+		return func() {}, nil
+	}
+	l, err := net.Listen("tcp", listen)
+	if err != nil {
+		return nil, withHint(fmt.Errorf("metrics listener %s: %w", listen, err), `set metrics.listen to a free loopback address, or "" to disable`)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{Timeout: 10 * time.Second}))
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second, ReadTimeout: 10 * time.Second,
+		WriteTimeout: 15 * time.Second, IdleTimeout: 30 * time.Second, MaxHeaderBytes: 16 << 10}
+	go func() { _ = srv.Serve(limitListener(l, metricsMaxConns)) }()
+	if d.opts.MetricsReady != nil {
+		d.opts.MetricsReady(l.Addr().String())
+	}
+	return func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+		_ = srv.Close()
+	}, nil
+}
+
+// limitListener accepts at most n connections at once; the next waits for one to close.
+func limitListener(l net.Listener, n int) net.Listener {
+	return &limited{Listener: l, sem: make(chan struct{}, n)}
+}
+
+type limited struct {
+	net.Listener
+	sem chan struct{}
+}
+
+func (l *limited) Accept() (net.Conn, error) {
+	l.sem <- struct{}{}
+	c, err := l.Listener.Accept()
+	if err != nil {
+		<-l.sem
+		return nil, err
+	}
+	return &limitedConn{Conn: c, release: func() { <-l.sem }}, nil
+}
+
+type limitedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	err := c.Conn.Close()
+	c.once.Do(c.release)
+	return err
+}
+
+// background are the daemon's scheduled jobs of one configuration.
+type background struct {
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+// startBackground starts the backup schedule and the token renewals of the current
+// configuration.
+func (d *daemon) startBackground(ctx context.Context) {
+	env := d.currentEnv()
+	bctx, cancel := context.WithCancel(ctx)
+	bg := &background{cancel: cancel}
+	if env.Config.Snapshots.Schedule != "" {
+		bg.wg.Add(1)
+		go func() { defer bg.wg.Done(); d.runBackups(bctx, env) }()
+	} else {
+		d.log.Info("no backup schedule (snapshots.schedule is empty): a timer or backup-now takes the snapshots")
+	}
+	bg.wg.Add(1)
+	go func() { defer bg.wg.Done(); d.runRenewals(bctx, env) }()
+	d.mu.Lock()
+	d.bg = bg
+	d.mu.Unlock()
+}
+
+func (d *daemon) stopBackground() {
+	d.mu.Lock()
+	bg := d.bg
+	d.bg = nil
+	d.mu.Unlock()
+	if bg != nil {
+		bg.cancel()
+		bg.wg.Wait()
+	}
+}
