@@ -145,7 +145,7 @@ type daemon struct {
 	env      *Env
 	keyfile  *vault.Keyfile
 	watchers map[string]*watcher   // pod name → watcher
-	rejected map[string]*rejection // pod name → the keyset Vault rejected there, and when to try again
+	rejected map[string]*rejection // pod incarnation → the keyset Vault rejected there, and when to try again
 	state    map[string]string     // pod name → last state, for STATUS
 	bg       *background
 }
@@ -297,6 +297,7 @@ func (d *daemon) apply(ctx context.Context, res discovery) {
 				continue
 			}
 			w.cancel()
+			delete(d.rejected, w.key)
 		}
 		wctx, cancel := context.WithCancel(ctx)
 		w := &watcher{key: key, cancel: cancel, done: make(chan struct{})}
@@ -309,6 +310,7 @@ func (d *daemon) apply(ctx context.Context, res discovery) {
 	for name, w := range d.watchers {
 		if !seen[name] {
 			w.cancel()
+			delete(d.rejected, w.key)
 			delete(d.watchers, name)
 			delete(d.state, name)
 			d.metrics.forget(name)

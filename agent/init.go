@@ -46,15 +46,28 @@ type initState struct {
 	rep      *InitReport
 }
 
-var initSteps = []step[initState]{
-	{"check", "check every precondition before Vault is touched: no keyfile, no recovery copy, the seal works, every pod uninitialised", (*initState).check},
-	{"init", "initialise the first pod and seal its shares into the keyfile at once (not interruptible in between)", (*initState).initialise},
-	{"recovery-copy", "write the offline recovery copy (age), when a recipient is set", (*initState).recoveryCopy},
-	{"unseal", "unseal the first pod and wait until it is active", (*initState).unseal},
-	{"tokens", "write the agent's policies and canary, mint its periodic tokens, record them in the keyfile", (*initState).tokens},
-	{"revoke-root", "revoke the initial root token", (*initState).revokeRoot},
-	{"followers", "unseal the other pods (they join through retry_join)", (*initState).followers},
-}
+// initSteps are init's steps in three parts: the checks (interruptible: nothing has
+// happened yet), the setup from Vault's init to the revoked root token (one unit an
+// interruption waits for: split anywhere, it would leave shares without the token Vault
+// 2.x needs to mint one, or a root token alive), and the followers.
+var (
+	initCheck = []step[initState]{
+		{"check", "check every precondition before Vault is touched: no keyfile, no recovery copy, the seal works, every pod uninitialised", (*initState).check},
+	}
+	initSetup = []step[initState]{
+		{"init", "initialise the first pod and seal its shares into the keyfile at once", (*initState).initialise},
+		{"recovery-copy", "write the offline recovery copy (age), when a recipient is set", (*initState).recoveryCopy},
+		{"unseal", "unseal the first pod and wait until it is active", (*initState).unseal},
+		{"tokens", "write the agent's policies and canary, mint its periodic tokens, record them in the keyfile", (*initState).tokens},
+		{"revoke-root", "revoke the initial root token", (*initState).revokeRoot},
+	}
+	initFollowers = []step[initState]{
+		{"followers", "unseal the other pods (they join through retry_join)", (*initState).followers},
+	}
+)
+
+// setupTimeout bounds init's uninterruptible setup.
+const setupTimeout = 2 * time.Minute
 
 // Init initialises Vault once: only when no keyfile exists and every pod reports
 // uninitialised. The shares go straight into the sealed keyfile; keys and tokens never
@@ -66,12 +79,25 @@ func Init(ctx context.Context, env *Env, opts InitOptions) (*InitReport, error) 
 		if !s.root.Empty() && len(s.pods) > 0 {
 			revokeRoot(ctx, env, s.pods[0].API, s.root)
 		}
+		if s.kf != nil {
+			s.rep.Meta = s.kf.Meta()
+		}
 	}()
-	err := runSteps(ctx, env, "init", initSteps, s, &s.rep.Steps)
-	if s.kf != nil {
-		s.rep.Meta = s.kf.Meta()
+	if err := runSteps(ctx, env, "init", initCheck, s, &s.rep.Steps); err != nil {
+		return s.rep, err
 	}
-	return s.rep, err
+	if err := ctx.Err(); err != nil {
+		return s.rep, err // interrupted before Vault was touched
+	}
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), setupTimeout)
+	defer cancel()
+	if err := runSteps(sctx, env, "init", initSetup, s, &s.rep.Steps); err != nil {
+		if s.kf != nil && s.kf.OperatorToken.Empty() {
+			err = withHint(err, "Vault is initialised but holds no data yet and the agent has no token for it (Vault 2.x needs one to mint more): empty the first pod's data directory, delete %s and the pod, and run init again", env.Config.Vault.Keyfile)
+		}
+		return s.rep, err
+	}
+	return s.rep, runSteps(ctx, env, "init", initFollowers, s, &s.rep.Steps)
 }
 
 func (s *initState) recoveryPath() string { return s.env.Config.Vault.Keyfile + ".recovery.age" }
@@ -137,13 +163,11 @@ func probeSealer(ctx context.Context, env *Env, path string) error {
 	return s.Seal(ctx, []byte("probe"), f.Name())
 }
 
-// initialise runs Vault's init and writes the shares under a context an interruption
-// does not cancel: between the two, the keys exist only in this process.
+// initialise runs Vault's init and writes the shares (under the setup's context, which
+// an interruption does not cancel: between the two, the keys exist only here).
 func (s *initState) initialise(ctx context.Context) (string, error) {
 	env, first := s.env, s.pods[0]
-	uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*time.Minute)
-	defer cancel()
-	res, err := first.API.Init(uctx, env.Config.Vault.Shares, env.Config.Vault.Threshold)
+	res, err := first.API.Init(ctx, env.Config.Vault.Shares, env.Config.Vault.Threshold)
 	if err != nil {
 		return "", err
 	}
@@ -153,7 +177,7 @@ func (s *initState) initialise(ctx context.Context) (string, error) {
 		return "", err
 	}
 	s.kf = &vault.Keyfile{Keyset: res.Keyset, ManifestKey: mk, Created: env.Clock.Now().UTC()}
-	if err := env.Keyfile.Write(uctx, s.kf, true); err != nil {
+	if err := env.Keyfile.Write(ctx, s.kf, true); err != nil {
 		return "", withHint(fmt.Errorf("CRITICAL: vault %s was initialised but its keys could not be stored (%w); they are lost", first.Name, err),
 			"delete the pod's data (its hostPath) and run init again")
 	}
@@ -208,9 +232,7 @@ func (s *initState) tokens(ctx context.Context) (string, error) {
 }
 
 func (s *initState) revokeRoot(ctx context.Context) (string, error) {
-	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 15*time.Second)
-	defer cancel()
-	if err := s.pods[0].API.RevokeSelf(rctx, s.root); err != nil {
+	if err := s.pods[0].API.RevokeSelf(ctx, s.root); err != nil {
 		return "", fmt.Errorf("revoke the initial root token: %w", err)
 	}
 	s.root = vault.Token{}

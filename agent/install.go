@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"strings"
@@ -244,13 +246,21 @@ func EnforcedValues(cfg *configs.Config, user []k8s.ValuesFile, schedulable int)
 	replicas := len(cfg.Nodes)
 	uid, gid := cfg.Vault.UID, cfg.Vault.GID
 	raft := map[string]any{"enabled": true, "setNodeId": true}
-	if own, file := userString(user, "server", "ha", "raft", "config"); own != "" {
-		if !strings.Contains(own, `storage "raft"`) || (replicas > 1 && !strings.Contains(own, "retry_join")) {
+	config, file := userString(user, "server", "ha", "raft", "config")
+	if config != "" {
+		if !strings.Contains(config, `storage "raft"`) || (replicas > 1 && !strings.Contains(config, "retry_join")) {
 			return nil, fmt.Errorf("%w: %s: server.ha.raft.config must use storage \"raft\" with a retry_join per pod for %d nodes; remove it to let the agent generate it", ErrChartValues, file, replicas)
 		}
 	} else {
-		raft["config"] = raftConfig(cfg.Chart.Release, replicas, tlsEnabled(user))
+		config = raftConfig(cfg.Chart.Release, replicas, tlsEnabled(user))
+		raft["config"] = config
 	}
+	if s, file := userString(user, "server", "annotations"); s != "" {
+		return nil, fmt.Errorf("%w: %s: write server.annotations as a map, so the agent's config checksum can join it", ErrChartValues, file)
+	}
+	// The chart's pod template does not checksum the server config it keeps in a
+	// ConfigMap: without this a config change would restart no pod.
+	sum := sha256.Sum256([]byte(config))
 	server := map[string]any{
 		"uid": uid, "gid": gid,
 		"updateStrategyType": "OnDelete",
@@ -259,8 +269,9 @@ func EnforcedValues(cfg *configs.Config, user []k8s.ValuesFile, schedulable int)
 		}}},
 		"dataStorage": map[string]any{"enabled": true, "mountPath": "/vault/data", "accessMode": "ReadWriteOnce",
 			"storageClass": k8s.StorageClassName(cfg.Chart.Namespace, cfg.Chart.Release)},
-		"standalone": map[string]any{"enabled": false},
-		"ha":         map[string]any{"enabled": true, "replicas": replicas, "raft": raft},
+		"standalone":  map[string]any{"enabled": false},
+		"ha":          map[string]any{"enabled": true, "replicas": replicas, "raft": raft},
+		"annotations": map[string]any{"pva.io/config-sha256": hex.EncodeToString(sum[:8])},
 	}
 	if schedulable < replicas {
 		server["affinity"] = ""

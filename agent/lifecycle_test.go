@@ -1,12 +1,12 @@
 package agent
 
 import (
-	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -17,200 +17,79 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
 
-	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
-	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
 )
 
-func TestMain(m *testing.M) { os.Exit(lab.RunTests(m)) }
-
-// syncBuffer is a log sink safe for the daemon's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-// vaultLab is a namespace with the Vault-shaped chart installed by the agent, pods run
-// as real Vault processes on 127.x.y.z by the lab kubelet, every node reached through a
-// real sshd on loopback, and a configuration for all of it.
-type vaultLab struct {
-	cfg   *configs.Config
-	cs    kubernetes.Interface
-	pods  *lab.VaultPods
-	dir   string
-	logs  *syncBuffer
-	log   *slog.Logger
-	nodes int
-}
-
-func newVaultLab(t *testing.T, nodes int) *vaultLab {
+// runDaemon starts the daemon on vl's configuration and stops it at cleanup; it returns
+// the metrics address.
+func runDaemon(t *testing.T, ctx context.Context, vl *vaultLab, opts DaemonOptions) (string, func()) {
 	t.Helper()
-	bins := lab.Need(t)
-	cp := lab.SharedControlPlane(t)
-	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
-	defer cancel()
-	dir := t.TempDir()
-	rc, err := clientcmd.BuildConfigFromFlags("", cp.Kubeconfig)
-	if err != nil {
-		t.Fatal(err)
+	dctx, stop := context.WithCancel(ctx)
+	metrics := make(chan string, 1)
+	done := make(chan error, 1)
+	if opts.Load == nil {
+		opts.Load = func() (*Env, error) { return vl.newEnv(), nil }
 	}
-	cs := kubernetes.NewForConfigOrDie(rc)
-	ns := fmt.Sprintf("lc-%d-%d", nodes, time.Now().UnixNano()%1e6)
-
-	sshd, err := lab.StartSSHD(ctx, bins, filepath.Join(dir, "sshd"), "127.0.0.1")
-	if err != nil {
-		t.Fatal(err)
+	opts.MetricsReady = func(a string) { metrics <- a }
+	go func() { done <- Run(dctx, opts) }()
+	var addr string
+	select {
+	case addr = <-metrics:
+	case err := <-done:
+		t.Fatalf("daemon: %v", err)
 	}
-	t.Cleanup(sshd.Close)
-	known := filepath.Join(dir, "known_hosts")
-	if err := sshd.WriteKnownHosts(known); err != nil {
-		t.Fatal(err)
-	}
-
-	cfg := configs.Defaults()
-	cfg.SSH.Port = sshd.Port
-	cfg.SSH.Identity = configs.SecretRef{File: sshd.ClientKeyPath}
-	cfg.SSH.KnownHosts = known
-	cfg.Kubernetes.Kubeconfig = cp.Kubeconfig
-	cfg.Chart.Path, _ = filepath.Abs("../k8s/testdata/vault-chart")
-	cfg.Chart.Namespace = ns
-	cfg.Chart.CacheDir = filepath.Join(dir, "charts")
-	cfg.Chart.Timeout = 90 * time.Second
-	cfg.Vault.Keyfile = filepath.Join(dir, "state", "unseal.cred")
-	cfg.Vault.SystemdCredsKey = "host"
-	cfg.Metrics.Listen = "127.0.0.1:0"
-	var names []string
-	dataDirs := map[string]string{}
-	for i := 0; i < nodes; i++ {
-		name := fmt.Sprintf("%s-n%d", ns, i)
-		names = append(names, name)
-		cfg.Nodes = append(cfg.Nodes, configs.Node{Name: name, Address: "127.0.0.1", HostPath: filepath.Join(dir, fmt.Sprintf("node%d", i), "vault")})
-		dataDirs[fmt.Sprintf("vault-%d", i)] = cfg.Nodes[i].HostPath
-		if err := os.MkdirAll(cfg.Nodes[i].HostPath, 0o700); err != nil {
-			t.Fatal(err)
+	stopped := false
+	shutdown := func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		stop()
+		if err := <-done; err != nil {
+			t.Errorf("daemon: %v", err)
 		}
 	}
-	if err := lab.RegisterNodes(ctx, cs, names...); err != nil {
-		t.Fatal(err)
-	}
-	pods := &lab.VaultPods{Bins: bins, Clients: cs, Release: "vault", StateDir: filepath.Join(dir, "pods"), IP: lab.LoopbackBase(),
-		DataDir: func(p *corev1.Pod) string { return dataDirs[p.Name] }}
-	t.Cleanup(pods.Close)
-	k := lab.StartKubelet(cs, ns, pods.Hooks())
-	t.Cleanup(k.Stop)
-	t.Cleanup(func() {
-		for i := 0; i < nodes; i++ {
-			_ = cs.CoreV1().PersistentVolumes().Delete(context.Background(), fmt.Sprintf("pva-%s-vault-%d", ns, i), metav1.DeleteOptions{})
-		}
-	})
-	logs := &syncBuffer{}
-	log := slog.New(slog.NewTextHandler(io.MultiWriter(logs), &slog.HandlerOptions{Level: slog.LevelDebug}))
-	vl := &vaultLab{cfg: &cfg, cs: cs, pods: pods, dir: dir, logs: logs, log: log, nodes: nodes}
-	if _, err := Install(ctx, vl.cfg, InstallOptions{}, log); err != nil {
-		t.Fatalf("install: %v\n%s", err, logs.String())
-	}
-	return vl
-}
-
-func (vl *vaultLab) keyfile(t *testing.T) *vault.Keyfile {
-	t.Helper()
-	kf, err := vault.ReadKeyfile(context.Background(), vl.cfg.Vault.Keyfile, vault.SystemdCreds{WithKey: "host"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return kf
-}
-
-// sealed reads a pod's seal status directly (not through the agent).
-func (vl *vaultLab) sealed(t *testing.T, pod string) (bool, int) {
-	t.Helper()
-	v := vl.pods.Vault(pod)
-	if v == nil {
-		t.Fatalf("no vault process for %s", pod)
-	}
-	n, err := vault.NewNode(pod, v.Addr, &http.Client{Timeout: 5 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := n.SealStatus(context.Background())
-	if err != nil {
-		return true, -1
-	}
-	return st.Sealed, st.Progress
-}
-
-// assertNoSecrets scans the logs and every file under the lab directory.
-func (vl *vaultLab) assertNoSecrets(t *testing.T, kf *vault.Keyfile, extra ...string) {
-	t.Helper()
-	all := vl.logs.String() + strings.Join(extra, "\n")
-	if vault.ContainsAny(all, kf.Keyset, kf.SnapshotToken) {
-		t.Fatal("a share or token reached the output")
-	}
-	_ = filepath.WalkDir(vl.dir, func(p string, d os.DirEntry, err error) error {
-		if err != nil || d.IsDir() {
-			return nil
-		}
-		if fi, err := d.Info(); err == nil && fi.Size() < 64<<20 {
-			b, _ := os.ReadFile(p)
-			if vault.ContainsAny(string(b), kf.Keyset, kf.SnapshotToken) {
-				t.Errorf("%s holds a plaintext share or token", p)
-			}
-		}
-		return nil
-	})
+	t.Cleanup(shutdown)
+	return addr, shutdown
 }
 
 func TestInitUnsealAndDaemonSingleNode(t *testing.T) {
 	vl := newVaultLab(t, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
+	pod := vl.pod(0)
 
-	rep, err := Init(ctx, vl.cfg, InitOptions{}, vl.log)
+	rep, err := Init(ctx, vl.env, InitOptions{})
 	if err != nil {
 		t.Fatalf("init: %v\n%s", err, vl.logs.String())
 	}
-	if rep.Meta.Shares != 5 || rep.Meta.Threshold != 3 || !rep.Meta.HasToken || rep.Meta.ClusterID == "" {
+	if rep.Meta.Shares != 5 || rep.Meta.Threshold != 3 || !rep.Meta.HasToken || !rep.Meta.HasOperatorToken || !rep.Meta.HasCanary || rep.Meta.ClusterID == "" {
 		t.Fatalf("init report %+v", rep)
 	}
 	kf := vl.keyfile(t)
 	if fi, err := os.Stat(vl.cfg.Vault.Keyfile); err != nil || fi.Mode().Perm() != 0o600 {
 		t.Fatalf("keyfile mode: %v", err)
 	}
-	if _, err := Init(ctx, vl.cfg, InitOptions{}, vl.log); !errors.Is(err, ErrInitKeyfileExists) {
+	if _, err := Init(ctx, vl.env, InitOptions{}); !errors.Is(err, ErrInitKeyfileExists) {
 		t.Fatalf("second init: %v", err)
 	}
-	if sealed, _ := vl.sealed(t, "vault-0"); sealed {
+	if sealed, _ := vl.sealed(t, pod); sealed {
 		t.Fatal("sealed after init")
 	}
+	// The initial root token is gone: Vault lists exactly the agent's two tokens.
+	withRoot(t, ctx, vl.node(t, pod), kf, func(root vault.Token) {
+		if n := accessors(t, ctx, vl.node(t, pod), root); n != 3 { // the agent's two + this generated one
+			t.Fatalf("%d token accessors after init, want the agent's 2 and this root", n)
+		}
+	})
 
 	// The daemon keeps it unsealed through kill -9 and restarts.
-	dctx, stop := context.WithCancel(ctx)
-	metricsAddr := make(chan string, 1)
-	done := make(chan error, 1)
-	go func() {
-		done <- Run(dctx, DaemonOptions{Load: func() (*configs.Config, error) { return vl.cfg, nil }, Version: "test",
-			MetricsReady: func(a string) { metricsAddr <- a }}, vl.log)
-	}()
-	addr := <-metricsAddr
-	v := vl.pods.Vault("vault-0")
+	addr, stop := runDaemon(t, ctx, vl, DaemonOptions{})
+	v := vl.pods.Vault(pod)
 	var worst time.Duration
-	const restarts = 50
+	const restarts = 30
 	for i := 0; i < restarts; i++ {
 		v.Kill()
 		if err := v.Start(ctx); err != nil {
@@ -218,7 +97,7 @@ func TestInitUnsealAndDaemonSingleNode(t *testing.T) {
 		}
 		t0 := time.Now()
 		if err := lab.WaitFor(ctx, 30*time.Second, fmt.Sprintf("restart %d unsealed", i), func(context.Context) error {
-			if sealed, _ := vl.sealed(t, "vault-0"); sealed {
+			if sealed, _ := vl.sealed(t, pod); sealed {
 				return errors.New("sealed")
 			}
 			return nil
@@ -228,29 +107,32 @@ func TestInitUnsealAndDaemonSingleNode(t *testing.T) {
 		worst = max(worst, time.Since(t0))
 	}
 	t.Logf("%d restarts unsealed by the daemon; slowest listening → unsealed %s", restarts, worst.Round(time.Millisecond))
-	if _, progress := vl.sealed(t, "vault-0"); progress != 0 {
-		t.Fatalf("unseal progress left at %d", progress)
-	}
-	resp, err := http.Get("http://" + addr + "/metrics")
-	if err != nil {
-		t.Fatal(err)
-	}
-	body, _ := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	for _, want := range []string{`pva_vault_sealed{pod="vault-0"} 0`, `pva_unseal_attempts_total{pod="vault-0"}`, `pva_build_info{`, `pva_last_unseal_timestamp_seconds{pod="vault-0"}`} {
+	// Renewals failed while the pod kept restarting; once it stays up they succeed.
+	var body []byte
+	_ = lab.WaitFor(ctx, 30*time.Second, "token renewals in the metrics", func(context.Context) error {
+		resp, err := http.Get("http://" + addr + "/metrics")
+		if err != nil {
+			return err
+		}
+		body, _ = io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if !strings.Contains(string(body), `pva_token_ttl_seconds{token="operator"}`) {
+			return errors.New("no renewal yet")
+		}
+		return nil
+	})
+	for _, want := range []string{fmt.Sprintf(`pva_vault_sealed{pod=%q} 0`, pod), fmt.Sprintf(`pva_unseal_attempts_total{pod=%q}`, pod), `pva_build_info{`,
+		`pva_token_ttl_seconds{token="operator"}`, `pva_token_ttl_seconds{token="snapshot"}`, "pva_backup_next_timestamp_seconds"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %s", want)
 		}
 	}
 	stop()
-	if err := <-done; err != nil {
-		t.Fatalf("daemon: %v", err)
-	}
 
 	// Another cluster's keyfile: detected at the threshold, progress reset, clear error.
 	other := t.TempDir()
 	foreign := *vl.cfg
-	foreign.Vault.Keyfile = filepath.Join(other, "foreign.cred")
+	foreign.Vault.Keyfile = filepath.Join(other, "foreign", "unseal.cred")
 	fk := &vault.Keyfile{Keyset: fakeKeyset(t, ctx), Created: time.Now()}
 	if err := vault.WriteKeyfile(ctx, foreign.Vault.Keyfile, fk, vault.SystemdCreds{WithKey: "host"}, true); err != nil {
 		t.Fatal(err)
@@ -259,51 +141,26 @@ func TestInitUnsealAndDaemonSingleNode(t *testing.T) {
 	if err := v.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	_, err = Unseal(ctx, &foreign, vl.log)
-	if !errors.Is(err, vault.ErrWrongKeys) {
+	fenv := NewEnv(&foreign, vl.log, EnvOptions{Waits: testWaits()})
+	defer fenv.Close()
+	if _, err := Unseal(ctx, fenv); !errors.Is(err, vault.ErrWrongKeys) {
 		t.Fatalf("foreign keyfile: %v", err)
 	}
-	if sealed, progress := vl.sealed(t, "vault-0"); !sealed || progress != 0 {
+	if sealed, progress := vl.sealed(t, pod); !sealed || progress != 0 {
 		t.Fatalf("after the foreign keyfile: sealed %v progress %d", sealed, progress)
-	}
-	// The daemon with the foreign keyfile tries once, then leaves the pod alone.
-	d2ctx, stop2 := context.WithCancel(ctx)
-	done2 := make(chan error, 1)
-	go func() {
-		done2 <- Run(d2ctx, DaemonOptions{Load: func() (*configs.Config, error) { return &foreign, nil }, PollInterval: 50 * time.Millisecond}, vl.log)
-	}()
-	if err := lab.WaitFor(ctx, 20*time.Second, "the daemon to give up on the foreign keyset", func(context.Context) error {
-		if !strings.Contains(vl.logs.String(), "not retrying until the pod or keyfile changes") {
-			return errors.New("not yet")
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	before := strings.Count(vl.logs.String(), "submitted unseal share")
-	if err := lab.WaitFor(ctx, 5*time.Second, "more polls", func(context.Context) error {
-		if strings.Count(vl.logs.String(), "pod needs attention") < 1 {
-			return errors.New("no poll yet")
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
-	stop2()
-	<-done2
-	if after := strings.Count(vl.logs.String(), "submitted unseal share"); after != before {
-		t.Fatalf("the daemon kept submitting a rejected keyset: %d → %d shares", before, after)
 	}
 
 	// Our own keyfile, corrupted: a clear error naming the keyfile.
 	bad := *vl.cfg
-	bad.Vault.Keyfile = filepath.Join(other, "corrupt.cred")
+	bad.Vault.Keyfile = filepath.Join(other, "foreign", "corrupt.cred")
 	b, _ := os.ReadFile(vl.cfg.Vault.Keyfile)
 	os.WriteFile(bad.Vault.Keyfile, b[:len(b)/3], 0o600)
-	if _, err := Unseal(ctx, &bad, vl.log); !errors.Is(err, vault.ErrKeyfileCorrupt) {
+	benv := NewEnv(&bad, vl.log, EnvOptions{Waits: testWaits()})
+	defer benv.Close()
+	if _, err := Unseal(ctx, benv); !errors.Is(err, vault.ErrKeyfileCorrupt) {
 		t.Fatalf("corrupt keyfile: %v", err)
 	}
-	if res, err := Unseal(ctx, vl.cfg, vl.log); err != nil || res[0].Sealed {
+	if res, err := Unseal(ctx, vl.env); err != nil || res[0].Sealed {
 		t.Fatalf("own keyfile: %+v %v", res, err)
 	}
 
@@ -313,38 +170,34 @@ func TestInitUnsealAndDaemonSingleNode(t *testing.T) {
 		t.Fatal(err)
 	}
 	os.MkdirAll(vl.cfg.Nodes[0].HostPath, 0o700)
+	os.Chown(vl.cfg.Nodes[0].HostPath, 100, 100)
 	if err := v.Start(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Unseal(ctx, vl.cfg, vl.log); !errors.Is(err, ErrDataGone) || !strings.Contains(err.Error(), "recover") {
+	if _, err := Unseal(ctx, vl.env); !errors.Is(err, ErrDataGone) || !strings.Contains(strings.Join(Hints(err), " "), "recover") {
 		t.Fatalf("unseal on wiped data: %v", err)
 	}
-	if _, err := Init(ctx, vl.cfg, InitOptions{}, vl.log); !errors.Is(err, ErrInitKeyfileExists) || !strings.Contains(err.Error(), "recover") {
+	if _, err := Init(ctx, vl.env, InitOptions{}); !errors.Is(err, ErrInitKeyfileExists) || !strings.Contains(strings.Join(Hints(err), " "), "recover") {
 		t.Fatalf("init over a keyfile: %v", err)
 	}
 	vl.assertNoSecrets(t, kf)
 }
 
-// fakeKeyset initialises a throwaway Vault to get a real keyset of another cluster.
-func fakeKeyset(t *testing.T, ctx context.Context) vault.Keyset {
+// accessors counts the tokens Vault knows (auth/token/accessors, root only).
+func accessors(t *testing.T, ctx context.Context, n *vault.Node, root vault.Token) int {
 	t.Helper()
-	v := lab.TestVault(t)
-	n, err := vault.NewNode("other", v.Addr, nil)
+	out, err := n.List(ctx, root, "auth/token/accessors")
 	if err != nil {
 		t.Fatal(err)
 	}
-	res, err := n.Init(ctx, 5, 3)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return res.Keyset
+	return len(out)
 }
 
 func TestInitUnsealHA(t *testing.T) {
 	vl := newVaultLab(t, 3)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	rep, err := Init(ctx, vl.cfg, InitOptions{}, vl.log)
+	rep, err := Init(ctx, vl.env, InitOptions{})
 	if err != nil {
 		t.Fatalf("init: %v\n%s", err, tail(vl.logs.String(), 30))
 	}
@@ -353,25 +206,21 @@ func TestInitUnsealHA(t *testing.T) {
 	}
 	kf := vl.keyfile(t)
 
-	dctx, stop := context.WithCancel(ctx)
-	done := make(chan error, 1)
-	go func() {
-		done <- Run(dctx, DaemonOptions{Load: func() (*configs.Config, error) { return vl.cfg, nil }}, vl.log)
-	}()
+	_, stop := runDaemon(t, ctx, vl, DaemonOptions{})
 	// Reboot of the whole host: every Vault killed and started again.
 	for i := 0; i < 3; i++ {
 		for p := 0; p < 3; p++ {
-			vl.pods.Vault(fmt.Sprintf("vault-%d", p)).Kill()
+			vl.pods.Vault(vl.pod(p)).Kill()
 		}
 		for p := 0; p < 3; p++ {
-			if err := vl.pods.Vault(fmt.Sprintf("vault-%d", p)).Start(ctx); err != nil {
+			if err := vl.pods.Vault(vl.pod(p)).Start(ctx); err != nil {
 				t.Fatal(err)
 			}
 		}
 		if err := lab.WaitFor(ctx, 60*time.Second, "all three unsealed", func(context.Context) error {
 			for p := 0; p < 3; p++ {
-				if sealed, _ := vl.sealed(t, fmt.Sprintf("vault-%d", p)); sealed {
-					return fmt.Errorf("vault-%d sealed", p)
+				if sealed, _ := vl.sealed(t, vl.pod(p)); sealed {
+					return fmt.Errorf("%s sealed", vl.pod(p))
 				}
 			}
 			return nil
@@ -380,49 +229,91 @@ func TestInitUnsealHA(t *testing.T) {
 		}
 	}
 	stop()
-	<-done
 
 	// Backups come from the active node, whichever the configuration lists first.
-	vl.cfg.Snapshots.Dir = filepath.Join(vl.dir, "snaps")
-	brep, err2 := BackupNow(ctx, vl.cfg, BackupOptions{Version: "test"}, vl.log)
-	if err2 != nil {
-		t.Fatalf("backup through the tunnels: %v", err2)
+	brep, err := BackupNow(ctx, vl.env, BackupOptions{})
+	if err != nil {
+		t.Fatalf("backup through the tunnels: %v", err)
 	}
-	var leader string
-	var standbys []string
-	for p := 0; p < 3; p++ {
-		name := fmt.Sprintf("vault-%d", p)
-		n, _ := vault.NewNode(name, vl.pods.Vault(name).Addr, nil)
-		h, err := n.Health(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if h.Active {
-			leader = name
-		} else {
-			standbys = append(standbys, vl.pods.Vault(name).Addr)
-		}
-	}
-	if brep.Pod != leader || brep.Snapshot.Manifest.KeysetFingerprint != kf.Keyset.Fingerprint() {
-		t.Fatalf("backup from %s (leader %s), manifest %+v", brep.Pod, leader, brep.Snapshot.Manifest)
-	}
-	static := *vl.cfg
-	static.Vault.PodAccess = "static"
-	static.Vault.Addresses = append(standbys, vl.pods.Vault(leader).Addr)
-	brep, err2 = BackupNow(ctx, &static, BackupOptions{Now: func() time.Time { return time.Now().Add(time.Second) }}, vl.log)
-	if err2 != nil || !strings.Contains(vl.pods.Vault(leader).Addr, brep.Pod) {
-		t.Fatalf("backup with standbys listed first: from %v, %v", brep, err2)
-	}
-	if _, err := snapshot.CheckFile(brep.Snapshot.Path); err != nil {
-		t.Fatal(err)
+	leader := vl.leader(t, ctx)
+	if brep.Pod != leader.Name || brep.Snapshot.Manifest.KeysetFingerprint != kf.Keyset.Fingerprint() {
+		t.Fatalf("backup from %s (leader %s), manifest %+v", brep.Pod, leader.Name, brep.Snapshot.Manifest)
 	}
 	vl.assertNoSecrets(t, kf)
 }
 
-func tail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
+// A pod that copies the chart's server labels (anyone who can create a pod in the
+// namespace can) gets nothing: no share, no token, not a single request of the agent's,
+// through init, unseal, backup and the daemon. Its "Vault" answers sealed, to lure.
+func TestRoguePodGetsNothing(t *testing.T) {
+	var mu sync.Mutex
+	var calls []string
+	rogueIP := lab.LoopbackBase()(200)
+	l, err := net.Listen("tcp", rogueIP+":8200")
+	if err != nil {
+		t.Fatal(err)
 	}
-	return strings.Join(lines, "\n")
+	fake := &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		calls = append(calls, fmt.Sprintf("%s %s token=%v", r.Method, r.URL.Path, r.Header.Get("X-Vault-Token") != ""))
+		mu.Unlock()
+		_ = json.NewEncoder(w).Encode(map[string]any{"initialized": true, "sealed": true, "t": 3, "n": 5, "progress": 0, "version": "2.0.4"})
+	})}
+	go fake.Serve(l)
+	defer fake.Close()
+	vl := newVaultLabWith(t, labOptions{nodes: 1, other: func(*corev1.Pod) string { return rogueIP }})
+	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
+	defer cancel()
+	rogue := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: vl.release + "-rogue",
+		Labels: map[string]string{"app.kubernetes.io/name": "vault", "app.kubernetes.io/instance": vl.release, "component": "server"}},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "vault", Image: "hashicorp/vault:2.0.4"}}}}
+	if _, err := vl.cs.CoreV1().Pods(vl.cfg.Chart.Namespace).Create(ctx, rogue, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if err := lab.WaitFor(ctx, time.Minute, "the rogue pod running at its IP", func(ctx context.Context) error {
+		p, err := vl.cs.CoreV1().Pods(vl.cfg.Chart.Namespace).Get(ctx, rogue.Name, metav1.GetOptions{})
+		if err != nil || p.Status.PodIP != rogueIP {
+			return errors.New("not yet")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Init(ctx, vl.env, InitOptions{}); err != nil {
+		t.Fatalf("init: %v", err)
+	}
+	_, stop := runDaemon(t, ctx, vl, DaemonOptions{DiscoverInterval: 200 * time.Millisecond})
+	v := vl.pods.Vault(vl.pod(0))
+	v.Kill()
+	if err := v.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := lab.WaitFor(ctx, 30*time.Second, "the real pod unsealed", func(context.Context) error {
+		if sealed, _ := vl.sealed(t, vl.pod(0)); sealed {
+			return errors.New("sealed")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Unseal(ctx, vl.env); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := BackupNow(ctx, vl.env, BackupOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	st := GetStatus(ctx, vl.env)
+	stop()
+	mu.Lock()
+	defer mu.Unlock()
+	if len(calls) != 0 {
+		t.Fatalf("the rogue pod received %d request(s): %v", len(calls), calls)
+	}
+	if len(st.Rejected) != 1 || !strings.Contains(strings.Join(st.Attention, "\n"), rogue.Name) {
+		t.Fatalf("status does not report the rogue pod: %+v %v", st.Rejected, st.Attention)
+	}
+	if !strings.Contains(vl.logs.String(), "gets nothing") {
+		t.Fatal("the agent did not log the rogue pod")
+	}
 }
+

@@ -5,142 +5,120 @@ import (
 	"errors"
 	"log/slog"
 	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
-	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
-
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
-
-// cancelOn cancels when a log record says the given recover step finished: an
-// interruption at a step boundary, like an operator's Ctrl-C or a killed process.
-type cancelOn struct {
-	slog.Handler
-	step   string
-	cancel context.CancelFunc
-}
-
-func (c cancelOn) Handle(ctx context.Context, r slog.Record) error {
-	if r.Message == "recover step done" {
-		r.Attrs(func(a slog.Attr) bool {
-			if a.Key == "step" && a.Value.String() == c.step {
-				c.cancel()
-			}
-			return true
-		})
-	}
-	return c.Handler.Handle(ctx, r)
-}
-
-func (c cancelOn) WithAttrs(as []slog.Attr) slog.Handler {
-	return cancelOn{c.Handler.WithAttrs(as), c.step, c.cancel}
-}
-
-// readSecret reads kv/probe with a root token generated from the keyfile.
-func readSecret(t *testing.T, ctx context.Context, n *vault.Node, kf *vault.Keyfile) string {
-	t.Helper()
-	root, err := n.GenerateRoot(ctx, kf.Keyset)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer n.RevokeSelf(ctx, root)
-	v, err := n.Read(ctx, root, "kv/probe")
-	if err != nil {
-		t.Fatal(err)
-	}
-	return v
-}
 
 func TestRecoverAfterNodeRebuild(t *testing.T) {
 	vl := newVaultLab(t, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	vl.cfg.Snapshots.Dir = vl.dir + "/snaps"
-	if _, err := Init(ctx, vl.cfg, InitOptions{}, vl.log); err != nil {
+	if _, err := Init(ctx, vl.env, InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	kf := vl.keyfile(t)
-	pod := func() *vault.Node {
-		n, err := vault.NewNode("vault-0", vl.pods.Vault("vault-0").Addr, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return n
-	}
-	n := pod()
-	root, err := n.GenerateRoot(ctx, kf.Keyset)
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.Write(ctx, root, "sys/mounts/kv", map[string]any{"type": "kv"})
-	if err := n.Write(ctx, root, "kv/probe", map[string]any{"value": "survives the rebuild"}); err != nil {
-		t.Fatal(err)
-	}
-	n.RevokeSelf(ctx, root)
-	if _, err := BackupNow(ctx, vl.cfg, BackupOptions{Version: "test"}, vl.log); err != nil {
+	writeSecret(t, ctx, vl.node(t, vl.pod(0)), kf, "survives the rebuild")
+	if _, err := BackupNow(ctx, vl.env, BackupOptions{}); err != nil {
 		t.Fatal(err)
 	}
 
 	// A snapshot of another keyset is refused before anything changes.
 	other := *vl.cfg
-	other.Vault.Keyfile = vl.dir + "/other/unseal.cred"
+	other.Vault.Keyfile = filepath.Join(vl.dir, "other", "unseal.cred")
 	fk := &vault.Keyfile{Keyset: fakeKeyset(t, ctx), Created: time.Now()}
 	if err := vault.WriteKeyfile(ctx, other.Vault.Keyfile, fk, vault.SystemdCreds{WithKey: "host"}, true); err != nil {
 		t.Fatal(err)
 	}
-	rep, err := Recover(ctx, &other, RecoverOptions{}, vl.log)
-	if !errors.Is(err, ErrUnknownKeyset) || len(rep.Steps) != 1 {
+	oenv := NewEnv(&other, vl.log, EnvOptions{Waits: testWaits()})
+	defer oenv.Close()
+	rep, err := Recover(ctx, oenv, RecoverOptions{})
+	if !errors.Is(err, ErrUnknownKeyset) || !Refused(err) || len(rep.Steps) != 1 {
 		t.Fatalf("foreign keyset: %v, steps %+v", err, rep.Steps)
 	}
 
-	// The node is rebuilt: Vault gone, its data directory gone, the pod deleted.
-	vl.pods.Vault("vault-0").Kill()
-	if err := os.RemoveAll(vl.cfg.Nodes[0].HostPath); err != nil {
-		t.Fatal(err)
-	}
-	if err := vl.cs.CoreV1().Pods(vl.cfg.Chart.Namespace).Delete(ctx, "vault-0", metav1.DeleteOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	vl.rebuild(t, ctx, 0)
 	t0 := time.Now()
-	// Interrupted after each step in turn, then run to the end.
-	for _, stopAfter := range []string{"check", "provision", "install", "open", "restore", "unseal", "followers"} {
+	// Interrupted after each step in turn (an operator's Ctrl-C, a killed process), then
+	// run to the end: every step checks state first.
+	for _, stopAfter := range []string{"check", "provision", "install", "open", "restore", "unseal", "followers", "tokens"} {
 		ictx, icancel := context.WithCancel(ctx)
-		ilog := slog.New(cancelOn{vl.log.Handler(), stopAfter, icancel})
-		_, err := Recover(ictx, vl.cfg, RecoverOptions{}, ilog)
+		ienv := NewEnv(vl.cfg, slog.New(cancelOn{vl.log.Handler(), "recover", stopAfter, icancel}), EnvOptions{Waits: testWaits()})
+		_, err := Recover(ictx, ienv, RecoverOptions{})
 		icancel()
+		ienv.Close()
 		if err == nil {
 			t.Fatalf("recover interrupted after %s returned no error", stopAfter)
 		}
 	}
-	rep, err = Recover(ctx, vl.cfg, RecoverOptions{}, vl.log)
+	rep, err = Recover(ctx, vl.env, RecoverOptions{})
 	if err != nil {
 		t.Fatalf("recover: %v\n%s", err, tail(vl.logs.String(), 30))
 	}
 	t.Logf("node rebuilt → unsealed with data back: %s (including an interruption after each step)", time.Since(t0).Round(time.Millisecond))
-	var names []string
-	for _, s := range rep.Steps {
-		names = append(names, s.Name+": "+s.Result)
+	if got := readSecret(t, ctx, vl.node(t, vl.pod(0)), kf); got != "survives the rebuild" {
+		t.Fatalf("secret after recover: %q\nsteps: %+v", got, rep.Steps)
 	}
-	if got := readSecret(t, ctx, pod(), kf); got != "survives the rebuild" {
-		t.Fatalf("secret after recover: %q\nsteps:\n%s", got, strings.Join(names, "\n"))
-	}
-	if _, err := os.Stat(vl.cfg.Vault.Keyfile + ".recover-throwaway"); !os.IsNotExist(err) {
-		t.Fatalf("throwaway keys left behind: %v", err)
+	for _, f := range []string{".recover-throwaway", ".recover-throwaway.pending"} {
+		if _, err := os.Stat(vl.cfg.Vault.Keyfile + f); !os.IsNotExist(err) {
+			t.Fatalf("%s left behind: %v", f, err)
+		}
 	}
 	// A second run finds nothing to do.
-	rep, err = Recover(ctx, vl.cfg, RecoverOptions{}, vl.log)
-	if err != nil || !strings.Contains(rep.Steps[3].Result, "no restore needed") {
-		t.Fatalf("re-run: %v %+v", err, rep.Steps)
+	rep, err = Recover(ctx, vl.env, RecoverOptions{})
+	if err != nil || rep.Opened != string(openOurs) || rep.Restored {
+		t.Fatalf("re-run: %v %+v", err, rep)
 	}
-	st := GetStatus(ctx, vl.cfg, time.Now(), vl.log)
+	st := GetStatus(ctx, vl.env)
 	if len(st.Attention) != 0 || len(st.Pods) != 1 || st.Pods[0].Sealed || st.Keyfile == nil || st.LastSnapshot == nil || st.Release == nil || st.Nodes[0].Owner != "100:100" {
 		t.Fatalf("status after recover: %+v", st)
 	}
 	vl.assertNoSecrets(t, kf)
+}
+
+// A kill -9 inside the one window an interruption cannot be deferred through (after
+// Vault's init of the throwaway, before its keys reach the disk) leaves a throwaway
+// cluster nobody can open. The pending marker written before the init lets the next run
+// recognise it as the agent's own, empty the node and start again; without the marker
+// the same state is another cluster's data and is never touched.
+func TestRecoverAfterAKillBetweenThrowawayInitAndItsKeys(t *testing.T) {
+	vl := newVaultLab(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	if _, err := Init(ctx, vl.env, InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	kf := vl.keyfile(t)
+	writeSecret(t, ctx, vl.node(t, vl.pod(0)), kf, "after a kill in the window")
+	if _, err := BackupNow(ctx, vl.env, BackupOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	vl.rebuild(t, ctx, 0)
+	// Bring the pod back and initialise it as the killed run did, losing the keys.
+	if _, err := Provision(ctx, vl.env, ProvisionOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Install(ctx, vl.env, InstallOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := vl.node(t, vl.pod(0)).Init(ctx, 5, 3); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Recover(ctx, vl.env, RecoverOptions{})
+	if !errors.Is(err, ErrOtherCluster) || rep.Opened != string(openUnsealOurs) {
+		t.Fatalf("unknown initialised data without a marker: %v (%s)", err, rep.Opened)
+	}
+	os.WriteFile(vl.cfg.Vault.Keyfile+".recover-throwaway.pending", []byte(vl.pod(0)+"\n"), 0o600)
+	rep, err = Recover(ctx, vl.env, RecoverOptions{})
+	if err != nil || rep.Opened != string(openWipeLost) || !rep.Restored {
+		t.Fatalf("recover after the kill: %v (%s)\n%s", err, rep.Opened, tail(vl.logs.String(), 30))
+	}
+	if got := readSecret(t, ctx, vl.node(t, vl.pod(0)), kf); got != "after a kill in the window" {
+		t.Fatalf("secret %q", got)
+	}
 }
 
 // One node of three rebuilt: the cluster survives on the other two, the rebuilt pod
@@ -149,109 +127,127 @@ func TestRecoverHAOneNodeRebuilt(t *testing.T) {
 	vl := newVaultLab(t, 3)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	vl.cfg.Snapshots.Dir = vl.dir + "/snaps"
-	if _, err := Init(ctx, vl.cfg, InitOptions{}, vl.log); err != nil {
+	if _, err := Init(ctx, vl.env, InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	kf := vl.keyfile(t)
-	if _, err := BackupNow(ctx, vl.cfg, BackupOptions{}, vl.log); err != nil {
+	if _, err := BackupNow(ctx, vl.env, BackupOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	vl.pods.Vault("vault-2").Kill()
-	if err := os.RemoveAll(vl.cfg.Nodes[2].HostPath); err != nil {
-		t.Fatal(err)
-	}
-	if err := vl.cs.CoreV1().Pods(vl.cfg.Chart.Namespace).Delete(ctx, "vault-2", metav1.DeleteOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	vl.rebuild(t, ctx, 2)
 	t0 := time.Now()
-	rep, err := Recover(ctx, vl.cfg, RecoverOptions{}, vl.log)
+	rep, err := Recover(ctx, vl.env, RecoverOptions{})
 	if err != nil {
 		t.Fatalf("recover: %v\n%s", err, tail(vl.logs.String(), 40))
 	}
 	t.Logf("HA, one node rebuilt → all three unsealed: %s", time.Since(t0).Round(time.Millisecond))
-	if !strings.Contains(rep.Steps[3].Result, "no restore needed") {
+	if rep.Opened != string(openOurs) || rep.Restored {
 		t.Fatalf("restored although the cluster survived: %+v", rep.Steps)
 	}
 	for p := 0; p < 3; p++ {
-		if sealed, _ := vl.sealed(t, "vault-"+string(rune('0'+p))); sealed {
-			t.Fatalf("vault-%d sealed after recover", p)
+		if sealed, _ := vl.sealed(t, vl.pod(p)); sealed {
+			t.Fatalf("%s sealed after recover", vl.pod(p))
 		}
 	}
 	vl.assertNoSecrets(t, kf)
 }
 
-// Every node rebuilt: the snapshot is restored into the first pod and the others join it.
+// Every node rebuilt: the snapshot is restored into the first pod and the others join
+// it. A node Vault removed from the Raft configuration (1.19+: it seals itself and will
+// not rejoin while it holds data) is wiped first, then rejoins.
 func TestRecoverHAAllNodesRebuilt(t *testing.T) {
 	vl := newVaultLab(t, 3)
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
-	vl.cfg.Snapshots.Dir = vl.dir + "/snaps"
-	if _, err := Init(ctx, vl.cfg, InitOptions{}, vl.log); err != nil {
+	if _, err := Init(ctx, vl.env, InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	kf := vl.keyfile(t)
-	leaderNode := func() *vault.Node {
-		t.Helper()
-		for p := 0; p < 3; p++ {
-			name := "vault-" + string(rune('0'+p))
-			n, _ := vault.NewNode(name, vl.pods.Vault(name).Addr, nil)
-			if h, err := n.Health(ctx); err == nil && h.Active {
-				return n
-			}
-		}
-		t.Fatal("no active node")
-		return nil
-	}
-	var n *vault.Node
-	if err := lab.WaitFor(ctx, 60*time.Second, "a leader", func(context.Context) error {
-		for p := 0; p < 3; p++ {
-			name := "vault-" + string(rune('0'+p))
-			c, _ := vault.NewNode(name, vl.pods.Vault(name).Addr, nil)
-			if h, err := c.Health(ctx); err == nil && h.Active {
-				n = c
-				return nil
-			}
-		}
-		return errors.New("no leader yet")
-	}); err != nil {
-		t.Fatal(err)
-	}
-	root, err := n.GenerateRoot(ctx, kf.Keyset)
-	if err != nil {
-		t.Fatal(err)
-	}
-	n.Write(ctx, root, "sys/mounts/kv", map[string]any{"type": "kv"})
-	if err := n.Write(ctx, root, "kv/probe", map[string]any{"value": "whole cluster rebuilt"}); err != nil {
-		t.Fatal(err)
-	}
-	n.RevokeSelf(ctx, root)
-	if _, err := BackupNow(ctx, vl.cfg, BackupOptions{}, vl.log); err != nil {
+	writeSecret(t, ctx, vl.leader(t, ctx), kf, "whole cluster rebuilt")
+	if _, err := BackupNow(ctx, vl.env, BackupOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	for p := 0; p < 3; p++ {
-		name := "vault-" + string(rune('0'+p))
-		vl.pods.Vault(name).Kill()
-		if err := os.RemoveAll(vl.cfg.Nodes[p].HostPath); err != nil {
-			t.Fatal(err)
-		}
-		if err := vl.cs.CoreV1().Pods(vl.cfg.Chart.Namespace).Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
-			t.Fatal(err)
-		}
+		vl.rebuild(t, ctx, p)
 	}
 	t0 := time.Now()
-	rep, err := Recover(ctx, vl.cfg, RecoverOptions{}, vl.log)
+	rep, err := Recover(ctx, vl.env, RecoverOptions{})
 	if err != nil {
 		t.Fatalf("recover: %v\n%s", err, tail(vl.logs.String(), 40))
 	}
 	t.Logf("HA, all three nodes rebuilt → unsealed with data back: %s (%s)", time.Since(t0).Round(time.Millisecond), rep.Steps[6].Result)
-	if got := readSecret(t, ctx, leaderNode(), kf); got != "whole cluster rebuilt" {
+	if !rep.Restored || rep.Opened != string(openThrowawayInit) {
+		t.Fatalf("the snapshot was not restored into an empty node: %+v", rep)
+	}
+	if got := readSecret(t, ctx, vl.leader(t, ctx), kf); got != "whole cluster rebuilt" {
 		t.Fatalf("secret %q", got)
 	}
-	for p := 0; p < 3; p++ {
-		if sealed, _ := vl.sealed(t, "vault-"+string(rune('0'+p))); sealed {
-			t.Fatalf("vault-%d sealed after recover", p)
+
+	// Remove a follower from the Raft configuration: it seals itself and refuses to
+	// rejoin with its data (530). Recover wipes it and lets it join again.
+	leader := vl.leader(t, ctx)
+	victim := vl.pod(2)
+	if leader.Name == victim {
+		victim = vl.pod(1)
+	}
+	if err := leader.RemovePeer(ctx, kf.OperatorToken, victim); err != nil {
+		t.Fatal(err)
+	}
+	var h vault.Health
+	if err := pollTest(ctx, 30*time.Second, func() error {
+		var err error
+		if h, err = vl.node(t, victim).Health(ctx); err != nil || !h.Removed {
+			return errors.New("not removed yet")
 		}
+		return nil
+	}); err != nil {
+		t.Fatalf("the removed node does not say so: %+v %v", h, err)
+	}
+	if h.Code() != 530 {
+		t.Fatalf("health code of a removed node: %d", h.Code())
+	}
+	st := GetStatus(ctx, vl.env)
+	if !strings.Contains(strings.Join(st.Attention, "\n"), "removed from the Raft cluster (530)") {
+		t.Fatalf("status does not report the removed node: %v", st.Attention)
+	}
+	rep, err = Recover(ctx, vl.env, RecoverOptions{})
+	if err != nil || !strings.Contains(rep.Steps[6].Result, "1 wiped before rejoining") {
+		t.Fatalf("recover of a removed node: %v %+v\n%s", err, rep.Steps, tail(vl.logs.String(), 30))
+	}
+	if sealed, _ := vl.sealed(t, victim); sealed {
+		t.Fatalf("%s sealed after it rejoined", victim)
 	}
 	vl.assertNoSecrets(t, kf)
+}
+
+// pollTest waits for cond with a deadline.
+func pollTest(ctx context.Context, d time.Duration, cond func() error) error {
+	return poll(ctx, RealClock{}, 100*time.Millisecond, d, "condition", func(context.Context) error { return cond() })
+}
+
+// The open decision, without the lab: never overwrite data that is neither the
+// keyfile's cluster nor the agent's own throwaway.
+func TestDecideOpen(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		f    openFacts
+		want openAction
+	}{
+		{"HA cluster survived", openFacts{Initialized: true, Sealed: true, OursOpen: true, KeyfileCluster: "c1"}, openOurs},
+		{"empty node", openFacts{KeyfileCluster: "c1"}, openThrowawayInit},
+		{"empty node, stale throwaway file", openFacts{KeyfileCluster: "c1", Throwaway: true, ThrowawayCluster: "t1"}, openThrowawayInit},
+		{"open with our cluster", openFacts{Initialized: true, ClusterID: "c1", KeyfileCluster: "c1"}, openOurs},
+		{"throwaway open", openFacts{Initialized: true, ClusterID: "t1", KeyfileCluster: "c1", Throwaway: true, ThrowawayCluster: "t1"}, openResume},
+		{"another cluster open", openFacts{Initialized: true, ClusterID: "x9", KeyfileCluster: "c1"}, openRefuse},
+		{"another cluster open beside a throwaway file", openFacts{Initialized: true, ClusterID: "x9", KeyfileCluster: "c1", Throwaway: true, ThrowawayCluster: "t1"}, openRefuse},
+		{"sealed throwaway", openFacts{Initialized: true, Sealed: true, KeyfileCluster: "c1", Throwaway: true, ThrowawayCluster: "t1"}, openUnsealThrowaway},
+		{"sealed, keys lost in the window", openFacts{Initialized: true, Sealed: true, KeyfileCluster: "c1", PendingInit: true}, openWipeLost},
+		{"sealed, unknown", openFacts{Initialized: true, Sealed: true, KeyfileCluster: "c1"}, openUnsealOurs},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if got, why := decideOpen(tc.f); got != tc.want {
+				t.Fatalf("decideOpen = %s (%s), want %s", got, why, tc.want)
+			}
+		})
+	}
 }

@@ -17,10 +17,15 @@ func renewEvery(period time.Duration) time.Duration { return period / 3 }
 func (d *daemon) runRenewals(ctx context.Context, env *Env) {
 	clock := env.Clock
 	every := renewEvery(env.Config.Vault.TokenPeriod)
-	retry := min(max(every/10, time.Second), time.Minute)
+	var retry time.Duration
 	for {
 		wait := every
-		if !d.renewTokens(ctx, env) {
+		if d.renewTokens(ctx, env) {
+			retry = 0
+		} else {
+			// Vault sealed or electing, a pod restarting: try again soon, backing off to
+			// 15 seconds, and never later than the regular renewal.
+			retry = min(max(2*retry, time.Second), 15*time.Second, every)
 			wait = retry
 		}
 		if sleep(ctx, clock, wait) != nil {

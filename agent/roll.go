@@ -90,7 +90,7 @@ func Roll(ctx context.Context, env *Env, cl *k8s.Cluster) (*RollReport, error) {
 		if err := rollOne(ctx, env, cl, p, kf); err != nil {
 			rep.Left = names(old[i:])
 			return rep, withHint(fmt.Errorf("%w at %s: %w", ErrRollStopped, p.Name, err),
-				fmt.Sprintf("nothing more was deleted; still on the old revision: %s. Fix %s (pve-vault-agent status, kubectl describe pod), then run the upgrade again", strings.Join(rep.Left, ", "), p.Name))
+				"nothing more was deleted; still on the old revision: %s. Fix %s (pve-vault-agent status, kubectl describe pod), then run the upgrade again", strings.Join(rep.Left, ", "), p.Name)
 		}
 		rep.Rolled = append(rep.Rolled, p.Name)
 	}

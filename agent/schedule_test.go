@@ -2,128 +2,134 @@ package agent
 
 import (
 	"context"
-	"sync"
+	"errors"
+	"io"
+	"net/http"
+	"os"
+	"regexp"
+	"strconv"
+	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/pve-vault-agent/pve-vault-agent/configs"
 )
 
-func TestCronNext(t *testing.T) {
-	at := func(s string) time.Time {
-		v, err := time.Parse("2006-01-02 15:04", s)
+func at(s string) time.Time {
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		panic(err)
+	}
+	return t
+}
+
+// The next backup is anchored to the newest snapshot on disk: a restart never postpones
+// one, and a slot missed while the host was off (or the agent down) runs at once.
+func TestNextRun(t *testing.T) {
+	six, _ := configs.ParseSchedule("6h")
+	daily, _ := configs.ParseSchedule("CRON_TZ=UTC 0 3 * * *")
+	for _, tc := range []struct {
+		name        string
+		s           configs.Schedule
+		newest, now string
+		want        string
+	}{
+		{"never backed up: now", six, "", "2026-11-27T10:00:00Z", "2026-11-27T10:00:00Z"},
+		{"the next slot after the newest", six, "2026-11-27T07:13:00Z", "2026-11-27T08:00:00Z", "2026-11-27T12:00:00Z"},
+		{"a restart at 11:59 does not postpone 12:00", six, "2026-11-27T06:00:01Z", "2026-11-27T11:59:00Z", "2026-11-27T12:00:00Z"},
+		{"a missed slot runs at once", six, "2026-11-27T06:00:01Z", "2026-11-27T13:30:00Z", "2026-11-27T13:30:00Z"},
+		{"daily, host off for three days", daily, "2026-11-24T03:00:02Z", "2026-11-27T09:00:00Z", "2026-11-27T09:00:00Z"},
+		{"daily, taken today already", daily, "2026-11-27T03:00:02Z", "2026-11-27T09:00:00Z", "2026-11-28T03:00:00Z"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var newest time.Time
+			if tc.newest != "" {
+				newest = at(tc.newest)
+			}
+			if got := NextRun(tc.s, newest, at(tc.now)); !got.Equal(at(tc.want)) {
+				t.Fatalf("NextRun = %s, want %s", got.Format(time.RFC3339), tc.want)
+			}
+		})
+	}
+}
+
+// A SIGHUP with a bad configuration is refused and everything that ran keeps running:
+// the schedule goes on (once, a failed reload stopped it until the next restart).
+func TestFailedReloadKeepsTheSchedule(t *testing.T) {
+	clock := newFakeClock(at("2026-11-27T00:00:00Z"))
+	d := unitDaemon(t, clock) // for its configuration: an age keyfile, no pods
+	cfg := *d.env.Config
+	cfg.Snapshots.Schedule = "1m"
+	cfg.Snapshots.Dir = t.TempDir() + "/snaps"
+	cfg.Metrics.Listen = "127.0.0.1:0"
+	cfg.Vault.Keyfile = t.TempDir() + "/state/unseal.age"
+	cfg.Vault.AgeIdentity = configs.SecretRef{File: writeAgeIdentity(t)}
+	cfg.Vault.Seal = "age"
+	if err := NewEnv(&cfg, d.log, EnvOptions{}).Keyfile.Write(context.Background(), d.keyfile, true); err != nil {
+		t.Fatal(err)
+	}
+	var loads atomic.Int32
+	load := func() (*Env, error) {
+		if loads.Add(1) == 2 {
+			return nil, errors.New("config.yaml: 1 problem(s): nodes: at least one node is required")
+		}
+		return NewEnv(&cfg, d.log, EnvOptions{Clock: clock}), nil
+	}
+	reload := make(chan os.Signal, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	metrics := make(chan string, 1)
+	done := make(chan error, 1)
+	go func() {
+		done <- Run(ctx, DaemonOptions{Load: load, Reload: reload, MetricsReady: func(a string) { metrics <- a }})
+	}()
+	var addr string
+	select {
+	case addr = <-metrics:
+	case err := <-done:
+		t.Fatalf("daemon: %v", err)
+	}
+	failures := func() int {
+		resp, err := http.Get("http://" + addr + "/metrics")
 		if err != nil {
 			t.Fatal(err)
 		}
-		return v
-	}
-	for _, tc := range []struct{ expr, after, want string }{
-		{"0 3 * * *", "2026-11-27 02:59", "2026-11-27 03:00"},
-		{"0 3 * * *", "2026-11-27 03:00", "2026-11-28 03:00"},
-		{"*/15 * * * *", "2026-11-27 10:07", "2026-11-27 10:15"},
-		{"30 1 1 * *", "2026-11-27 00:00", "2026-12-01 01:30"},
-		{"0 0 * * 0", "2026-11-27 12:00", "2026-11-29 00:00"}, // Sunday
-		{"0 0 * * 7", "2026-11-27 12:00", "2026-11-29 00:00"},
-		{"0 12 13 * 5", "2026-11-01 00:00", "2026-11-06 12:00"}, // Friday or the 13th
-		{"5,35 8-9 * * 1-5", "2026-11-27 09:35", "2026-11-30 08:05"},
-		{"0 0 29 2 *", "2026-03-01 00:00", "2028-02-29 00:00"},
-	} {
-		s, err := ParseSchedule(tc.expr)
-		if err != nil {
-			t.Fatalf("%s: %v", tc.expr, err)
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		m := regexp.MustCompile(`(?m)^pva_backup_failures_total (\d+)`).FindSubmatch(b)
+		if m == nil {
+			t.Fatal("no pva_backup_failures_total")
 		}
-		if got := s.Next(at(tc.after)); !got.Equal(at(tc.want)) {
-			t.Errorf("%q after %s: %s, want %s", tc.expr, tc.after, got.Format("2006-01-02 15:04 Mon"), tc.want)
-		}
+		n, _ := strconv.Atoi(string(m[1]))
+		return n
 	}
-	for _, bad := range []string{"", "30s", "* * * *", "61 * * * *", "*/0 * * * *", "a b c d e", "5-1 * * * *"} {
-		if _, err := ParseSchedule(bad); err == nil {
-			t.Errorf("%q accepted", bad)
-		}
-	}
-	if s, _ := ParseSchedule("6h"); !s.Next(at("2026-11-27 00:00")).Equal(at("2026-11-27 06:00")) {
-		t.Error("interval")
-	}
-}
-
-// fakeClock moves only when the test says so.
-type fakeClock struct {
-	mu      sync.Mutex
-	now     time.Time
-	waiters []waiter
-}
-
-type waiter struct {
-	at time.Time
-	ch chan time.Time
-}
-
-func (f *fakeClock) Now() time.Time { f.mu.Lock(); defer f.mu.Unlock(); return f.now }
-
-func (f *fakeClock) After(d time.Duration) <-chan time.Time {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	ch := make(chan time.Time, 1)
-	f.waiters = append(f.waiters, waiter{f.now.Add(d), ch})
-	return ch
-}
-
-func (f *fakeClock) pending() int { f.mu.Lock(); defer f.mu.Unlock(); return len(f.waiters) }
-
-// advance moves time to t and fires the timers due.
-func (f *fakeClock) advance(t time.Time) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	f.now = t
-	var keep []waiter
-	for _, w := range f.waiters {
-		if !w.at.After(t) {
-			w.ch <- t
-		} else {
-			keep = append(keep, w)
-		}
-	}
-	f.waiters = keep
-}
-
-func TestRunScheduleUnderFakeClock(t *testing.T) {
-	start := time.Date(2026, 11, 27, 2, 0, 0, 0, time.UTC)
-	clock := &fakeClock{now: start}
-	s, _ := ParseSchedule("0 3 * * *")
-	ran := make(chan time.Time, 10)
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go runSchedule(ctx, clock, s, func(_ context.Context, due time.Time) { ran <- due })
-
-	waitPending := func() {
+	// Every scheduled attempt fails (no pod answers): each is counted, then retried.
+	tickUntil := func(want int) {
 		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for clock.pending() == 0 {
-			if time.Now().After(deadline) {
-				t.Fatal("scheduler never waited")
+		if err := poll(context.Background(), RealClock{}, 5*time.Millisecond, 10*time.Second, "scheduled attempts", func(context.Context) error {
+			clock.Advance(time.Minute)
+			if failures() < want {
+				return errNotYet
 			}
-			<-time.After(time.Millisecond)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
 		}
 	}
-	waitPending()
-	clock.advance(start.Add(59 * time.Minute))
-	select {
-	case d := <-ran:
-		t.Fatalf("ran early at %s", d)
-	default:
+	tickUntil(2)
+	reload <- os.Interrupt // the bad configuration
+	if err := poll(context.Background(), RealClock{}, 5*time.Millisecond, 5*time.Second, "the reload", func(context.Context) error {
+		if loads.Load() < 2 {
+			return errNotYet
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
 	}
-	waitPending()
-	clock.advance(start.Add(time.Hour))
-	if d := <-ran; !d.Equal(start.Add(time.Hour)) {
-		t.Fatalf("ran for %s", d)
-	}
-	// Three days pass at once (host suspended): one run, then back on schedule.
-	waitPending()
-	clock.advance(start.Add(75 * time.Hour))
-	if d := <-ran; !d.Equal(start.Add(25 * time.Hour)) {
-		t.Fatalf("catch-up run for %s", d)
-	}
-	waitPending()
-	clock.advance(start.Add(97 * time.Hour))
-	if d := <-ran; !d.Equal(start.Add(97 * time.Hour)) {
-		t.Fatalf("next run for %s, want the 03:00 after the catch-up", d)
+	before := failures()
+	tickUntil(before + 2)
+	cancel()
+	if err := <-done; err != nil {
+		t.Fatal(err)
 	}
 }

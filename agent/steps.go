@@ -43,24 +43,24 @@ func planOf[S any](steps []step[S]) []PlanStep {
 // runSteps runs steps in order over s, appending each result to *results. The first
 // failure stops the flow; its error names the flow and the step.
 func runSteps[S any](ctx context.Context, env *Env, flow string, steps []step[S], s *S, results *[]StepResult) error {
-	log := env.Log.With("flow", flow)
+	log := env.Log
 	for _, st := range steps {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		t0 := env.Clock.Now()
-		log.Info("step started", "step", st.name)
+		log.Info("step started", "flow", flow, "step", st.name)
 		res, err := st.run(s, ctx)
 		d := env.Clock.Now().Sub(t0)
 		r := StepResult{Name: st.name, Result: res, Duration: d, Seconds: d.Seconds()}
 		if err != nil {
 			r.Error = err.Error()
 			*results = append(*results, r)
-			log.Warn("step failed", "step", st.name, "took", d.Round(time.Millisecond), "err", err)
+			log.Warn("step failed", "flow", flow, "step", st.name, "took", d.Round(time.Millisecond), "err", err)
 			return fmt.Errorf("%s step %q: %w", flow, st.name, err)
 		}
 		*results = append(*results, r)
-		log.Info("step done", "step", st.name, "result", res, "took", d.Round(time.Millisecond))
+		log.Info("step done", "flow", flow, "step", st.name, "result", res, "took", d.Round(time.Millisecond))
 	}
 	return nil
 }

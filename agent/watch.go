@@ -22,10 +22,10 @@ type watcher struct {
 	done   chan struct{}
 }
 
-// rejection remembers a keyset Vault rejected on one pod: for that incarnation, seal
-// state and keyset it is not tried again before next; any change retries at once.
+// rejection remembers a keyset Vault rejected on one pod incarnation (the map key): in
+// that seal state and for that keyset it is not tried again before next; any change
+// retries at once.
 type rejection struct {
-	incarnation string
 	seal        string
 	keyset      string
 	backoff     time.Duration
@@ -98,7 +98,7 @@ func (d *daemon) check(ctx context.Context, log *slog.Logger, clock Clock, name,
 	}
 	d.mu.Lock()
 	kf := d.keyfile
-	rej := d.rejected[name]
+	rej := d.rejected[key]
 	env := d.env
 	d.mu.Unlock()
 	if kf == nil {
@@ -108,7 +108,7 @@ func (d *daemon) check(ctx context.Context, log *slog.Logger, clock Clock, name,
 		return "sealed (left to " + holder + ")", nil
 	}
 	fp, sig := kf.Keyset.Fingerprint(), sealSig(st)
-	if rej != nil && rej.incarnation == key && rej.seal == sig && rej.keyset == fp && clock.Now().Before(rej.next) {
+	if rej != nil && rej.seal == sig && rej.keyset == fp && clock.Now().Before(rej.next) {
 		return "sealed (keyfile rejected)", nil
 	}
 	clusterInit := st.Initialized || d.peerInitialised(ctx, name)
@@ -120,7 +120,7 @@ func (d *daemon) check(ctx context.Context, log *slog.Logger, clock Clock, name,
 		switch {
 		case errors.Is(err, vault.ErrWrongKeys):
 			reason = "wrong_keys"
-			d.reject(name, key, sig, fp, clock.Now())
+			d.reject(key, sig, fp, clock.Now())
 			log.Error("the keyfile's shares do not unseal this pod; trying again later, or at once when the pod or keyfile changes", "keyset", fp, "err", err)
 		case errors.Is(err, ErrDataGone):
 			reason = "uninitialised"
@@ -129,7 +129,7 @@ func (d *daemon) check(ctx context.Context, log *slog.Logger, clock Clock, name,
 		return "sealed", err
 	}
 	d.mu.Lock()
-	delete(d.rejected, name)
+	delete(d.rejected, key)
 	d.mu.Unlock()
 	if res.Joining {
 		*joiningUntil = clock.Now().Add(10 * time.Second)
@@ -144,16 +144,17 @@ func (d *daemon) check(ctx context.Context, log *slog.Logger, clock Clock, name,
 	return "sealed", nil
 }
 
-// reject records (or extends) the back-off of a keyset Vault rejected on a pod.
-func (d *daemon) reject(name, key, sig, fp string, now time.Time) {
+// reject records (or extends) the back-off of a keyset Vault rejected on a pod
+// incarnation.
+func (d *daemon) reject(key, sig, fp string, now time.Time) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	r := d.rejected[name]
-	if r != nil && r.incarnation == key && r.seal == sig && r.keyset == fp {
+	r := d.rejected[key]
+	if r != nil && r.seal == sig && r.keyset == fp {
 		r.backoff = min(2*r.backoff, 10*time.Minute)
 	} else {
-		r = &rejection{incarnation: key, seal: sig, keyset: fp, backoff: d.opts.RejectedBackoff}
-		d.rejected[name] = r
+		r = &rejection{seal: sig, keyset: fp, backoff: d.opts.RejectedBackoff}
+		d.rejected[key] = r
 	}
 	r.next = now.Add(r.backoff)
 }

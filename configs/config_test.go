@@ -175,6 +175,18 @@ metrics:
 		{"unquoted mode", minimal + "vault: {data_mode: 0700}\n", []string{"vault.data_mode"}},
 		{"inline secret", minimal + "proxmox: {url: 'https://pve:8006/api2/json', token_id: 'a@pve!b', token_secret: 'deadbeef-secret'}\n", []string{"proxmox.token_secret"}},
 		{"typo in section", minimal + "snapshot: {dir: /x}\n", []string{"snapshot"}},
+		// viper drops a key whose value is empty: the typo must still be reported.
+		{"empty unknown sections", minimal + "proxmoxx:\nmetricz: {}\n", []string{"metricz", "proxmoxx"}},
+		{"plain http and a remote metrics listener", minimal + `
+vault:
+  pod_access: static
+  addresses: ["http://10.0.0.21:8200", "https://10.0.0.22:8200/v1"]
+metrics: {listen: ":9465"}
+`, []string{"metrics.listen", "vault.addresses[0]", "vault.addresses[1]"}},
+		{"storage ids as Proxmox takes them", minimal + "snapshots: {proxmox_storage: 1disk}\nproxmox: {url: 'https://pve:8006/api2/json', token_id: 'a@pve!b', token_secret: {file: /t}}\n", []string{"snapshots.proxmox_storage"}},
+		{"kubeconfig as a plain path", minimal + "kubernetes: {kubeconfig: /etc/pve-vault-agent/kubeconfig}\n", []string{"kubernetes.kubeconfig"}},
+		{"chart name and digest", minimal + "chart: {name: ../../etc, digest: md5:abc}\n", []string{"chart.digest", "chart.name"}},
+		{"token period", minimal + "vault: {token_period: 1s}\n", []string{"vault.token_period"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Load(writeConfig(t, tc.body))
@@ -187,6 +199,27 @@ metrics:
 			}
 			if strings.Contains(err.Error(), "deadbeef-secret") {
 				t.Fatalf("error echoes the inline secret: %v", err)
+			}
+		})
+	}
+}
+
+func TestAcceptedEdgeValues(t *testing.T) {
+	for name, body := range map[string]string{
+		"storage id with underscore": "snapshots: {proxmox_storage: nfs_backup}",
+		"storage id with a dot":      "snapshots: {proxmox_storage: nas.vault}",
+		"http allowed on purpose":    "vault: {pod_access: static, addresses: ['http://10.0.0.21:8200'], allow_http: true}",
+		"remote metrics on purpose":  "metrics: {listen: '0.0.0.0:9465', allow_remote: true}",
+		"cron names":                 "snapshots: {schedule: '0 3 * * MON-FRI'}",
+		"no schedule":                "snapshots: {schedule: ''}",
+	} {
+		t.Run(name, func(t *testing.T) {
+			extra := "\n" + body + "\n"
+			if strings.Contains(body, "proxmox_storage") {
+				extra += "proxmox: {url: 'https://pve:8006/api2/json', token_id: 'a@pve!b', token_secret: {file: /t}}\n"
+			}
+			if _, err := Load(writeConfig(t, minimal+extra)); err != nil {
+				t.Fatal(err)
 			}
 		})
 	}

@@ -100,8 +100,8 @@ func (c *Cluster) ServerPods(ctx context.Context, release string) ([]Pod, []Reje
 			pins[ord] = pin
 		}
 		switch {
-		case pin == "":
-			reject("no volume of the agent pins %s to a node (run install)", p.Name)
+		case pin == "" && p.Spec.NodeName != "":
+			reject("it runs on node %s, but no volume of the agent pins %s there (run install)", p.Spec.NodeName, p.Name)
 			continue
 		case p.Spec.NodeName != "" && p.Spec.NodeName != pin:
 			reject("runs on node %s, but its volume is on %s", p.Spec.NodeName, pin)

@@ -10,6 +10,7 @@ import (
 
 	"helm.sh/helm/v3/pkg/action"
 	"helm.sh/helm/v3/pkg/chart"
+	"helm.sh/helm/v3/pkg/chartutil"
 	"helm.sh/helm/v3/pkg/release"
 	"helm.sh/helm/v3/pkg/storage/driver"
 	"sigs.k8s.io/yaml"
@@ -273,4 +274,18 @@ func (c *Cluster) Release(name string) (*ReleaseInfo, error) {
 		info.ChartVersion = rel.Chart.Metadata.Version
 	}
 	return info, nil
+}
+
+// Render renders the chart with values as Helm would install it (client side only, for
+// the Kubernetes version the lab and the agent target) and returns the manifest.
+func Render(ch *chart.Chart, release, namespace string, values map[string]any) (string, error) {
+	inst := action.NewInstall(&action.Configuration{})
+	inst.ReleaseName, inst.Namespace = release, namespace
+	inst.DryRun, inst.ClientOnly, inst.Replace = true, true, true
+	inst.KubeVersion = &chartutil.KubeVersion{Version: "v1.37.2", Major: "1", Minor: "37"}
+	rel, err := inst.Run(ch, values)
+	if err != nil {
+		return "", fmt.Errorf("render %s: %w", ch.Metadata.Name, err)
+	}
+	return rel.Manifest, nil
 }

@@ -20,16 +20,18 @@ func TestMergeValues(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Numbers reach Helm as a values file gives them (float64), not as Go ints: the
+	// real chart's replicas helper takes only int64 or float64 and falls back to 3.
 	want := map[string]any{
 		"global": map[string]any{"tlsDisable": true},
 		"server": map[string]any{
 			"resources": map[string]any{"limits": map[string]any{"memory": "512Mi"}},
-			"ha":        map[string]any{"enabled": true, "replicas": 3, "raft": map[string]any{"enabled": true}},
-			"uid":       100,
+			"ha":        map[string]any{"enabled": true, "replicas": float64(3), "raft": map[string]any{"enabled": true}},
+			"uid":       float64(100),
 		},
 	}
 	if !reflect.DeepEqual(got, want) {
-		t.Fatalf("merged %v", got)
+		t.Fatalf("merged %#v", got)
 	}
 
 	conflicting := ValuesFile{Name: "/etc/pve-vault-agent/values.yaml", Values: map[string]any{

@@ -75,3 +75,16 @@ func ContainsAny(s string, ks Keyset, tokens ...Token) bool {
 	}
 	return false
 }
+
+// TokenValueForTest returns the value of t. Only tests call it (to hand a token to a
+// verb through a file, as an operator would).
+func TokenValueForTest(t Token) string { return t.value }
+
+// NewKeyset builds a keyset from share values (tests; shares read from elsewhere).
+func NewKeyset(threshold int, shares ...string) Keyset {
+	ks := Keyset{Threshold: threshold}
+	for i, s := range shares {
+		ks.Keys = append(ks.Keys, Key{Index: i + 1, value: s})
+	}
+	return ks
+}

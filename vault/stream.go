@@ -16,7 +16,7 @@ var ErrStalled = errors.New("snapshot stream stalled")
 // StreamSnapshot streams GET sys/storage/raft/snapshot with tok into w. Vault sends the
 // archive chunked, without a length; nothing is buffered here. There is no total
 // timeout (a large snapshot over a slow tunnel takes what it takes): the stream ends
-// with ctx, or with ErrStalled when no byte arrives for idle.
+// with ctx, or with ErrStalled when less than 8 KiB arrives in idle.
 func (n *Node) StreamSnapshot(ctx context.Context, tok Token, idle time.Duration, w io.Writer) (int64, error) {
 	c, err := n.streamWithToken(tok)
 	if err != nil {
@@ -119,6 +119,11 @@ func (w *idleWatch) cause(ctx context.Context, err error) error {
 	return err
 }
 
+// idleReadSize caps each read, so progress is seen while a large HTTP chunk is still
+// arriving (net/http's chunked reader returns only when a chunk or the buffer is full):
+// the idle timeout then means "less than 8 KiB moved in that time".
+const idleReadSize = 8 << 10
+
 type idleReader struct {
 	r         io.Reader
 	w         *idleWatch
@@ -126,6 +131,9 @@ type idleReader struct {
 }
 
 func (r *idleReader) Read(p []byte) (int, error) {
+	if len(p) > idleReadSize {
+		p = p[:idleReadSize]
+	}
 	n, err := r.r.Read(p)
 	if n > 0 {
 		r.w.touch()

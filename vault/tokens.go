@@ -406,3 +406,26 @@ func (n *Node) Read(ctx context.Context, tok Token, path string) (string, error)
 	v, _ := sec.Data["value"].(string)
 	return v, nil
 }
+
+// List returns the keys at path with tok (tests count token accessors with it).
+func (n *Node) List(ctx context.Context, tok Token, path string) ([]string, error) {
+	c, err := n.withToken(tok)
+	if err != nil {
+		return nil, err
+	}
+	sec, err := c.Logical().ListWithContext(ctx, path)
+	if err != nil {
+		return nil, n.tokenError("list "+path, err)
+	}
+	if sec == nil || sec.Data == nil {
+		return nil, nil
+	}
+	raw, _ := sec.Data["keys"].([]any)
+	out := make([]string, 0, len(raw))
+	for _, k := range raw {
+		if s, ok := k.(string); ok {
+			out = append(out, s)
+		}
+	}
+	return out, nil
+}

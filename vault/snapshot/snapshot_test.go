@@ -7,12 +7,15 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -40,7 +43,7 @@ func realSnapshot(t *testing.T) []byte {
 	var buf bytes.Buffer
 	if err := lab.WaitFor(ctx, 30*time.Second, "snapshot", func(ctx context.Context) error {
 		buf.Reset()
-		_, err := n.StreamSnapshot(ctx, res.RootToken, &buf)
+		_, err := n.StreamSnapshot(ctx, res.RootToken, time.Minute, &buf)
 		return err
 	}); err != nil {
 		t.Fatal(err)
@@ -127,12 +130,146 @@ func TestVerifyCatchesEveryCorruption(t *testing.T) {
 		"wrong SHA256SUMS": pack(wrongSums),
 		"state changed":    pack(changedState),
 		"trailing bytes":   append(bytes.Clone(snap), []byte("garbage")...),
+		"symlink member":   packTyped(ms, "meta.json", tar.TypeSymlink),
+		"directory member": packTyped(ms, "state.bin", tar.TypeDir),
+		"duplicate member": pack(append(append([]member(nil), ms...), ms[0])),
+		"huge meta.json":   pack(append(withoutMember(ms, "meta.json"), member{"meta.json", bytes.Repeat([]byte(" "), 2<<20)})),
 		"not gzip":         []byte(hex.EncodeToString(sum[:])),
 		"empty":            nil,
 	} {
 		if _, err := Verify(bytes.NewReader(bad)); !errors.Is(err, ErrInvalid) {
 			t.Errorf("%s: %v, want ErrInvalid", name, err)
 		}
+	}
+}
+
+// packTyped packs ms with name's header of the given type (no data for non-files).
+func packTyped(ms []member, name string, typ byte) []byte {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(zw)
+	for _, m := range ms {
+		if m.name == name {
+			tw.WriteHeader(&tar.Header{Name: m.name, Typeflag: typ, Linkname: "/etc/shadow", Mode: 0o600})
+			continue
+		}
+		tw.WriteHeader(&tar.Header{Name: m.name, Mode: 0o600, Size: int64(len(m.data))})
+		tw.Write(m.data)
+	}
+	tw.Close()
+	zw.Close()
+	return buf.Bytes()
+}
+
+func withoutMember(ms []member, name string) []member {
+	var out []member
+	for _, m := range ms {
+		if m.name != name {
+			out = append(out, m)
+		}
+	}
+	return out
+}
+
+// A stream being saved and a file on disk are judged by the same rules: what backup
+// stores, restore accepts, and trailing bytes after the gzip stream fail both.
+func TestStreamAndFileVerifiersAgree(t *testing.T) {
+	snap := realSnapshot(t)
+	s := &Store{Dir: filepath.Join(t.TempDir(), "snaps")}
+	bad := append(bytes.Clone(snap), []byte("trailing garbage")...)
+	if _, err := s.Save(context.Background(), time.Now(), Manifest{}, func(w io.Writer) error { _, err := w.Write(bad); return err }); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("the streaming verifier accepted trailing bytes: %v", err)
+	}
+	f := filepath.Join(t.TempDir(), "bad.snap")
+	os.WriteFile(f, bad, 0o600)
+	if _, err := VerifyFile(f); !errors.Is(err, ErrInvalid) {
+		t.Fatalf("the file verifier accepted trailing bytes: %v", err)
+	}
+}
+
+// helperVerify is the child side of TestHostileArchiveStaysSmall: it verifies the file
+// in $PVA_VERIFY_FILE and prints the error.
+func TestMain(m *testing.M) {
+	if f := os.Getenv("PVA_VERIFY_FILE"); f != "" {
+		_, err := VerifyFile(f)
+		fmt.Printf("%v", err)
+		os.Exit(0)
+	}
+	os.Exit(lab.RunTests(m))
+}
+
+// A crafted archive (hundreds of thousands of member names in a few hundred KiB of
+// gzip) once took the heap to 301 MiB and produced a ~300 MB error. Verification now
+// stops at the first header that is not one of the four members: the child process that
+// verifies it stays under 64 MiB and the error is short.
+func TestHostileArchiveStaysSmall(t *testing.T) {
+	var buf bytes.Buffer
+	zw := gzip.NewWriter(&buf)
+	tw := tar.NewWriter(zw)
+	for i := 0; i < 100000; i++ {
+		tw.WriteHeader(&tar.Header{Name: fmt.Sprintf("%s-%08d", strings.Repeat("x", 80), i), Mode: 0o600, Typeflag: tar.TypeReg})
+	}
+	tw.Close()
+	zw.Close()
+	path := filepath.Join(t.TempDir(), "crafted.snap")
+	os.WriteFile(path, buf.Bytes(), 0o600)
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), "PVA_VERIFY_FILE="+path)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ru := cmd.ProcessState.SysUsage().(*syscall.Rusage)
+	t.Logf("crafted archive %d KiB: verifier peak RSS %d MiB, error %d bytes: %s", buf.Len()>>10, ru.Maxrss>>10, len(out), out)
+	if ru.Maxrss>>10 >= 64 || len(out) > 300 || !strings.Contains(string(out), "unexpected member") {
+		t.Fatalf("peak RSS %d MiB, error %d bytes: %.300s", ru.Maxrss>>10, len(out), out)
+	}
+	// A header claiming an enormous member is refused before a byte of it is read.
+	buf.Reset()
+	zw = gzip.NewWriter(&buf)
+	tw = tar.NewWriter(zw)
+	tw.WriteHeader(&tar.Header{Name: "state.bin", Mode: 0o600, Size: MaxStateSize + 1})
+	zw.Close()
+	if _, err := Verify(bytes.NewReader(buf.Bytes())); !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "claims") {
+		t.Fatalf("an oversized member: %v", err)
+	}
+}
+
+// Snapshots are ordered by the time their manifest recorded when they were verified,
+// then the Raft index; a file name is whatever a writer chose, and an unverified file
+// cannot claim to be newer than it is.
+func TestListOrdersByManifestNotFileName(t *testing.T) {
+	snap := realSnapshot(t)
+	s := &Store{Dir: filepath.Join(t.TempDir(), "snaps")}
+	base := time.Date(2026, 11, 27, 3, 0, 0, 0, time.UTC)
+	a, err := s.Save(context.Background(), base, Manifest{}, func(w io.Writer) error { _, err := w.Write(snap); return err })
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := s.Save(context.Background(), base.Add(time.Hour), Manifest{}, func(w io.Writer) error { _, err := w.Write(snap); return err })
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Rename the older one to a name that claims the future; its manifest still says.
+	future := filepath.Join(s.Dir, "vault-20991231T000000.000Z.snap")
+	os.Rename(a.Path, future)
+	m, _ := ReadManifest(a.Path)
+	m.File = filepath.Base(future)
+	raw, _ := json.Marshal(m)
+	os.WriteFile(future+".json", raw, 0o600)
+	os.Remove(a.Path + ".json")
+	// And an unverified file with a future name.
+	os.WriteFile(filepath.Join(s.Dir, "vault-20991231T000001.000Z.snap"), snap, 0o600)
+	es, err := s.List()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var order []string
+	for _, e := range es {
+		order = append(order, filepath.Base(e.Path))
+	}
+	if len(es) != 3 || es[0].Path != future || es[1].Path != b.Path || es[2].Verified {
+		t.Fatalf("order %v", order)
 	}
 }
 

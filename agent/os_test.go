@@ -1,0 +1,5 @@
+package agent
+
+import "os"
+
+var osGetpid = os.Getpid
