@@ -316,4 +316,3 @@ func TestRoguePodGetsNothing(t *testing.T) {
 		t.Fatal("the agent did not log the rogue pod")
 	}
 }
-

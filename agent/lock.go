@@ -47,7 +47,9 @@ func (e *Env) Lock(verb string) (func(), error) {
 	}, nil
 }
 
-func (e *Env) lockPath() string { return filepath.Join(filepath.Dir(e.Config.Vault.Keyfile), ".agent.lock") }
+func (e *Env) lockPath() string {
+	return filepath.Join(filepath.Dir(e.Config.Vault.Keyfile), ".agent.lock")
+}
 
 // Busy reports whether a mutating verb holds the agent's lock, and which: the daemon
 // steps aside (submits no share) while one runs, so a recover's throwaway keys and the

@@ -74,8 +74,10 @@ func Recover(ctx context.Context, env *Env, opts RecoverOptions) (*RecoverReport
 	return s.rep, runSteps(ctx, env, "recover", steps, s, &s.rep.Steps)
 }
 
-func (s *recoverState) throwawayPath() string { return s.env.Config.Vault.Keyfile + ".recover-throwaway" }
-func (s *recoverState) pendingPath() string   { return s.throwawayPath() + ".pending" }
+func (s *recoverState) throwawayPath() string {
+	return s.env.Config.Vault.Keyfile + ".recover-throwaway"
+}
+func (s *recoverState) pendingPath() string { return s.throwawayPath() + ".pending" }
 
 // removeThrowaway deletes the throwaway files: in every branch that no longer needs them.
 func (s *recoverState) removeThrowaway() error {

@@ -26,10 +26,10 @@ type watcher struct {
 // that seal state and for that keyset it is not tried again before next; any change
 // retries at once.
 type rejection struct {
-	seal        string
-	keyset      string
-	backoff     time.Duration
-	next        time.Time
+	seal    string
+	keyset  string
+	backoff time.Duration
+	next    time.Time
 }
 
 // sealSig summarises what a sealed Vault says about its seal: a restarted or

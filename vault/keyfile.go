@@ -334,4 +334,3 @@ func KeyfileExists(path string) bool {
 	_, err := os.Lstat(path)
 	return err == nil
 }
-

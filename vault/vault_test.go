@@ -320,7 +320,7 @@ func TestSnapshotStreamIdleDeadline(t *testing.T) {
 func testKeyfile() *Keyfile {
 	return &Keyfile{Version: keyfileVersion, ClusterID: "c-123", ClusterName: "vault-cluster-x", Created: time.Now().UTC().Truncate(time.Second),
 		SnapshotToken: Token{"hvs.snapshot-token-value"}, OperatorToken: Token{"hvs.operator-token-value"}, Canary: "c4n4ry",
-		Keyset:        Keyset{Threshold: 2, Keys: []Key{{1, "share-one-value"}, {2, "share-two-value"}, {3, "share-three-value"}}}}
+		Keyset: Keyset{Threshold: 2, Keys: []Key{{1, "share-one-value"}, {2, "share-two-value"}, {3, "share-three-value"}}}}
 }
 
 func TestKeyfileSystemdCredsRoundTrip(t *testing.T) {
@@ -454,4 +454,3 @@ func TestFingerprintIgnoresOrderAndHidesKeys(t *testing.T) {
 		t.Fatal(a.Fingerprint(), b.Fingerprint(), c.Fingerprint())
 	}
 }
-

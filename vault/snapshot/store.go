@@ -391,4 +391,3 @@ func writeJSONAtomic(path string, v any) error {
 	}
 	return f.Close()
 }
-
