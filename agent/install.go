@@ -8,8 +8,6 @@ import (
 	"fmt"
 	"strings"
 
-	"helm.sh/helm/v3/pkg/chart"
-
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 )
@@ -46,7 +44,7 @@ type installState struct {
 	env      *Env
 	opts     InstallOptions
 	cluster  *k8s.Cluster
-	chart    *chart.Chart
+	chart    *k8s.Chart
 	values   map[string]any
 	existing bool
 	roll     bool // the upgrade changes the pods: snapshot first, then roll

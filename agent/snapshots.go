@@ -8,6 +8,12 @@ import (
 	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
 )
 
+// The snapshot store's types, as the CLI prints them.
+type (
+	SnapshotEntry    = snapshot.Entry
+	SnapshotDecision = snapshot.Decision
+)
+
 // ErrNoSnapshot means no usable snapshot was found or given.
 var ErrNoSnapshot = errors.New("no usable snapshot")
 

@@ -18,6 +18,9 @@ import (
 	"helm.sh/helm/v3/pkg/registry"
 )
 
+// Chart is a loaded chart.
+type Chart = chart.Chart
+
 // ErrChart means the chart could not be found or loaded.
 var ErrChart = errors.New("chart not available")
 

@@ -87,6 +87,9 @@ if [ -L "$p" ]; then echo "$p is a symbolic link" >&2; exit 20; fi
 if [ ! -d "$p" ]; then echo left=0; exit 0; fi
 cd -P -- "$p"
 if [ "$(pwd -P)" != "$p" ]; then echo "$p resolves to $(pwd -P): a symbolic link appeared in its path" >&2; exit 21; fi
+dev=$(stat -c %d .)
+other=$(find . -mindepth 1 -type d -exec sh -c '[ "$(stat -c %d "$1")" != "$2" ]' sh {} "$dev" \; -print -quit)
+if [ -n "$other" ]; then echo "$p/${other#./} is another filesystem mounted inside; unmount it first" >&2; exit 23; fi
 find . -xdev -mindepth 1 -delete
 echo "left=$(find . -mindepth 1 | wc -l)"
 `
@@ -101,8 +104,11 @@ func (c *Conn) Wipe(ctx context.Context, path string) error {
 	out, err := c.Run(ctx, "wipe "+path, wipeScript, path)
 	if err != nil {
 		var re *RunError
-		if errors.As(err, &re) && re.Status >= 20 && re.Status <= 22 {
+		switch {
+		case errors.As(err, &re) && re.Status >= 20 && re.Status <= 22:
 			return fmt.Errorf("%w: %s", ErrUnsafePath, strings.TrimSpace(re.Stderr))
+		case errors.As(err, &re) && re.Status == 23:
+			return fmt.Errorf("wipe %s: nothing deleted: %s", path, strings.TrimSpace(re.Stderr))
 		}
 		return err
 	}

@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"syscall"
 	"testing"
@@ -157,6 +159,17 @@ func (n *nodeSetup) prepare(t *testing.T, ctx context.Context, w Want) (Prepared
 	return c.Prepare(ctx, w)
 }
 
+// conn dials the node; closed at cleanup.
+func (n *nodeSetup) conn(t *testing.T, ctx context.Context) *Conn {
+	t.Helper()
+	c, err := Dial(ctx, n.vm.Netns.NodeIP, n.cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 func statOwner(t *testing.T, p string) (int, int, os.FileMode) {
 	t.Helper()
 	fi, err := os.Lstat(p)
@@ -170,7 +183,7 @@ func statOwner(t *testing.T, p string) (int, int, os.FileMode) {
 func TestPrepareCreatesFixesAndIsIdempotent(t *testing.T) {
 	n := newNode(t)
 	ctx := ctxFor(t, time.Minute)
-	path := filepath.Join(t.TempDir(), "srv", "vault")
+	path := filepath.Join(lab.TestDataDir(t), "srv", "vault")
 	want := Want{Path: path, UID: 100, GID: 100, Mode: 0o700}
 
 	t0 := time.Now()
@@ -222,7 +235,7 @@ func TestPrepareCreatesFixesAndIsIdempotent(t *testing.T) {
 func TestPrepareRefusesUnsafePaths(t *testing.T) {
 	n := newNode(t)
 	ctx := ctxFor(t, time.Minute)
-	base := t.TempDir()
+	base := lab.TestDataDir(t)
 	real := filepath.Join(base, "real")
 	if err := os.Mkdir(real, 0o755); err != nil {
 		t.Fatal(err)
@@ -245,10 +258,81 @@ func TestPrepareRefusesUnsafePaths(t *testing.T) {
 	}
 }
 
+// Inside the data directory nothing leads the agent astray: a symlink planted there is
+// re-owned itself, never its target (chown -h through find -execdir); a filesystem
+// mounted inside is not crossed; and a wipe for a rejoin empties the directory the same
+// way, keeping the directory, its owner and mode.
+func TestPrepareAndWipeStayInside(t *testing.T) {
+	n := newNode(t)
+	ctx := ctxFor(t, time.Minute)
+	base := lab.TestDataDir(t)
+	path := filepath.Join(base, "vault")
+	if _, err := n.prepare(t, ctx, Want{Path: path, UID: 100, GID: 100, Mode: 0o700}); err != nil {
+		t.Fatal(err)
+	}
+	outside := filepath.Join(base, "outside-secret")
+	if err := os.WriteFile(outside, []byte("root's"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(outside, filepath.Join(path, "planted")); err != nil {
+		t.Fatal(err)
+	}
+	// The mount is made in the node's own mount namespace (ip netns exec gives sshd
+	// one), where the agent's commands run: mounted here, it would be invisible there.
+	mnt := filepath.Join(path, "mnt")
+	os.Mkdir(mnt, 0o755)
+	inNode := func(args ...string) ([]byte, error) {
+		return exec.Command("nsenter", append([]string{"--target", strconv.Itoa(n.vm.SSHD.Process().PID()), "--mount", "--"}, args...)...).CombinedOutput()
+	}
+	if out, err := inNode("mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", mnt); err != nil {
+		if lab.InCI() {
+			t.Fatalf("CI=true: mount a tmpfs in the node: %v %s", err, out)
+		}
+		t.Skipf("skipped outside CI: cannot mount a tmpfs in the node: %s", out)
+	}
+	t.Cleanup(func() { inNode("umount", mnt) })
+	inMount := filepath.Join(mnt, "other-fs")
+	if out, err := inNode("sh", "-c", "echo x > "+inMount); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	os.Chown(path, 0, 0) // a wrong owner, so prepare chowns
+	got, err := n.prepare(t, ctx, Want{Path: path, UID: 100, GID: 100, Mode: 0o700})
+	if err != nil || got.State != Fixed {
+		t.Fatalf("prepare: %+v %v", got, err)
+	}
+	if u, _, _ := statOwner(t, outside); u != 0 {
+		t.Fatalf("the symlink's target was chowned to %d", u)
+	}
+	if fi, err := os.Lstat(filepath.Join(path, "planted")); err != nil || fi.Sys().(*syscall.Stat_t).Uid != 100 {
+		t.Fatalf("the planted link itself was not re-owned: %v", err)
+	}
+	if out, err := inNode("stat", "-c", "%u", inMount); err != nil || strings.TrimSpace(string(out)) != "0" {
+		t.Fatalf("prepare crossed into a mounted filesystem: owner %s %v", out, err)
+	}
+	// Wipe refuses to leave a mount half-emptied, and never follows the link.
+	if err := n.conn(t, ctx).Wipe(ctx, path); err == nil || !strings.Contains(err.Error(), "mounted inside") || !strings.Contains(err.Error(), "nothing deleted") {
+		t.Fatalf("wipe with a mount inside: %v", err)
+	}
+	inNode("umount", mnt)
+	if err := n.conn(t, ctx).Wipe(ctx, path); err != nil {
+		t.Fatal(err)
+	}
+	ents, _ := os.ReadDir(path)
+	if len(ents) != 0 {
+		t.Fatalf("left after the wipe: %v", ents)
+	}
+	if u, _, m := statOwner(t, path); u != 100 || m != 0o700 {
+		t.Fatalf("the wiped directory is %d %o", u, m)
+	}
+	if b, err := os.ReadFile(outside); err != nil || string(b) != "root's" {
+		t.Fatalf("the link's target was touched: %v", err)
+	}
+}
+
 func TestHostKeyChecks(t *testing.T) {
 	n := newNode(t)
 	ctx := ctxFor(t, time.Minute)
-	path := filepath.Join(t.TempDir(), "vault")
+	path := filepath.Join(lab.TestDataDir(t), "vault")
 
 	t.Run("mismatch refused with both fingerprints, nothing changed", func(t *testing.T) {
 		other, err := lab.NewKey(filepath.Join(t.TempDir(), "other"))
@@ -349,7 +433,7 @@ func TestNonRootUsers(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer c.Close()
-			path := filepath.Join(t.TempDir(), "vault")
+			path := filepath.Join(lab.TestDataDir(t), "vault")
 			got, err := c.Prepare(ctx, Want{Path: path, UID: 100, GID: 100, Mode: 0o700})
 			if tc.wantErr != nil {
 				if !errors.Is(err, tc.wantErr) || !strings.Contains(err.Error(), "NOPASSWD") {
@@ -375,7 +459,8 @@ func TestVaultAsUID100NeedsProvisioning(t *testing.T) {
 	ctx := ctxFor(t, 2*time.Minute)
 	uid, gid := uint32(100), uint32(100)
 
-	unprepared := filepath.Join(t.TempDir(), "unprepared")
+	data := lab.TestDataDir(t)
+	unprepared := filepath.Join(data, "unprepared")
 	if err := os.Mkdir(unprepared, 0o700); err != nil {
 		t.Fatal(err)
 	}
@@ -384,7 +469,7 @@ func TestVaultAsUID100NeedsProvisioning(t *testing.T) {
 		t.Fatalf("vault on a root-owned directory: %v, want permission denied", err)
 	}
 
-	prepared := filepath.Join(t.TempDir(), "srv", "vault")
+	prepared := filepath.Join(data, "srv", "vault")
 	if _, err := n.prepare(t, ctx, Want{Path: prepared, UID: 100, GID: 100, Mode: 0o700}); err != nil {
 		t.Fatal(err)
 	}

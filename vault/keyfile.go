@@ -319,7 +319,7 @@ func WriteKeyfile(ctx context.Context, path string, k *Keyfile, s Sealer, exclus
 // (ParseKeyfile), never the environment.
 func ReadKeyfile(ctx context.Context, path string, s Sealer) (*Keyfile, error) {
 	if _, err := os.Lstat(path); errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("%w at %s: run `pve-vault-agent init` on a new cluster, or put the keyfile back (decrypt the offline .recovery.age copy and seal it again, see the README)", ErrNoKeyfile, path)
+		return nil, fmt.Errorf("%w at %s", ErrNoKeyfile, path)
 	}
 	b, err := s.Open(ctx, path)
 	if err != nil {

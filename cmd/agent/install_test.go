@@ -27,8 +27,12 @@ type installLab struct {
 	config string
 }
 
+// baseValues turn off what collides between the tests' namespaces (cluster-scoped
+// objects named after the release) and needs cluster DNS (the injector's webhook).
+const baseValues = "injector: {enabled: false}\n"
+
 // newInstallLab writes a config for one node registered in the shared control plane,
-// with the lab's Vault-shaped chart, a values file, and the lab kubelet running pods.
+// with the real hashicorp/vault chart, a values file, and the lab kubelet running pods.
 func newInstallLab(t *testing.T, ns string) *installLab {
 	t.Helper()
 	cp := lab.SharedControlPlane(t)
@@ -48,13 +52,10 @@ func newInstallLab(t *testing.T, ns string) *installLab {
 	t.Cleanup(func() {
 		_ = cs.CoreV1().PersistentVolumes().Delete(context.Background(), "pva-"+ns+"-vault-0", metav1.DeleteOptions{})
 	})
-	chart, err := filepath.Abs("../../k8s/testdata/vault-chart")
-	if err != nil {
-		t.Fatal(err)
-	}
+	chart := lab.Chart("0.34.1")
 	dir := t.TempDir()
 	il := &installLab{cp: cp, cs: cs, ns: ns, dir: dir, values: filepath.Join(dir, "values.yaml"), config: filepath.Join(dir, "config.yaml")}
-	il.writeValues(t, "server:\n  resources:\n    requests: {cpu: 100m, memory: 256Mi}\n")
+	il.writeValues(t, baseValues+"server:\n  resources:\n    requests: {cpu: 100m, memory: 256Mi}\n")
 	key := filepath.Join(dir, "id")
 	os.WriteFile(key, []byte("unused"), 0o600)
 	os.WriteFile(il.config, fmt.Appendf(nil, `
@@ -64,7 +65,7 @@ nodes:
 ssh:
   identity: {file: %s}
 kubernetes:
-  kubeconfig: %s
+  kubeconfig: {file: %s}
 chart:
   path: %s
   namespace: %s
@@ -115,7 +116,7 @@ func TestInstallVerb(t *testing.T) {
 		t.Fatalf("re-run: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
 	}
 
-	il.writeValues(t, "server:\n  resources:\n    requests: {cpu: 200m, memory: 256Mi}\n")
+	il.writeValues(t, baseValues+"server:\n  resources:\n    requests: {cpu: 200m, memory: 256Mi}\n")
 	r = runBinary(t, nil, "install", "--config", il.config, "--dry-run")
 	if r.code != 0 || !strings.Contains(r.stdout, "would be upgraded") || !strings.Contains(r.stdout, "changed  StatefulSet/vault") || !strings.Contains(r.stdout, "cpu: 200m") {
 		t.Fatalf("dry run: exit %d\n%s\n%s", r.code, r.stdout, r.stderr)
@@ -138,19 +139,19 @@ func TestInstallVerbErrors(t *testing.T) {
 	il := newInstallLab(t, "cli-install-errors")
 	il.writeValues(t, "server:\n  ha:\n    raft:\n      enabled: false\n  uid: 1000\n")
 	r := runBinary(t, nil, "install", "--config", il.config)
-	if r.code != 2 || !strings.Contains(r.stderr, "server.ha.raft.enabled is false, but the agent sets true") || !strings.Contains(r.stderr, "server.uid is 1000, but the agent sets 100") {
+	if r.code != 78 || !strings.Contains(r.stderr, "server.ha.raft.enabled is false, but the agent sets true") || !strings.Contains(r.stderr, "server.uid is 1000, but the agent sets 100") {
 		t.Fatalf("conflict: exit %d\n%s", r.code, r.stderr)
 	}
 	if n := il.revisions(t); n != 0 {
 		t.Fatal("a conflicting install made a release")
 	}
-	il.writeValues(t, "{}\n")
+	il.writeValues(t, baseValues)
 
 	for _, tc := range []struct {
 		env  []string
 		want string
 	}{
-		{[]string{"PVA_KUBERNETES_KUBECONFIG=" + filepath.Join(il.dir, "absent")}, "kubeconfig not found"},
+		{[]string{"PVA_KUBERNETES_KUBECONFIG_FILE=" + filepath.Join(il.dir, "absent")}, "kubernetes.kubeconfig"},
 		{[]string{"PVA_CHART_PATH=" + filepath.Join(il.dir, "no-chart")}, "chart not available"},
 	} {
 		r := runBinary(t, tc.env, "install", "--config", il.config)
@@ -161,7 +162,7 @@ func TestInstallVerbErrors(t *testing.T) {
 	kc, _ := os.ReadFile(il.cp.Kubeconfig)
 	dead := filepath.Join(il.dir, "dead.kubeconfig")
 	os.WriteFile(dead, []byte(strings.Replace(string(kc), il.cp.Server, "https://127.0.0.1:1", 1)), 0o600)
-	r = runBinary(t, []string{"PVA_KUBERNETES_KUBECONFIG=" + dead}, "install", "--config", il.config)
+	r = runBinary(t, []string{"PVA_KUBERNETES_KUBECONFIG_FILE=" + dead}, "install", "--config", il.config)
 	if r.code != 1 || !strings.Contains(r.stderr, "unreachable at https://127.0.0.1:1") {
 		t.Fatalf("unreachable: exit %d\n%s", r.code, r.stderr)
 	}

@@ -88,7 +88,7 @@ func TestConfigCheckExample(t *testing.T) {
 	}
 }
 
-// The acceptance case of the foundation issue: three mistakes, all reported, exit 2.
+// The acceptance case of the foundation issue: three mistakes, all reported, exit 78.
 func TestConfigCheckReportsAllMistakes(t *testing.T) {
 	dir := t.TempDir()
 	cfg := filepath.Join(dir, "config.yaml")
@@ -104,8 +104,8 @@ vault:
   data_mode: "0777"
 `), 0o600)
 	r := runBinary(t, nil, "config", "check", "--config", cfg)
-	if r.code != 2 {
-		t.Fatalf("exit %d, want 2\n%s", r.code, r.stderr)
+	if r.code != 78 {
+		t.Fatalf("exit %d, want 78\n%s", r.code, r.stderr)
 	}
 	for _, want := range []string{"3 problem(s)", `nodes[0].adress: unknown key (did you mean "address"?)`, "ssh.port:", "vault.data_mode:"} {
 		if !strings.Contains(r.stderr, want) {
@@ -131,7 +131,7 @@ ssh:
   identity: "-----BEGIN OPENSSH PRIVATE KEY-----AAAAB3NzaC1yc2E"
 `), 0o600)
 	r := runBinary(t, nil, "config", "check", "--config", cfg, "--log-level", "debug")
-	if r.code != 2 {
+	if r.code != 78 {
 		t.Fatalf("exit %d", r.code)
 	}
 	for _, leak := range []string{secret, "BEGIN OPENSSH", "AAAAB3"} {
@@ -169,13 +169,15 @@ func TestUsageErrorsExit2(t *testing.T) {
 		{[]string{"version", "-o", "xml"}, `-o "xml": use one of text, json`},
 		{[]string{"version", "--bogus"}, "unknown flag: --bogus"},
 		{[]string{"version", "extra"}, "takes no arguments"},
-		{[]string{"config", "check", "--config", "/nonexistent/config.yaml"}, "file not found"},
 		{[]string{"config", "check", "--log-level", "loud"}, "--log-level"},
 	} {
 		r := runBinary(t, nil, tc.args...)
 		if r.code != 2 || !strings.Contains(r.stderr, tc.want) {
 			t.Errorf("%v: exit %d, stderr %q; want 2 and %q", tc.args, r.code, r.stderr, tc.want)
 		}
+	}
+	if r := runBinary(t, nil, "config", "check", "--config", "/nonexistent/config.yaml"); r.code != 78 || !strings.Contains(r.stderr, "file not found") {
+		t.Errorf("a missing configuration: exit %d, stderr %q; want 78", r.code, r.stderr)
 	}
 }
 

@@ -35,7 +35,7 @@ func newProvisionLab(t *testing.T, knownHosts bool) *provisionLab {
 	}
 	t.Cleanup(pve.Close)
 	vm := lab.StartNodeVM(t, pve, 201, "k8s-worker-1")
-	pl := &provisionLab{vm: vm, knownHost: filepath.Join(dir, "known_hosts"), hostPath: filepath.Join(dir, "srv", "vault")}
+	pl := &provisionLab{vm: vm, knownHost: filepath.Join(dir, "known_hosts"), hostPath: filepath.Join(lab.TestDataDir(t), "srv", "vault")}
 	if knownHosts {
 		if err := vm.SSHD.WriteKnownHosts(pl.knownHost); err != nil {
 			t.Fatal(err)

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
+	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
 
 func (b *backupLab) waitActive(t *testing.T) {
@@ -29,7 +30,7 @@ func (b *backupLab) secret(t *testing.T, value string) string {
 	t.Helper()
 	ctx := context.Background()
 	b.waitActive(t)
-	root, err := b.node.GenerateRoot(ctx, b.kf.Keyset)
+	root, err := b.node.GenerateRoot(ctx, b.kf.Keyset, vault.GenerateRootOptions{Auth: b.kf.OperatorToken})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,7 +10,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/pve-vault-agent/pve-vault-agent/agent"
-	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
 )
 
 type snapshotsListOptions struct {
@@ -40,7 +39,7 @@ func runSnapshotsList(ctx context.Context, opts *snapshotsListOptions, env *agen
 		return err
 	}
 	if es == nil {
-		es = []snapshot.Entry{}
+		es = []agent.SnapshotEntry{}
 	}
 	return report(g, opts.output, es, func(w io.Writer) {
 		tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)

@@ -9,7 +9,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/pve-vault-agent/pve-vault-agent/agent"
-	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
 )
 
 type snapshotsPruneOptions struct {
@@ -43,7 +42,7 @@ unverified one) and removes what it drops. Serialised with backups by the direct
 func runSnapshotsPrune(ctx context.Context, opts *snapshotsPruneOptions, env *agent.Env, g *globalOptions) error {
 	dropped, err := agent.PruneSnapshots(ctx, env, opts.dryRun)
 	if dropped == nil {
-		dropped = []snapshot.Decision{}
+		dropped = []agent.SnapshotDecision{}
 	}
 	return report(g, opts.output, dropped, func(w io.Writer) {
 		verb := "removed"

@@ -182,10 +182,12 @@ func TestRunDaemonBinary(t *testing.T) {
 	}
 }
 
-func TestRunBadConfigExits2(t *testing.T) {
+// A bad configuration exits 78 (EX_CONFIG), the one code the unit does not restart on;
+// a usage mistake exits 2, a panic or SIGABRT (the watchdog) another code, restarted.
+func TestRunBadConfigExits78(t *testing.T) {
 	cfg := filepath.Join(t.TempDir(), "config.yaml")
 	os.WriteFile(cfg, []byte("nodes: []\n"), 0o600)
-	if r := runBinary(t, nil, "run", "--config", cfg); r.code != 2 {
+	if r := runBinary(t, nil, "run", "--config", cfg); r.code != 78 || !strings.Contains(r.stderr, "hint: fix the configuration") {
 		t.Fatalf("exit %d: %s", r.code, r.stderr)
 	}
 }

@@ -226,6 +226,7 @@ ssh: {identity: {file: %s}}
 vault:
   pod_access: static
   addresses: [%s]
+  allow_http: true   # the lab's listener has no TLS
   keyfile: %s
   systemd_creds_key: host
 metrics:

@@ -63,7 +63,7 @@ func run(agent string, small, large, runs int) error {
 	defer v.Close()
 	l := &lab1{dir: dir, v: v, bins: bins, agent: agent}
 	var keyfile string
-	if l.cfg, keyfile, err = lab.StaticAgentConfig(dir, v.Addr, "  timeout: 30m\n  retention: {keep_last: 2, daily: 0, weekly: 0, monthly: 0}\n"); err != nil {
+	if l.cfg, keyfile, err = lab.StaticAgentConfig(dir, v.Addr, "  idle_timeout: 5m\n  retention: {keep_last: 2, daily: 0, weekly: 0, monthly: 0}\n"); err != nil {
 		return err
 	}
 	if out, err := exec.Command(agent, "init", "--config", l.cfg).CombinedOutput(); err != nil {
@@ -129,7 +129,7 @@ func run(agent string, small, large, runs int) error {
 // loadTo writes random KV data until about mib MiB are stored, with a generated root
 // token revoked afterwards.
 func (l *lab1) loadTo(ctx context.Context, mib int) error {
-	root, err := l.node.GenerateRoot(ctx, l.kf.Keyset)
+	root, err := l.node.GenerateRoot(ctx, l.kf.Keyset, vault.GenerateRootOptions{Auth: l.kf.OperatorToken})
 	if err != nil {
 		return err
 	}
@@ -195,7 +195,7 @@ func trim(b []byte) []byte {
 // benchToken creates a snapshot-policy token whose value the benchmark chose, for the
 // side-by-side tools (curl, the vault CLI); the agent's own token never leaves the agent.
 func (l *lab1) benchToken(ctx context.Context) (string, error) {
-	root, err := l.node.GenerateRoot(ctx, l.kf.Keyset)
+	root, err := l.node.GenerateRoot(ctx, l.kf.Keyset, vault.GenerateRootOptions{Auth: l.kf.OperatorToken})
 	if err != nil {
 		return "", err
 	}
