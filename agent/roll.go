@@ -57,11 +57,16 @@ func Roll(ctx context.Context, env *Env, cl *k8s.Cluster) (*RollReport, error) {
 		if kf, err = env.Keyfile.Read(ctx); err != nil {
 			return rep, err
 		}
-		// Every pod open before anything goes down: a sealed standby would make the
-		// roll take the cluster below quorum.
+		// Every pod open and a healthy voter before anything goes down: rolling beside
+		// a sealed pod, or one autopilot has not promoted yet (right after a join), would
+		// take the cluster below quorum.
 		for _, p := range pods {
-			if err := env.unsealPod(ctx, p, kf.Keyset, env.Waits.Join); err != nil {
-				return rep, withHint(fmt.Errorf("%w before it began: %s: %w", ErrRollStopped, p.Name, err), "bring every pod back unsealed (pve-vault-agent unseal, status), then run the upgrade again")
+			err := env.unsealPod(ctx, p, kf.Keyset, env.Waits.Join)
+			if err == nil && len(pods) > 1 {
+				err = env.waitHealthyMember(ctx, p, kf)
+			}
+			if err != nil {
+				return rep, withHint(fmt.Errorf("%w before it began: %s: %w", ErrRollStopped, p.Name, err), "bring every pod back unsealed and voting (pve-vault-agent unseal, status), then run the upgrade again; nothing was deleted")
 			}
 		}
 	}
