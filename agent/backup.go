@@ -19,7 +19,13 @@ var ErrNoActive = errors.New("no active vault node")
 type BackupOptions struct {
 	// Progress, when set, receives the stream (a terminal progress line).
 	Progress func(w io.Writer) io.Writer
+	// pods lists the pods to back up from; nil lists them from Kubernetes. The daemon
+	// hands its last discovery, so a hung API server does not stop its backups.
+	pods podLister
 }
+
+// podLister lists the Vault pods with their clients.
+type podLister func(context.Context) ([]vaultPod, error)
 
 // BackupReport is what a backup stored and pruned.
 type BackupReport struct {
@@ -96,7 +102,7 @@ func (s *backupState) findActive(ctx context.Context) (string, error) {
 		return "", hintf("run `pve-vault-agent token rotate` to mint the agent's tokens", "the keyfile holds no snapshot token")
 	}
 	s.kf = kf
-	if s.active, s.health, err = findActive(ctx, s.env); err != nil {
+	if s.active, s.health, err = findActiveIn(ctx, s.env, s.opts.pods); err != nil {
 		return "", err
 	}
 	return s.active.Name, nil
@@ -151,13 +157,21 @@ func storeError(store *snapshot.Store, err error) error {
 // findActive returns the pod that answers sys/health as active. While unsealed pods are
 // all standby (a leader election after a restart), it waits for one to lead.
 func findActive(ctx context.Context, env *Env) (vaultPod, vault.Health, error) {
+	return findActiveIn(ctx, env, nil)
+}
+
+// findActiveIn is findActive over the pods list gives (nil: from Kubernetes).
+func findActiveIn(ctx context.Context, env *Env, list podLister) (vaultPod, vault.Health, error) {
+	if list == nil {
+		list = env.openPods
+	}
 	var p vaultPod
 	var h vault.Health
 	var states []string
 	err := poll(ctx, env.Clock, env.Waits.Poll, env.Waits.Election, "an active vault node", func(ctx context.Context) error {
 		var electing bool
 		var err error
-		p, h, states, electing, err = activeOnceStates(ctx, env)
+		p, h, states, electing, err = activeOnceStates(ctx, list)
 		switch {
 		case err != nil:
 			return err
@@ -173,12 +187,12 @@ func findActive(ctx context.Context, env *Env) (vaultPod, vault.Health, error) {
 
 // activeOnce looks for the active pod once.
 func activeOnce(ctx context.Context, env *Env) (vaultPod, vault.Health, error) {
-	p, h, _, _, err := activeOnceStates(ctx, env)
+	p, h, _, _, err := activeOnceStates(ctx, env.openPods)
 	return p, h, err
 }
 
-func activeOnceStates(ctx context.Context, env *Env) (vaultPod, vault.Health, []string, bool, error) {
-	pods, err := env.openPods(ctx)
+func activeOnceStates(ctx context.Context, list podLister) (vaultPod, vault.Health, []string, bool, error) {
+	pods, err := list(ctx)
 	if err != nil {
 		return vaultPod{}, vault.Health{}, nil, false, err
 	}

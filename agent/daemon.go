@@ -144,10 +144,24 @@ type daemon struct {
 	mu       sync.Mutex
 	env      *Env
 	keyfile  *vault.Keyfile
+	pods     []vaultPod            // the last discovery's pods (backups and renewals use them: no API call)
 	watchers map[string]*watcher   // pod name → watcher
 	rejected map[string]*rejection // pod incarnation → the keyset Vault rejected there, and when to try again
 	state    map[string]string     // pod name → last state, for STATUS
 	bg       *background
+}
+
+// knownPods lists the last discovery's pods, or asks Kubernetes when there is none yet.
+func (d *daemon) knownPods(env *Env) podLister {
+	return func(ctx context.Context) ([]vaultPod, error) {
+		d.mu.Lock()
+		pods := d.pods
+		d.mu.Unlock()
+		if len(pods) == 0 {
+			return env.openPods(ctx)
+		}
+		return pods, nil
+	}
 }
 
 func (d *daemon) currentEnv() *Env {
@@ -205,6 +219,7 @@ func (d *daemon) configure(ctx context.Context, env *Env) error {
 	old := d.env
 	d.env, d.keyfile = env, kf
 	d.rejected = map[string]*rejection{}
+	d.pods = nil
 	d.mu.Unlock()
 	if old != nil {
 		old.Close()
@@ -288,6 +303,7 @@ func (d *daemon) apply(ctx context.Context, res discovery) {
 	if res.env != d.env {
 		return // an answer for the configuration before a reload
 	}
+	d.pods = res.pods
 	seen := map[string]bool{}
 	for _, p := range res.pods {
 		seen[p.Name] = true

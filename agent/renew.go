@@ -42,9 +42,10 @@ func (d *daemon) renewTokens(ctx context.Context, env *Env) bool {
 	if kf == nil {
 		return true // nothing to renew before init
 	}
+	// The last discovery's pods: a hung API server must not let the tokens lapse.
 	rctx, cancel := context.WithTimeout(ctx, d.opts.DiscoverTimeout+env.Waits.Election)
 	defer cancel()
-	active, _, err := findActive(rctx, env)
+	active, _, err := findActiveIn(rctx, env, d.knownPods(env))
 	if err != nil {
 		if ctx.Err() == nil {
 			d.log.Warn("token renewal postponed: no active node", "err", err)

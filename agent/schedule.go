@@ -71,7 +71,7 @@ func (d *daemon) runBackups(ctx context.Context, env *Env) {
 			return
 		}
 		t0 := clock.Now()
-		rep, err := BackupNow(ctx, env, BackupOptions{})
+		rep, err := BackupNow(ctx, env, BackupOptions{pods: d.knownPods(env)})
 		d.metrics.backupDuration.Set(clock.Now().Sub(t0).Seconds())
 		if ctx.Err() != nil {
 			return

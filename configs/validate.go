@@ -248,7 +248,7 @@ func (c *Config) validateVault(p *problems) {
 			p.add(fmt.Sprintf("vault.addresses[%d]", i), fmt.Sprintf("%q has a path", a), "give the pod's base URL, e.g. https://10.0.0.21:8200")
 		}
 	}
-	if v.TokenPeriod < 10*time.Second {
+	if v.TokenPeriod < 5*time.Second {
 		p.add("vault.token_period", fmt.Sprintf("%s is too short", v.TokenPeriod), `the default "768h"; under an hour only for tests`)
 	}
 	if v.Port < 1 || v.Port > 65535 {

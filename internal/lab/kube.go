@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"syscall"
 	"time"
 )
 
@@ -232,3 +233,10 @@ contexts:
 current-context: pva-lab
 `, server, b64(caPEM), userName, b64(user.CertPEM), b64(user.KeyPEM), userName)
 }
+
+// PauseAPIServer stops the API server with SIGSTOP: connections are accepted by the
+// kernel and then nothing answers, like a hung control plane. ResumeAPIServer continues it.
+func (c *ControlPlane) PauseAPIServer() error { return c.api.Signal(syscall.SIGSTOP) }
+
+// ResumeAPIServer continues an API server paused by PauseAPIServer.
+func (c *ControlPlane) ResumeAPIServer() error { return c.api.Signal(syscall.SIGCONT) }

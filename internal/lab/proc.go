@@ -105,3 +105,6 @@ func (p *Process) Kill() {
 
 // PID is the process id.
 func (p *Process) PID() int { return p.cmd.Process.Pid }
+
+// Signal sends sig to the process (SIGSTOP: a hung server that still holds its socket).
+func (p *Process) Signal(sig syscall.Signal) error { return p.cmd.Process.Signal(sig) }
