@@ -452,8 +452,11 @@ func (s *recoverState) verify(ctx context.Context) (string, error) {
 	}
 	for _, p := range pods {
 		st, err := p.API.SealStatus(ctx)
-		if err != nil || st.Sealed {
-			return "", fmt.Errorf("%s still sealed (%v)", p.Name, err)
+		switch {
+		case err != nil:
+			return "", err
+		case st.Sealed:
+			return "", fmt.Errorf("%s is still sealed", p.Name)
 		}
 	}
 	return fmt.Sprintf("%d pod(s) unsealed, one active", len(pods)), nil

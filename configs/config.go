@@ -3,11 +3,14 @@
 //
 // Invariants:
 //   - Unknown keys are errors, reported with their full key path and a "did you mean" hint,
-//     so a typo never silently falls back to a default.
-//   - Validation reports every problem at once (errors.Join of *FieldError), each with its
-//     key path and a hint; callers map that to exit code 2.
+//     so a typo never silently falls back to a default; the file is read as written, so a
+//     misspelt empty section ("proxmoxx:") is caught too.
+//   - Validation reports every problem at once (a *ValidationError of *FieldError), each
+//     with its key path and a hint; callers map that to exit code 78 (EX_CONFIG).
+//   - Schedules are parsed by the one parser the daemon and status use (ParseSchedule).
 //   - Secrets never sit in the configuration: a secret is a SecretRef naming a file or a
-//     systemd credential. An inline value is rejected without being echoed.
+//     systemd credential, read without following symlinks and checked on the open
+//     descriptor (owner root, mode ≤ 0600). An inline value is rejected without being echoed.
 //   - The Vault container's uid/gid live in exactly one place (vault.uid, vault.gid): the
 //     hostPath is provisioned with them and the chart is installed with them.
 package configs

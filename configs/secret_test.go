@@ -40,6 +40,21 @@ func TestSecretRefRead(t *testing.T) {
 	if !errors.Is(err, ErrInsecureSecretFile) || !strings.Contains(err.Error(), "chmod 600") || strings.Contains(err.Error(), "s3cret") {
 		t.Fatalf("loose file: %v", err)
 	}
+	// A symlink is not followed (checked on the open descriptor, no race), and a file
+	// someone else owns is refused.
+	link := filepath.Join(dir, "link")
+	os.Symlink(good, link)
+	if _, err := (SecretRef{File: link}).Read(); err == nil || !strings.Contains(err.Error(), "symbolic link") {
+		t.Fatalf("symlink: %v", err)
+	}
+	theirs := filepath.Join(dir, "theirs")
+	os.WriteFile(theirs, []byte("s3cret\n"), 0o600)
+	if err := os.Chown(theirs, 4321, 4321); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := (SecretRef{File: theirs}).Read(); !errors.Is(err, ErrInsecureSecretFile) || !strings.Contains(err.Error(), "owned by uid 4321") {
+		t.Fatalf("another owner: %v", err)
+	}
 	t.Setenv("CREDENTIALS_DIRECTORY", dir)
 	if s, err := (SecretRef{Credential: "good"}).Read(); err != nil || s.Trimmed() != "s3cret" {
 		t.Fatalf("credential: %v", err)

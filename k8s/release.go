@@ -140,7 +140,8 @@ func (c *Cluster) Install(ctx context.Context, spec InstallSpec) (*InstallResult
 		res.Action = Upgraded
 	}
 	if err != nil {
-		return nil, fmt.Errorf("helm %s %s: %w", strings.TrimSuffix(string(res.Action), "ed"), spec.Release, err)
+		verb := map[Action]string{Installed: "install", Upgraded: "upgrade"}[res.Action]
+		return nil, fmt.Errorf("helm %s %s: %w", verb, spec.Release, err)
 	}
 	res.Revision = rel.Version
 	old := ""

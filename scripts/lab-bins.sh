@@ -14,9 +14,10 @@ here=$(cd "$(dirname "$0")/.." && pwd)
 if [ -n "${PVA_LAB_CACHE:-}" ]; then cache=$PVA_LAB_CACHE
 elif [ "$(id -u)" -eq 0 ]; then cache=/var/cache/pve-vault-agent-lab
 else cache=${XDG_CACHE_HOME:-$HOME/.cache}/pve-vault-agent-lab; fi
-VAULT_VERSION=1.21.4
-KUBE_VERSION=1.37.2
-ETCD_VERSION=3.7.3
+# shellcheck source=../internal/lab/versions.env
+. "$here/internal/lab/versions.env"
+grep -q "require k8s.io/kubernetes v$KUBE_VERSION\$" "$here/internal/lab/bins/kube/go.mod" || { echo "lab-bins: internal/lab/bins/kube/go.mod does not require kubernetes v$KUBE_VERSION (versions.env)" >&2; exit 1; }
+grep -q "require go.etcd.io/etcd/server/v3 v$ETCD_VERSION\$" "$here/internal/lab/bins/etcd/go.mod" || { echo "lab-bins: internal/lab/bins/etcd/go.mod does not require etcd v$ETCD_VERSION (versions.env)" >&2; exit 1; }
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 log() { printf 'lab-bins: %s\n' "$*" >&2; }

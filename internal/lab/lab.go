@@ -11,6 +11,7 @@ package lab
 
 import (
 	"context"
+	_ "embed"
 	"errors"
 	"fmt"
 	"net"
@@ -23,12 +24,35 @@ import (
 	"time"
 )
 
-// Versions of the lab binaries; scripts/lab-bins.sh builds exactly these.
-const (
-	VaultVersion = "1.21.4"
-	KubeVersion  = "1.37.2"
-	EtcdVersion  = "3.7.3"
+// Versions of the lab binaries, read from versions.env, the one place they are set;
+// scripts/lab-bins.sh builds exactly these.
+var (
+	VaultVersion = version("VAULT_VERSION")
+	KubeVersion  = version("KUBE_VERSION")
+	EtcdVersion  = version("ETCD_VERSION")
 )
+
+//go:embed versions.env
+var versionsEnv string
+
+func version(key string) string {
+	for _, line := range strings.Split(versionsEnv, "\n") {
+		if k, v, ok := strings.Cut(strings.TrimSpace(line), "="); ok && k == key {
+			return v
+		}
+	}
+	panic("internal/lab/versions.env lacks " + key)
+}
+
+// SkipOrFail ends a test whose prerequisite is missing: a failure under CI=true (where
+// nothing may skip silently), a skip with the reason on a developer's machine.
+func SkipOrFail(t testing.TB, format string, a ...any) {
+	t.Helper()
+	if InCI() {
+		t.Fatalf("CI=true: "+format, a...)
+	}
+	t.Skipf("skipped outside CI: "+format, a...)
+}
 
 // Bins are the absolute paths of the lab's server binaries.
 type Bins struct {
@@ -102,13 +126,9 @@ func Need(t testing.TB) Bins {
 		t.Skip("lab test: skipped with -short")
 	}
 	b, err := FindBins()
-	if err == nil {
-		return b
+	if err != nil {
+		SkipOrFail(t, "%v", err)
 	}
-	if InCI() {
-		t.Fatalf("CI=true: %v", err)
-	}
-	t.Skipf("skipped outside CI: %v", err) // never silent under CI=true: see above
 	return b
 }
 

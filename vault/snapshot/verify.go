@@ -1,13 +1,18 @@
 // Package snapshot owns Raft snapshot files on host storage: streaming one to a temp
 // file in the target directory, verifying it offline, publishing it atomically with a
-// JSON manifest beside it, listing, and the retention plan.
+// JSON manifest beside it, listing (ordered by the manifest's time and Raft index, not
+// by file names), and the retention plan.
 //
 // Invariants: a reader never sees a half file (temp file → fsync → rename → directory
 // fsync); a snapshot that fails verification is never published; retention runs only
 // after a verified save and never drops the newest verified snapshot. Memory stays flat
-// whatever the snapshot's size: everything streams.
+// and errors short whatever the input: everything streams, and verification takes
+// exactly the four regular-file members within fixed size caps, the same rules for a
+// stream being saved and a file on disk. The directory is created 0700 and never
+// re-moded.
 //
-// It imports only the standard library (enforced by internal/deptest as part of vault).
+// It imports the standard library, golang.org/x/sys/unix and internal/safefile
+// (enforced by internal/deptest).
 package snapshot
 
 import (
