@@ -243,6 +243,16 @@ func snapshotStore(ctx context.Context, env *Env) (*snapshot.Store, error) {
 	return &snapshot.Store{Dir: dir}, nil
 }
 
+// SnapshotDir is the directory snapshots go to: snapshots.dir, or the path of
+// snapshots.proxmox_storage as the Proxmox API reports it.
+func SnapshotDir(ctx context.Context, env *Env) (string, error) {
+	s, err := snapshotStore(ctx, env)
+	if err != nil {
+		return "", err
+	}
+	return s.Dir, nil
+}
+
 // applyRetention plans retention over the directory and, when remove is set, deletes
 // what it drops. It returns the dropped decisions.
 func applyRetention(store *snapshot.Store, env *Env, now time.Time, remove bool) ([]snapshot.Decision, error) {

@@ -116,7 +116,7 @@ func (e *Env) Resolver() (*provision.Resolver, error) {
 	r, err := provision.NewResolver(provision.ProxmoxConfig{
 		URL: px.URL, TokenID: px.TokenID, TokenSecret: secret.Trimmed(),
 		CAFile: px.CAFile, InsecureSkipVerify: px.InsecureSkipVerify,
-		PreferCIDR: px.PreferCIDR, Timeout: px.Timeout,
+		PreferCIDR: px.PreferCIDR, Node: px.Node, Timeout: px.Timeout,
 	})
 	if err != nil {
 		return nil, err

@@ -63,8 +63,6 @@ func GetStatus(ctx context.Context, env *Env) *Status {
 	if cfg.Vault.TLSCAFile == "" {
 		st.Warnings = append(st.Warnings, tlsOffWarning)
 	}
-	writable, _ := UnitWritable(ctx)
-	st.Warnings = append(st.Warnings, WritablePathWarnings(cfg, writable, "")...)
 
 	// Nodes: VM state and address, hostPath owner and mode over SSH.
 	for _, n := range cfg.Nodes {
@@ -171,7 +169,14 @@ func GetStatus(ctx context.Context, env *Env) *Status {
 	if cfg.Snapshots.Schedule != "" {
 		sched, _ = configs.ParseSchedule(cfg.Snapshots.Schedule) // validated at load
 	}
-	if _, es, err := Snapshots(ctx, env); err != nil {
+	store, es, err := Snapshots(ctx, env)
+	resolved := ""
+	if err == nil && cfg.Snapshots.ProxmoxStorage != "" {
+		resolved = store.Dir
+	}
+	writable, _ := UnitWritable(ctx)
+	st.Warnings = append(st.Warnings, WritablePathWarnings(cfg, writable, resolved)...)
+	if err != nil {
 		attn("snapshots: %v", err)
 	} else if newest, ok := newestVerified(es); !ok {
 		attn("no verified snapshot yet (pve-vault-agent backup-now)")

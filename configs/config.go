@@ -52,6 +52,9 @@ type Proxmox struct {
 	InsecureSkipVerify bool `mapstructure:"insecure_skip_verify" json:"insecure_skip_verify"`
 	// PreferCIDR picks the guest-agent address inside this network when a VM has several.
 	PreferCIDR string `mapstructure:"prefer_cidr" json:"prefer_cidr"`
+	// Node is the name of the PVE node the agent runs on (for the snapshot storage's
+	// status); empty means this host's short hostname, which is what Proxmox names it.
+	Node string `mapstructure:"node" json:"node"`
 	// Timeout bounds each API request.
 	Timeout time.Duration `mapstructure:"timeout" json:"timeout"`
 }

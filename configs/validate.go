@@ -24,6 +24,8 @@ var (
 	// storageRe is Proxmox's own rule for storage IDs (pve-storage, PVE::JSONSchema
 	// pve-storage-id), case-insensitive.
 	storageRe = regexp.MustCompile(`(?i)^[a-z][a-z0-9\-_.]*[a-z0-9]$`)
+	// pveNodeRe is a PVE node name: a host name label (PVE::JSONSchema pve-node).
+	pveNodeRe = regexp.MustCompile(`^[a-zA-Z0-9]([a-zA-Z0-9\-]*[a-zA-Z0-9])?$`)
 )
 
 type problems []*FieldError
@@ -97,6 +99,9 @@ func (c *Config) validateProxmox(p *problems) {
 		if _, _, err := net.ParseCIDR(px.PreferCIDR); err != nil {
 			p.add("proxmox.prefer_cidr", fmt.Sprintf("%q is not a CIDR", px.PreferCIDR), "e.g. 192.168.10.0/24")
 		}
+	}
+	if px.Node != "" && !pveNodeRe.MatchString(px.Node) {
+		p.add("proxmox.node", fmt.Sprintf("%q is not a PVE node name", px.Node), "a host name as pvecm nodes lists it, e.g. pve1")
 	}
 	if px.Timeout <= 0 {
 		p.add("proxmox.timeout", "must be positive", `e.g. "30s"`)

@@ -30,13 +30,19 @@ func ctxFor(t *testing.T, d time.Duration) context.Context {
 	return ctx
 }
 
-func startPVE(t *testing.T) *lab.PVE {
+// startPVE is the Proxmox stand-in speaking as PVE major, its token holding the
+// README's role on the VMs and on the storage "backup".
+func startPVE(t *testing.T, major int) *lab.PVE {
 	t.Helper()
 	p, err := lab.StartPVE(t.TempDir(), tokenID, tokenSecret)
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(p.Close)
+	p.SetMajor(major)
+	if err := p.GrantREADMERole("backup"); err != nil {
+		t.Fatal(err)
+	}
 	return p
 }
 
@@ -56,7 +62,7 @@ func resolver(t *testing.T, p *lab.PVE, mod func(*ProxmoxConfig)) *Resolver {
 func TestResolve(t *testing.T) {
 	lab.Need(t)
 	ctx := ctxFor(t, time.Minute)
-	p := startPVE(t)
+	p := startPVE(t, 8)
 	p.AddNode("pve2")
 	p.PutVM(lab.FakeVM{VMID: 201, Name: "worker-1", Node: "pve2", Status: "running", Agent: true, Interfaces: []lab.FakeIface{
 		{Name: "lo", Addrs: []string{"127.0.0.1/8"}},
@@ -66,6 +72,7 @@ func TestResolve(t *testing.T) {
 	}})
 	p.PutVM(lab.FakeVM{VMID: 202, Name: "worker-2", Status: "stopped", Agent: true})
 	p.PutVM(lab.FakeVM{VMID: 203, Name: "worker-3", Status: "running", Agent: false})
+	p.PutVM(lab.FakeVM{VMID: 208, Name: "worker-8", Status: "running", NoAgentConfig: true})
 	p.PutVM(lab.FakeVM{VMID: 204, Name: "worker-4", Status: "running", Agent: true, Interfaces: []lab.FakeIface{
 		{Name: "eth0", Addrs: []string{"fe80::2/64", "169.254.3.4/16"}},
 	}})
@@ -89,7 +96,8 @@ func TestResolve(t *testing.T) {
 		{name: "preferred cidr", target: Target{Name: "n", VMID: 201}, mod: func(c *ProxmoxConfig) { c.PreferCIDR = "198.18.9.0/24" }, want: "198.18.9.2"},
 		{name: "ipv6 when nothing else", target: Target{Name: "n", VMID: 207}, want: "2001:db8::9"},
 		{name: "stopped", target: Target{Name: "n", VMID: 202}, wantErr: ErrVMStopped, msg: "qm start 202"},
-		{name: "agent not running", target: Target{Name: "n", VMID: 203}, wantErr: ErrGuestAgent, msg: "qemu-guest-agent"},
+		{name: "agent not running", target: Target{Name: "n", VMID: 203}, wantErr: ErrGuestAgent, msg: "systemctl enable --now qemu-guest-agent"},
+		{name: "agent not configured", target: Target{Name: "n", VMID: 208}, wantErr: ErrGuestAgent, msg: "qm set <vmid> --agent enabled=1"},
 		{name: "unknown vmid", target: Target{Name: "n", VMID: 999}, wantErr: ErrUnknownVM, msg: "VMID 999"},
 		{name: "unknown name", target: Target{Name: "n", VMName: "nope"}, wantErr: ErrUnknownVM, msg: `"nope"`},
 		{name: "only link-local", target: Target{Name: "n", VMID: 204}, wantErr: ErrNoAddress, msg: "169.254.3.4"},

@@ -8,9 +8,12 @@ import (
 	"fmt"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	proxmox "github.com/luthermonson/go-proxmox"
@@ -25,6 +28,10 @@ var (
 	ErrGuestAgent   = errors.New("QEMU guest agent is not running")
 	ErrNoAddress    = errors.New("no usable address")
 	ErrAmbiguousVM  = errors.New("VM name is not unique")
+	ErrForbidden    = errors.New("proxmox API denied the token a privilege")
+	ErrNodeOffline  = errors.New("proxmox node is offline")
+	ErrUnknownNode  = errors.New("unknown proxmox node")
+	ErrNoStorage    = errors.New("proxmox storage not found")
 )
 
 // Target is where a node is: a static address, or a Proxmox VM by id or name.
@@ -54,13 +61,22 @@ type ProxmoxConfig struct {
 	InsecureSkipVerify bool
 	// PreferCIDR picks the address inside this network when a VM reports several.
 	PreferCIDR string
-	Timeout    time.Duration
+	// Node is the PVE node the agent runs on, for storage status; "" means this host's
+	// short hostname, which is what Proxmox names a node.
+	Node    string
+	Timeout time.Duration
 }
 
-// Resolver finds node VMs through the Proxmox API.
+// Resolver finds node VMs and storages through the Proxmox API, using only what the
+// README's least-privilege role grants (see RolePrivileges).
 type Resolver struct {
-	client *proxmox.Client
-	prefer netip.Prefix
+	client  *proxmox.Client
+	prefer  netip.Prefix
+	tokenID string
+	node    string
+
+	mu       sync.Mutex
+	pveMajor int
 }
 
 // NewResolver builds an API client that verifies TLS against cfg.CAFile (or the system
@@ -85,8 +101,15 @@ func NewResolver(cfg ProxmoxConfig) (*Resolver, error) {
 	if timeout <= 0 {
 		timeout = 30 * time.Second
 	}
-	hc := &http.Client{Timeout: timeout, Transport: &http.Transport{TLSClientConfig: tlsCfg, Proxy: http.ProxyFromEnvironment}}
-	r := &Resolver{client: proxmox.NewClient(strings.TrimRight(cfg.URL, "/"), proxmox.WithHTTPClient(hc), proxmox.WithAPIToken(cfg.TokenID, cfg.TokenSecret))}
+	base := strings.TrimRight(cfg.URL, "/")
+	u, err := url.Parse(base)
+	if err != nil {
+		return nil, fmt.Errorf("proxmox URL %q: %w", cfg.URL, err)
+	}
+	hc := &http.Client{Timeout: timeout, Transport: &apiTransport{basePath: u.Path,
+		base: &http.Transport{TLSClientConfig: tlsCfg, Proxy: http.ProxyFromEnvironment}}}
+	r := &Resolver{client: proxmox.NewClient(base, proxmox.WithHTTPClient(hc), proxmox.WithAPIToken(cfg.TokenID, cfg.TokenSecret)),
+		tokenID: cfg.TokenID, node: cfg.Node}
 	if cfg.PreferCIDR != "" {
 		p, err := netip.ParsePrefix(cfg.PreferCIDR)
 		if err != nil {
@@ -113,22 +136,38 @@ func (r *Resolver) Resolve(ctx context.Context, t Target) (Location, error) {
 	return loc, nil
 }
 
+// clusterEntry is a guest in /cluster/resources?type=vm, decoded here rather than by
+// go-proxmox (v0.8.2 decodes maxcpu as an integer, and an LXC container with
+// cpulimit 0.5 answers 0.5, which failed the whole list). Entries without RRD data
+// carry no name and status "unknown".
+type clusterEntry struct {
+	Type     string `json:"type"`
+	VMID     int    `json:"vmid"`
+	Name     string `json:"name"`
+	Node     string `json:"node"`
+	Status   string `json:"status"`
+	Template int    `json:"template"`
+}
+
 func (r *Resolver) find(ctx context.Context, t Target) (Location, error) {
-	cl, err := r.client.Cluster(ctx)
-	if err != nil {
-		return Location{}, apiError("read cluster status", err)
+	var res []clusterEntry
+	if err := r.get(ctx, "", "/cluster/resources?type=vm", &res); err != nil {
+		return Location{}, fmt.Errorf("list cluster resources: %w", err)
 	}
-	res, err := cl.Resources(ctx, "vm")
-	if err != nil {
-		return Location{}, apiError("list cluster resources", err)
-	}
-	var found []*proxmox.ClusterResource
-	for _, vm := range res {
-		if vm.Type != "qemu" {
-			continue
+	var found []clusterEntry
+	var templates, nameless []string
+	for _, e := range res {
+		if e.Type != "qemu" {
+			continue // LXC containers are never node VMs
 		}
-		if (t.VMID != 0 && int(vm.VMID) == t.VMID) || (t.VMID == 0 && vm.Name == t.VMName) {
-			found = append(found, vm)
+		match := (t.VMID != 0 && e.VMID == t.VMID) || (t.VMID == 0 && e.Name == t.VMName)
+		switch {
+		case match && e.Template == 1:
+			templates = append(templates, strconv.Itoa(e.VMID))
+		case match:
+			found = append(found, e)
+		case e.Name == "" && t.VMID == 0:
+			nameless = append(nameless, fmt.Sprintf("%d on %s", e.VMID, e.Node))
 		}
 	}
 	what := "VMID " + strconv.Itoa(t.VMID)
@@ -136,52 +175,41 @@ func (r *Resolver) find(ctx context.Context, t Target) (Location, error) {
 		what = fmt.Sprintf("VM name %q", t.VMName)
 	}
 	switch {
+	case len(found) == 0 && len(templates) > 0:
+		return Location{}, fmt.Errorf("%w: %s is a template (VMID %s), which never runs: name the VM cloned from it", ErrUnknownVM, what, strings.Join(templates, ", "))
+	case len(found) == 0 && len(nameless) > 0:
+		return Location{}, fmt.Errorf("%w: %s is not in the cluster resources, where %d guests have no name yet (%s: their PVE node may be offline): use vmid, or check the name in the Proxmox UI", ErrUnknownVM, what, len(nameless), strings.Join(nameless, ", "))
 	case len(found) == 0:
-		return Location{}, fmt.Errorf("%w: %s is not in the cluster (check the id/name in the Proxmox UI; the token needs VM.Audit on it)", ErrUnknownVM, what)
+		return Location{}, fmt.Errorf("%w: %s is not in the cluster (check the id/name in the Proxmox UI; the token sees only VMs it has VM.Audit on)", ErrUnknownVM, what)
 	case len(found) > 1:
 		return Location{}, fmt.Errorf("%w: %s matches VMIDs %d and %d; use vmid instead", ErrAmbiguousVM, what, found[0].VMID, found[1].VMID)
 	}
-	res0 := found[0]
-	loc := Location{Name: t.Name, VMID: int(res0.VMID), PVENode: res0.Node, Status: res0.Status}
+	e := found[0]
+	loc := Location{Name: t.Name, VMID: e.VMID, PVENode: e.Node, Status: e.Status}
 
-	node, err := r.client.Node(ctx, res0.Node)
-	if err != nil {
-		return Location{}, apiError("read Proxmox node "+res0.Node, err)
+	var st struct {
+		Name   string `json:"name"`
+		Status string `json:"status"`
 	}
-	vm, err := node.VirtualMachine(ctx, loc.VMID)
-	if err != nil {
-		return Location{}, apiError(fmt.Sprintf("read VM %d", loc.VMID), err)
+	if err := r.get(ctx, e.Node, fmt.Sprintf("/nodes/%s/qemu/%d/status/current", e.Node, e.VMID), &st); err != nil {
+		return Location{}, fmt.Errorf("read VM %d on %s: %w", e.VMID, e.Node, err)
 	}
-	loc.Status = vm.Status
-	if vm.Status != "running" {
-		return Location{}, fmt.Errorf("%w: VM %d (%s) on %s is %s; start it (qm start %d)", ErrVMStopped, loc.VMID, vm.Name, loc.PVENode, vm.Status, loc.VMID)
+	loc.Status = st.Status
+	if st.Status != "running" {
+		return Location{}, fmt.Errorf("%w: VM %d (%s) on %s is %s; start it (qm start %d)", ErrVMStopped, loc.VMID, st.Name, loc.PVENode, st.Status, loc.VMID)
 	}
-	ifaces, err := vm.AgentGetNetworkIFaces(ctx)
-	if err != nil {
-		return Location{}, apiError(fmt.Sprintf("ask the guest agent of VM %d", loc.VMID), err)
+	var ga struct {
+		Result []*proxmox.AgentNetworkIface `json:"result"`
 	}
-	addr, err := pickAddress(ifaces, r.prefer)
+	if err := r.get(ctx, e.Node, fmt.Sprintf("/nodes/%s/qemu/%d/agent/network-get-interfaces", e.Node, e.VMID), &ga); err != nil {
+		return Location{}, fmt.Errorf("ask the guest agent of VM %d: %w", loc.VMID, err)
+	}
+	addr, err := pickAddress(ga.Result, r.prefer)
 	if err != nil {
 		return Location{}, fmt.Errorf("VM %d: %w", loc.VMID, err)
 	}
 	loc.Address = addr.String()
 	return loc, nil
-}
-
-// apiError names the operation and maps the API's failures to the package's errors.
-func apiError(op string, err error) error {
-	msg := err.Error()
-	switch {
-	case errors.Is(err, proxmox.ErrNotAuthorized):
-		return fmt.Errorf("%s: %w (check proxmox.token_id and the token secret, and that the token has VM.Audit and VM.Monitor)", op, ErrUnauthorized)
-	case strings.Contains(msg, "QEMU guest agent is not running"):
-		return fmt.Errorf("%s: %w (install and start qemu-guest-agent in the VM, and enable the agent in its Options)", op, ErrGuestAgent)
-	case strings.Contains(msg, "not running"):
-		return fmt.Errorf("%s: %w: %s", op, ErrVMStopped, msg)
-	case strings.Contains(msg, "does not exist"):
-		return fmt.Errorf("%s: %w: %s", op, ErrUnknownVM, msg)
-	}
-	return fmt.Errorf("%s: %w", op, err)
 }
 
 // virtualIfacePrefixes are interfaces of container runtimes and CNIs on a Kubernetes
@@ -239,47 +267,60 @@ func isVirtualIface(name string) bool {
 	return false
 }
 
+// storageEntry is one storage of GET /storage.
+type storageEntry struct {
+	Storage string `json:"storage"`
+	Path    string `json:"path"`
+	Type    string `json:"type"`
+	Disable int    `json:"disable"`
+}
+
 // StoragePath resolves a Proxmox storage ID to its directory on this host and the free
 // bytes the API reports. Only storages with a path (dir, nfs, cifs, cephfs …) qualify.
+// It reads the storage list (GET /storage, filtered by Datastore.Audit) rather than
+// GET /storage/{id}, which needs Datastore.Allocate.
 func (r *Resolver) StoragePath(ctx context.Context, node, id string) (string, uint64, error) {
-	var cfg struct {
-		Path string `json:"path"`
-		Type string `json:"type"`
+	var list []storageEntry
+	if err := r.get(ctx, "", "/storage", &list); err != nil {
+		return "", 0, fmt.Errorf("list storages: %w", err)
 	}
-	if err := r.client.Get(ctx, "/storage/"+id, &cfg); err != nil {
-		return "", 0, apiError("read storage "+id, err)
+	i := slices.IndexFunc(list, func(s storageEntry) bool { return s.Storage == id })
+	if i < 0 {
+		user, _, _ := strings.Cut(r.tokenID, "!")
+		return "", 0, fmt.Errorf("%w: storage %s is not among those the token sees: it does not exist (pvesm status) or the token lacks Datastore.Audit on /storage/%s (pveum acl modify /storage/%s --users %s --tokens '%s' --roles %s)",
+			ErrNoStorage, id, id, id, user, r.tokenID, RoleName)
 	}
-	if cfg.Path == "" {
+	cfg := list[i]
+	switch {
+	case cfg.Disable == 1:
+		return "", 0, fmt.Errorf("storage %s is disabled (pvesm set %s --disable 0)", id, id)
+	case cfg.Path == "":
 		return "", 0, fmt.Errorf("storage %s (type %s) has no directory path: use a dir, nfs or cifs storage, or snapshots.dir", id, cfg.Type)
 	}
-	n, err := r.client.Node(ctx, node)
-	if err != nil {
-		return "", 0, apiError("read Proxmox node "+node, err)
+	var st struct {
+		Active int    `json:"active"`
+		Avail  uint64 `json:"avail"`
 	}
-	st, err := n.Storage(ctx, id)
-	if err != nil {
-		return "", 0, apiError("storage "+id+" status", err)
+	if err := r.get(ctx, node, "/nodes/"+node+"/storage/"+id+"/status", &st); err != nil {
+		return "", 0, fmt.Errorf("storage %s status on %s: %w", id, node, err)
 	}
 	if st.Active != 1 {
-		return "", 0, fmt.Errorf("storage %s is not active on %s", id, node)
+		return "", 0, fmt.Errorf("storage %s is not active on %s (pvesm status): mount it, or check its server", id, node)
 	}
 	return strings.TrimRight(cfg.Path, "/") + "/vault-snapshots", st.Avail, nil
 }
 
-// LocalNode is the name of the Proxmox node the agent runs on (cluster status "local").
-func (r *Resolver) LocalNode(ctx context.Context) (string, error) {
-	var st []struct {
-		Type  string `json:"type"`
-		Name  string `json:"name"`
-		Local int    `json:"local"`
+// LocalNode is the name of the Proxmox node the agent runs on: proxmox.node, or this
+// host's short hostname (Proxmox names a node after its host). Reading it from
+// /cluster/status would need Sys.Audit on /, which the agent's role does not hold.
+func (r *Resolver) LocalNode(context.Context) (string, error) {
+	if r.node != "" {
+		return r.node, nil
 	}
-	if err := r.client.Get(ctx, "/cluster/status", &st); err != nil {
-		return "", apiError("read cluster status", err)
+	h, err := os.Hostname()
+	if err != nil {
+		return "", fmt.Errorf("this host's name (set proxmox.node): %w", err)
 	}
-	for _, s := range st {
-		if s.Type == "node" && s.Local == 1 {
-			return s.Name, nil
-		}
-	}
-	return "", errors.New("the Proxmox API does not say which node is local")
+	short, _, _ := strings.Cut(h, ".")
+	return short, nil
 }

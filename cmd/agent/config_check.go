@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"fmt"
+	"time"
 
 	"github.com/spf13/cobra"
 	"go.yaml.in/yaml/v3"
@@ -24,8 +25,10 @@ func newConfigCommand(g *globalOptions) *cobra.Command {
 		Long: `Loads the configuration file (--config), applies PVA_ environment overrides, reports every
 problem at once with its key path and a hint, and exits 78 if there is any. Otherwise prints
 the effective configuration with defaults filled in, and warns (on stderr) about directories
-the service unit would not let the agent write. Secrets are references (a file or a systemd
-credential), so nothing secret is printed. Changes nothing; safe to re-run.`,
+the service unit would not let the agent write. With snapshots.proxmox_storage it asks the
+Proxmox API (read only) where that storage is, and checks that directory too. Secrets are
+references (a file or a systemd credential), so nothing secret is printed. Changes
+nothing; safe to re-run.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error { return runConfigCheck(cmd.Context(), opts, g) },
 	}
@@ -43,7 +46,11 @@ func runConfigCheck(ctx context.Context, opts *configCheckOptions, g *globalOpti
 		return err
 	}
 	writable, source := agent.UnitWritable(ctx)
-	for _, w := range agent.WritablePathWarnings(cfg, writable, "") {
+	resolved := ""
+	if cfg.Snapshots.ProxmoxStorage != "" {
+		resolved = resolveStorage(ctx, g)
+	}
+	for _, w := range agent.WritablePathWarnings(cfg, writable, resolved) {
 		fmt.Fprintf(g.stderr, "warning: %s (writable paths from %s)\n", w, source)
 	}
 	if cfg.Vault.TLSCAFile == "" {
@@ -60,4 +67,23 @@ func runConfigCheck(ctx context.Context, opts *configCheckOptions, g *globalOpti
 	fmt.Fprintf(g.stderr, "configuration %s is valid\n", g.configPath)
 	_, err = g.stdout.Write(out)
 	return err
+}
+
+// resolveStorage asks the Proxmox API where snapshots.proxmox_storage is, to check the
+// unit may write there; it only reads. A failure is a warning: the configuration itself
+// is valid, and the same error would stop the first backup.
+func resolveStorage(ctx context.Context, g *globalOptions) string {
+	env, err := g.environment()
+	if err == nil {
+		defer env.Close()
+		ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		defer cancel()
+		var dir string
+		if dir, err = agent.SnapshotDir(ctx, env); err == nil {
+			fmt.Fprintf(g.stderr, "snapshots.proxmox_storage resolves to %s\n", dir)
+			return dir
+		}
+	}
+	fmt.Fprintf(g.stderr, "warning: snapshots.proxmox_storage: %v\n", err)
+	return ""
 }

@@ -34,6 +34,9 @@ func newProvisionLab(t *testing.T, knownHosts bool) *provisionLab {
 		t.Fatal(err)
 	}
 	t.Cleanup(pve.Close)
+	if err := pve.GrantREADMERole(""); err != nil {
+		t.Fatal(err)
+	}
 	vm := lab.StartNodeVM(t, pve, 201, "k8s-worker-1")
 	pl := &provisionLab{vm: vm, knownHost: filepath.Join(dir, "known_hosts"), hostPath: filepath.Join(lab.TestDataDir(t), "srv", "vault")}
 	if knownHosts {

@@ -2,8 +2,12 @@ package lab
 
 import (
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"errors"
+	"io"
 	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -417,6 +421,9 @@ func TestPVEFakeAnswersGoProxmox(t *testing.T) {
 	p.PutVM(FakeVM{VMID: 202, Name: "k8s-worker-2", Status: "stopped", Agent: true})
 	p.PutVM(FakeVM{VMID: 203, Name: "k8s-worker-3", Status: "running", Agent: false})
 	p.PutStorage(FakeStorage{ID: "backup", Type: "dir", Path: dir, Content: "backup", Total: 100 << 30, Used: 40 << 30, Active: true})
+	if err := p.Pveum("pveum acl modify / --users agent@pve --tokens 'agent@pve!lab' --roles Administrator"); err != nil {
+		t.Fatal(err)
+	}
 
 	client := proxmox.NewClient(p.URL, proxmox.WithAPIToken(tokenID, secret), proxmox.WithRootCAFile(p.CAFile))
 	ver, err := client.Version(ctx)
@@ -530,4 +537,71 @@ func TestFreePortIsLoopback(t *testing.T) {
 		t.Fatalf("port %d not free: %v", p, err)
 	}
 	l.Close()
+}
+
+// The stand-in says no as Proxmox does: 403 naming the path and privilege the endpoint
+// checks (which differs between PVE 8 and 9), 595 with no body for an offline node, and
+// an LXC container whose fractional maxcpu go-proxmox v0.8.2 cannot decode.
+func TestPVEFakeRefusesLikeProxmox(t *testing.T) {
+	ctx := testCtx(t, 30*time.Second)
+	const tokenID, secret = "agent@pve!lab", "1f0e9c4a-2b7d-4d7e-9a51-3c2b1a0f9e8d"
+	p, err := StartPVE(t.TempDir(), tokenID, secret)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(p.Close)
+	p.AddNode("pve2")
+	p.PutVM(FakeVM{VMID: 201, Name: "k8s-worker-1", Status: "running", Agent: true})
+	p.PutVM(FakeVM{VMID: 202, Name: "k8s-worker-2", Node: "pve2", Status: "running", Agent: true})
+	if err := p.Pveum("pveum acl modify /vms --users agent@pve --tokens 'agent@pve!lab' --roles PVEAuditor"); err != nil {
+		t.Fatal(err)
+	}
+	get := func(path string) (int, string, string) {
+		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, p.URL+path, nil)
+		req.Header.Set("Authorization", "PVEAPIToken="+tokenID+"="+secret)
+		pool := x509.NewCertPool()
+		pem, _ := os.ReadFile(p.CAFile)
+		pool.AppendCertsFromPEM(pem)
+		res, err := (&http.Client{Transport: &http.Transport{TLSClientConfig: &tls.Config{RootCAs: pool}}}).Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer res.Body.Close()
+		b, _ := io.ReadAll(res.Body)
+		return res.StatusCode, res.Status, string(b)
+	}
+	for _, tc := range []struct {
+		major      int
+		path, want string
+	}{
+		{8, "/nodes/pve1/qemu/201/agent/network-get-interfaces", "403 Permission check failed (/vms/201, VM.Monitor)"},
+		{8, "/nodes/pve1/qemu/201/status/current", "200 OK"},
+		{8, "/cluster/status", "403 Permission check failed (/, Sys.Audit)"},
+		{8, "/storage/backup", "403 Permission check failed (/storage/backup, Datastore.Allocate)"},
+		{8, "/nodes/pve1/storage/backup/status", "403 Permission check failed (/storage/backup, Datastore.Audit|Datastore.AllocateSpace)"},
+		{9, "/nodes/pve1/qemu/201/agent/network-get-interfaces", "200 OK"},
+		{9, "/nodes/pve1/qemu/999/status/current", "500 Configuration file 'nodes/pve1/qemu-server/999.conf' does not exist"},
+	} {
+		p.SetMajor(tc.major)
+		if _, status, _ := get(tc.path); status != tc.want {
+			t.Errorf("PVE %d GET %s: %q; want %q", tc.major, tc.path, status, tc.want)
+		}
+	}
+	p.SetNodeOnline("pve2", false)
+	if code, status, body := get("/nodes/pve2/qemu/202/status/current"); code != 595 || body != "" {
+		t.Errorf("offline node: %q body %q; want 595 and no body", status, body)
+	}
+	if _, _, body := get("/cluster/resources?type=vm"); !strings.Contains(body, `"status":"unknown"`) || strings.Contains(body, "k8s-worker-2") {
+		t.Errorf("a guest of the offline node keeps its name or status: %s", body)
+	}
+	p.PutContainer(FakeCT{VMID: 150, Name: "dns", CPULimit: 0.5})
+	client := proxmox.NewClient(p.URL, proxmox.WithAPIToken(tokenID, secret), proxmox.WithRootCAFile(p.CAFile))
+	var raw []map[string]any
+	if err := client.Get(ctx, "/cluster/resources?type=vm", &raw); err != nil || raw[0]["maxcpu"] != 0.5 {
+		t.Fatalf("container entry %v %v; want maxcpu 0.5", raw, err)
+	}
+	var typed proxmox.ClusterResources
+	if err := client.Get(ctx, "/cluster/resources?type=vm", &typed); err == nil {
+		t.Fatal("go-proxmox decoded maxcpu 0.5: the reason the resolver decodes cluster resources itself is gone")
+	}
 }

@@ -236,10 +236,15 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			}
 			return err
 		}},
-		{"start the fake Proxmox VE API: VM 201 running, its guest agent reporting the node address", func() (err error) {
+		{"start the fake Proxmox VE 9 API: VM 201 running, its guest agent reporting the node address; storage \"backup\" for snapshots; the token holds the README's role", func() (err error) {
 			pve, err = lab.StartPVE(dir, tokenID, tokenSecret)
 			if err == nil {
 				cleanup = append(cleanup, pve.Close)
+				pve.SetMajor(9)
+				pve.PutStorage(lab.FakeStorage{ID: "backup", Type: "dir", Path: filepath.Join(dir, "pve-storage"), Content: "backup", Total: 64 << 30, Used: 1 << 30, Active: true})
+				if err := pve.GrantREADMERole("backup"); err != nil {
+					return err
+				}
 				pve.PutVM(lab.FakeVM{VMID: 201, Name: "k8s-node-1", Status: "running", Agent: true,
 					Interfaces: []lab.FakeIface{{Name: "eth0", MAC: "bc:24:11:00:02:01", Addrs: []string{ns.NodeIP + "/30"}}}})
 				d.say("API %s", pve.URL)
@@ -449,6 +454,7 @@ func writeConfig(dir, hostPath, chartPath string, cp *lab.ControlPlane, node *la
   token_id: %s
   token_secret: {file: %s}
   ca_file: %s
+  node: pve1
 nodes:
   - name: k8s-node-1
     vmid: 201
@@ -466,7 +472,7 @@ chart:
   cache_dir: %s
   timeout: 2m
 snapshots:
-  dir: %s
+  proxmox_storage: backup
 vault:
   keyfile: %s
   systemd_creds_key: host
@@ -474,7 +480,7 @@ vault:
 metrics:
   listen: 127.0.0.1:0
 `, pve.URL, tokenID, secretFile, pve.CAFile, hostPath, node.Port, node.ClientKeyPath, known, cp.Kubeconfig,
-		chartPath, valuesFile, filepath.Join(dir, "charts"), filepath.Join(dir, "snapshots"), filepath.Join(dir, "state", "unseal.cred"))
+		chartPath, valuesFile, filepath.Join(dir, "charts"), filepath.Join(dir, "state", "unseal.cred"))
 	return os.WriteFile(filepath.Join(dir, "config.yaml"), []byte(cfg), 0o600)
 }
 
