@@ -59,7 +59,7 @@ func TestServiceExposure(t *testing.T) {
 		if err != nil {
 			t.Fatalf("systemd-analyze security %s: %v\n%s", unit, err, out)
 		}
-		m := regexp.MustCompile(`Overall exposure level for `+regexp.QuoteMeta(unit)+`: ([0-9.]+) (\w+)`).FindStringSubmatch(string(out))
+		m := regexp.MustCompile(`Overall exposure level for ` + regexp.QuoteMeta(unit) + `: ([0-9.]+) (\w+)`).FindStringSubmatch(string(out))
 		if m == nil {
 			t.Fatalf("no exposure level in:\n%s", out)
 		}
