@@ -133,8 +133,14 @@ func (a *podAccess) staticPods() ([]vaultPod, error) {
 
 // client builds the API client of a pod, dialling through its node's SSH connection.
 func (a *podAccess) client(p k8s.Pod) (*vault.Node, error) {
+	return a.clientVia(p, a.roots, a.env.Config.Vault.Port)
+}
+
+// clientVia is client with the roots the pod's TLS certificate is checked against (nil:
+// plain HTTP) and its port.
+func (a *podAccess) clientVia(p k8s.Pod, roots *x509.CertPool, port int) (*vault.Node, error) {
 	scheme := "http"
-	if a.roots != nil {
+	if roots != nil {
 		scheme = "https"
 	}
 	tr := &http.Transport{
@@ -152,11 +158,11 @@ func (a *podAccess) client(p k8s.Pod) (*vault.Node, error) {
 			return c, nil
 		},
 		// The listener's certificate names the pod's DNS name, not its IP.
-		TLSClientConfig:     &tls.Config{RootCAs: a.roots, ServerName: p.ServerName, MinVersion: tls.VersionTLS12},
+		TLSClientConfig:     &tls.Config{RootCAs: roots, ServerName: p.ServerName, MinVersion: tls.VersionTLS12},
 		MaxIdleConnsPerHost: 2,
 		IdleConnTimeout:     30 * time.Second,
 	}
-	addr := scheme + "://" + net.JoinHostPort(p.IP, strconv.Itoa(a.env.Config.Vault.Port))
+	addr := scheme + "://" + net.JoinHostPort(p.IP, strconv.Itoa(port))
 	return vault.NewNode(p.Name, addr, &http.Client{Transport: tr})
 }
 

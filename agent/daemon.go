@@ -78,7 +78,11 @@ func Run(ctx context.Context, opts DaemonOptions) error {
 		return err
 	}
 	log := env.Log.With("component", "daemon")
-	d := &daemon{opts: opts, log: log, metrics: newMetrics(env.Version), watchers: map[string]*watcher{}, rejected: map[string]*rejection{}, state: map[string]string{}}
+	d := &daemon{opts: opts, log: log, watchers: map[string]*watcher{}, rejected: map[string]*rejection{}, state: map[string]string{}}
+	d.metrics = newMetrics(env.Version, func() DrillRecord {
+		rec, _ := LastDrill(d.currentEnv())
+		return rec
+	})
 	if err := d.configure(ctx, env); err != nil {
 		return err
 	}

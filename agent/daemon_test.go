@@ -80,7 +80,7 @@ func unitDaemon(t *testing.T, clock Clock) *daemon {
 	env := NewEnv(&cfg, log, EnvOptions{Clock: clock})
 	opts := DaemonOptions{}
 	opts.defaults()
-	d := &daemon{opts: opts, log: log, metrics: newMetrics("test"), watchers: map[string]*watcher{}, rejected: map[string]*rejection{}, state: map[string]string{},
+	d := &daemon{opts: opts, log: log, metrics: newMetrics("test", func() DrillRecord { return DrillRecord{} }), watchers: map[string]*watcher{}, rejected: map[string]*rejection{}, state: map[string]string{},
 		env: env, keyfile: kf}
 	return d
 }

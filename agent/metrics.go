@@ -33,7 +33,9 @@ type metrics struct {
 	tokenRenewFailures *prometheus.CounterVec
 }
 
-func newMetrics(version string) *metrics {
+// newMetrics registers the daemon's metrics; the drill's are read from the drill record
+// at each scrape, so a drill run by the verb shows too.
+func newMetrics(version string, drills func() DrillRecord) *metrics {
 	g := func(name, help string) prometheus.Gauge {
 		return prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help})
 	}
@@ -65,6 +67,25 @@ func newMetrics(version string) *metrics {
 		tokenRenewed:       gv("pva_token_last_renewal_timestamp_seconds", "When the token was last renewed.", "token"),
 		tokenRenewFailures: cv("pva_token_renewal_failures_total", "Failed token renewals.", "token"),
 	}
+	drill := []prometheus.Collector{
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pva_drill_last_success_timestamp_seconds", Help: "When the last restore drill that passed started (0: none yet)."},
+			func() float64 {
+				if t := drills().LastSuccess; !t.IsZero() {
+					return float64(t.Unix())
+				}
+				return 0
+			}),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pva_drill_failures_total", Help: "Restore drills that failed (daemon and verb), as recorded in the state directory."},
+			func() float64 { return float64(drills().Failures) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pva_drill_duration_seconds", Help: "How long the last restore drill took."},
+			func() float64 {
+				if l := drills().Last; l != nil {
+					return l.DurationSecs
+				}
+				return 0
+			}),
+	}
+	m.reg.MustRegister(drill...)
 	build := gv("pva_build_info", "Build of the running agent.", "version", "goversion")
 	build.WithLabelValues(version, runtime.Version()).Set(1)
 	m.reg.MustRegister(m.backupLastSuccess, m.backupNext, m.backupLastSize, m.backupFailures, m.backupDuration, m.reloadFailures,
@@ -158,6 +179,10 @@ func (d *daemon) startBackground(ctx context.Context) {
 		go func() { defer bg.wg.Done(); d.runBackups(bctx, env) }()
 	} else {
 		d.log.Info("no backup schedule (snapshots.schedule is empty): a timer or backup-now takes the snapshots")
+	}
+	if env.Config.Snapshots.DrillSchedule != "" {
+		bg.wg.Add(1)
+		go func() { defer bg.wg.Done(); d.runDrills(bctx, env) }()
 	}
 	bg.wg.Add(1)
 	go func() { defer bg.wg.Done(); d.runRenewals(bctx, env) }()

@@ -93,3 +93,49 @@ func (d *daemon) runBackups(ctx context.Context, env *Env) {
 		}
 	}
 }
+
+// runDrills is the daemon's drill schedule: the next drill is the first slot after the
+// last one (passed or not: a failing snapshot is reported, not hammered), a slot missed
+// while the agent was down runs at once, and a drill waits while a mutating verb runs.
+func (d *daemon) runDrills(ctx context.Context, env *Env) {
+	sched, err := configs.ParseSchedule(env.Config.Snapshots.DrillSchedule)
+	if err != nil {
+		d.log.Error("drill schedule unusable", "err", err) // validated at load: not expected
+		return
+	}
+	clock := env.Clock
+	for {
+		var last time.Time
+		if rec, err := LastDrill(env); err != nil {
+			d.log.Warn("read the drill record for the schedule", "err", err)
+		} else if rec.Last != nil {
+			last = rec.Last.Started
+		}
+		now := clock.Now()
+		if sleep(ctx, clock, NextRun(sched, last, now).Sub(now)) != nil {
+			return
+		}
+		if holder, busy := env.Busy(); busy {
+			d.log.Info("drill postponed: a mutating verb runs", "holder", holder)
+			if sleep(ctx, clock, time.Minute) != nil {
+				return
+			}
+			continue
+		}
+		rep, err := Drill(ctx, env, DrillOptions{})
+		switch {
+		case ctx.Err() != nil:
+			return
+		case rep == nil:
+			// Nothing to drill yet, or another drill runs: try again in a while.
+			d.log.Info("scheduled drill did not run; trying again in a while", "err", err)
+			if sleep(ctx, clock, retryBackoff(sched, clock.Now(), 0)) != nil {
+				return
+			}
+		case err != nil:
+			d.log.Error("scheduled restore drill FAILED", "snapshot", rep.Snapshot, "err", err)
+		default:
+			d.log.Info("scheduled restore drill passed", "snapshot", rep.Snapshot, "seconds", rep.DurationSecs)
+		}
+	}
+}

@@ -81,27 +81,37 @@ func PruneSnapshots(ctx context.Context, env *Env, dryRun bool) ([]snapshot.Deci
 // chooseSnapshot is the given file or the newest verified one, checked offline, with
 // its manifest.
 func chooseSnapshot(ctx context.Context, env *Env, file string) (string, *snapshot.Manifest, error) {
-	if file == "" {
-		_, es, err := Snapshots(ctx, env)
-		if err != nil {
-			return "", nil, err
-		}
-		for i := len(es) - 1; i >= 0; i-- {
-			if es[i].Verified {
-				file = es[i].Path
-				break
-			}
-		}
-		if file == "" {
-			return "", nil, withHint(fmt.Errorf("%w in %s", ErrNoSnapshot, env.Config.Snapshots.Dir), "give one with --snapshot FILE")
-		}
+	file, err := snapshotOrLatest(ctx, env, file)
+	if err != nil {
+		return "", nil, err
 	}
 	if _, err := snapshot.CheckFile(file); err != nil {
 		return "", nil, fmt.Errorf("%w: %v", ErrNoSnapshot, err)
 	}
+	m, err := readManifest(file)
+	return file, m, err
+}
+
+// snapshotOrLatest is file, or the newest verified snapshot when file is "".
+func snapshotOrLatest(ctx context.Context, env *Env, file string) (string, error) {
+	if file != "" {
+		return file, nil
+	}
+	store, es, err := Snapshots(ctx, env)
+	if err != nil {
+		return "", err
+	}
+	if e, ok := newestVerified(es); ok {
+		return e.Path, nil
+	}
+	return "", withHint(fmt.Errorf("%w in %s", ErrNoSnapshot, store.Dir), "give one with --snapshot FILE")
+}
+
+// readManifest reads the manifest the agent needs to know a snapshot's keys.
+func readManifest(file string) (*snapshot.Manifest, error) {
 	m, err := snapshot.ReadManifest(file)
 	if err != nil {
-		return "", nil, withHint(fmt.Errorf("%w: %s has no readable manifest (%v)", ErrNoSnapshot, file, err), "the agent cannot tell which keys it needs; use a snapshot taken by backup-now")
+		return nil, withHint(fmt.Errorf("%w: %s has no readable manifest (%v)", ErrNoSnapshot, file, err), "the agent cannot tell which keys it needs; use a snapshot taken by backup-now")
 	}
-	return file, m, nil
+	return m, nil
 }

@@ -21,6 +21,7 @@ type Status struct {
 	Tokens       []TokenStatus    `json:"tokens,omitempty"`
 	LastSnapshot *SnapshotStatus  `json:"last_snapshot,omitempty"`
 	NextBackup   time.Time        `json:"next_backup,omitzero"`
+	LastDrill    *DrillStatus     `json:"last_drill,omitempty"`
 	Warnings     []string         `json:"warnings"`
 	Attention    []string         `json:"attention"`
 }
@@ -44,6 +45,17 @@ type PodStatus struct {
 	Active      bool   `json:"active"`
 	Health      int    `json:"health_code,omitempty"`
 	Version     string `json:"version,omitempty"`
+}
+
+// DrillStatus is the last restore drill.
+type DrillStatus struct {
+	Snapshot     string    `json:"snapshot"`
+	At           time.Time `json:"at"`
+	Age          string    `json:"age"`
+	Passed       bool      `json:"passed"`
+	Reason       string    `json:"reason,omitempty"`
+	DurationSecs float64   `json:"duration_seconds"`
+	LastSuccess  time.Time `json:"last_success,omitzero"`
 }
 
 // SnapshotStatus is the newest snapshot.
@@ -190,5 +202,36 @@ func GetStatus(ctx context.Context, env *Env) *Status {
 			}
 		}
 	}
+	drillStatus(env, st, now, attn)
 	return st
+}
+
+// drillStatus adds the last drill, and attention when it failed or, with a drill
+// schedule, when the last one that passed is older than two periods.
+func drillStatus(env *Env, st *Status, now time.Time, attn func(string, ...any)) {
+	rec, err := LastDrill(env)
+	if err != nil {
+		attn("drill record: %v", err)
+		return
+	}
+	if l := rec.Last; l != nil {
+		st.LastDrill = &DrillStatus{Snapshot: l.Snapshot, At: l.Started, Age: now.Sub(l.Started).Round(time.Second).String(),
+			Passed: l.Passed, Reason: l.Reason, DurationSecs: l.DurationSecs, LastSuccess: rec.LastSuccess}
+		if !l.Passed {
+			attn("the last restore drill failed (%s): %s", l.Started.Format(time.RFC3339), l.Reason)
+		}
+	}
+	if env.Config.Snapshots.DrillSchedule == "" {
+		return
+	}
+	sched, err := configs.ParseSchedule(env.Config.Snapshots.DrillSchedule)
+	if err != nil {
+		return // validated at load
+	}
+	switch {
+	case rec.LastSuccess.IsZero():
+		attn("no restore drill has passed yet (pve-vault-agent drill)")
+	case now.After(sched.Next(sched.Next(rec.LastSuccess))):
+		attn("the last restore drill that passed is %s old: more than two drill periods", now.Sub(rec.LastSuccess).Round(time.Minute))
+	}
 }

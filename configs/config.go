@@ -160,6 +160,9 @@ type Snapshots struct {
 	// time unless prefixed CRON_TZ=Zone), or a descriptor (@daily, @hourly, @every 6h),
 	// as Kubernetes CronJobs take them. Empty: no schedule (a timer runs backup-now).
 	Schedule string `mapstructure:"schedule" json:"schedule"`
+	// DrillSchedule is when the daemon restores the newest snapshot into a throwaway
+	// Vault pod to prove it opens (same forms as Schedule); "" for none.
+	DrillSchedule string `mapstructure:"drill_schedule" json:"drill_schedule"`
 	// IdleTimeout abandons a snapshot or restore stream that moves no byte for this long
 	// (there is no total timeout: a large snapshot takes what it takes).
 	IdleTimeout time.Duration `mapstructure:"idle_timeout" json:"idle_timeout"`

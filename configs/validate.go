@@ -304,6 +304,11 @@ func (c *Config) validateSnapshots(p *problems) {
 			p.add("snapshots.schedule", err.Error(), `an interval like "6h", a cron expression like "0 3 * * *", or @daily; "" for none`)
 		}
 	}
+	if s.DrillSchedule != "" {
+		if _, err := ParseSchedule(s.DrillSchedule); err != nil {
+			p.add("snapshots.drill_schedule", err.Error(), `an interval like "168h", a cron expression like "0 4 * * 0", or @weekly; "" for none`)
+		}
+	}
 	if s.IdleTimeout <= 0 {
 		p.add("snapshots.idle_timeout", "must be positive", `e.g. "2m"`)
 	}

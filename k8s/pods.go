@@ -239,9 +239,11 @@ func (c *Cluster) whyMissing(ctx context.Context, release, name string) string {
 
 func (c *Cluster) whyPending(ctx context.Context, p *corev1.Pod, release string, i int) string {
 	var reasons []string
-	claim := ClaimName(release, i)
-	if pvc, err := c.Clients.CoreV1().PersistentVolumeClaims(c.cfg.Namespace).Get(ctx, claim, metav1.GetOptions{}); err == nil && pvc.Status.Phase != corev1.ClaimBound {
-		reasons = append(reasons, fmt.Sprintf("PVC %s is %s (no matching PersistentVolume: was the agent's storage applied?)", claim, pvc.Status.Phase))
+	if i >= 0 { // a server pod (a drill pod has no claim)
+		claim := ClaimName(release, i)
+		if pvc, err := c.Clients.CoreV1().PersistentVolumeClaims(c.cfg.Namespace).Get(ctx, claim, metav1.GetOptions{}); err == nil && pvc.Status.Phase != corev1.ClaimBound {
+			reasons = append(reasons, fmt.Sprintf("PVC %s is %s (no matching PersistentVolume: was the agent's storage applied?)", claim, pvc.Status.Phase))
+		}
 	}
 	if p.Spec.NodeName == "" {
 		msg := "not scheduled to a node"

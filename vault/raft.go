@@ -99,3 +99,14 @@ func (n *Node) StepDown(ctx context.Context, tok Token) error {
 	}
 	return nil
 }
+
+// RaftIndex is the Raft index this node has applied, from sys/leader (which needs no
+// token). After a snapshot restore it is above the snapshot's own index: Raft installs a
+// restored snapshot at max(its index, the last index)+1.
+func (n *Node) RaftIndex(ctx context.Context) (uint64, error) {
+	l, err := n.client.Sys().LeaderWithContext(ctx)
+	if err != nil {
+		return 0, fmt.Errorf("%s: leader: %w", n.Name, err)
+	}
+	return l.RaftAppliedIndex, nil
+}

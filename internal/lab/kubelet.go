@@ -72,14 +72,14 @@ type Kubelet struct {
 	cancel  context.CancelFunc
 	done    chan struct{}
 	mu      sync.Mutex
-	started map[string]string // pod UID → name
+	started map[string]*corev1.Pod // pod UID → the pod as started
 	errs    []error
 }
 
 // StartKubelet starts the loop.
 func StartKubelet(cs kubernetes.Interface, ns string, hooks PodHooks) *Kubelet {
 	ctx, cancel := context.WithCancel(context.Background())
-	k := &Kubelet{cs: cs, ns: ns, hooks: hooks, cancel: cancel, done: make(chan struct{}), started: map[string]string{}}
+	k := &Kubelet{cs: cs, ns: ns, hooks: hooks, cancel: cancel, done: make(chan struct{}), started: map[string]*corev1.Pod{}}
 	go k.loop(ctx)
 	return k
 }
@@ -127,6 +127,26 @@ func (k *Kubelet) sync(ctx context.Context) {
 		}
 		return
 	}
+	// A pod deleted with no grace is gone from the API at once: stop what runs for it,
+	// as a kubelet kills the containers of a pod that vanished.
+	listed := map[string]bool{}
+	for i := range pods.Items {
+		listed[string(pods.Items[i].UID)] = true
+	}
+	k.mu.Lock()
+	var vanished []*corev1.Pod
+	for uid, p := range k.started {
+		if !listed[uid] {
+			vanished = append(vanished, p)
+			delete(k.started, uid)
+		}
+	}
+	k.mu.Unlock()
+	for _, p := range vanished {
+		if k.hooks.Stop != nil {
+			k.hooks.Stop(p)
+		}
+	}
 	for i := range pods.Items {
 		p := &pods.Items[i]
 		switch {
@@ -151,9 +171,12 @@ func (k *Kubelet) sync(ctx context.Context) {
 	}
 }
 
-// schedule binds p to the node its bound PVs require, once all its claims are bound.
+// schedule binds p to the node its bound PVs require, once all its claims are bound,
+// or to the first node its required node affinity names; a pod whose memory request
+// does not fit the node's allocatable memory (when a test set one with SetNodeMemory)
+// is marked Unschedulable with the scheduler's message instead.
 func (k *Kubelet) schedule(ctx context.Context, p *corev1.Pod) {
-	node := ""
+	node := affinityNode(p)
 	for _, v := range p.Spec.Volumes {
 		if v.PersistentVolumeClaim == nil {
 			continue
@@ -183,6 +206,9 @@ func (k *Kubelet) schedule(ctx context.Context, p *corev1.Pod) {
 		}
 		node = nodes.Items[0].Name
 	}
+	if !k.fits(ctx, p, node) {
+		return
+	}
 	err := k.cs.CoreV1().Pods(k.ns).Bind(ctx, &corev1.Binding{
 		ObjectMeta: metav1.ObjectMeta{Name: p.Name, UID: p.UID},
 		Target:     corev1.ObjectReference{Kind: "Node", Name: node},
@@ -191,6 +217,92 @@ func (k *Kubelet) schedule(ctx context.Context, p *corev1.Pod) {
 	if err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) && ctx.Err() == nil {
 		k.fail(fmt.Errorf("bind pod %s to %s: %w", p.Name, node, err))
 	}
+}
+
+// affinityNode is the first node a pod's required node affinity allows, or "".
+func affinityNode(p *corev1.Pod) string {
+	a := p.Spec.Affinity
+	if a == nil || a.NodeAffinity == nil || a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution == nil {
+		return ""
+	}
+	for _, term := range a.NodeAffinity.RequiredDuringSchedulingIgnoredDuringExecution.NodeSelectorTerms {
+		for _, e := range term.MatchExpressions {
+			if e.Key == "kubernetes.io/hostname" && e.Operator == corev1.NodeSelectorOpIn && len(e.Values) > 0 {
+				return e.Values[0]
+			}
+		}
+	}
+	return ""
+}
+
+// fits reports whether p's memory request fits what node has left; when it does not,
+// the pod is marked Unschedulable as kube-scheduler does.
+func (k *Kubelet) fits(ctx context.Context, p *corev1.Pod, node string) bool {
+	n, err := k.cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+	if err != nil {
+		return false
+	}
+	alloc, ok := n.Status.Allocatable[corev1.ResourceMemory]
+	if !ok {
+		return true
+	}
+	pods, err := k.cs.CoreV1().Pods("").List(ctx, metav1.ListOptions{FieldSelector: "spec.nodeName=" + node})
+	if err != nil {
+		return false
+	}
+	used := resource.Quantity{}
+	for _, o := range pods.Items {
+		if o.Status.Phase == corev1.PodSucceeded || o.Status.Phase == corev1.PodFailed {
+			continue
+		}
+		used.Add(memoryRequest(&o))
+	}
+	used.Add(memoryRequest(p))
+	if used.Cmp(alloc) <= 0 {
+		return true
+	}
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodScheduled && c.Reason == corev1.PodReasonUnschedulable {
+			return false // said already
+		}
+	}
+	nodes, _ := k.cs.CoreV1().Nodes().List(ctx, metav1.ListOptions{})
+	total := 1
+	if nodes != nil {
+		total = len(nodes.Items)
+	}
+	p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodScheduled, Status: corev1.ConditionFalse, Reason: corev1.PodReasonUnschedulable,
+		Message:            fmt.Sprintf("0/%d nodes are available: 1 Insufficient memory. preemption: 0/%d nodes are available: 1 No preemption victims found for incoming pod.", total, total),
+		LastTransitionTime: metav1.Now()}}
+	if _, err := k.cs.CoreV1().Pods(k.ns).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) && ctx.Err() == nil {
+		k.fail(fmt.Errorf("mark pod %s unschedulable: %w", p.Name, err))
+	}
+	return false
+}
+
+func memoryRequest(p *corev1.Pod) resource.Quantity {
+	q := resource.Quantity{}
+	for _, c := range p.Spec.Containers {
+		if r, ok := c.Resources.Requests[corev1.ResourceMemory]; ok {
+			q.Add(r)
+		}
+	}
+	return q
+}
+
+// SetNodeMemory gives a node allocatable memory (nodes start without a limit), so a
+// test can leave no room for a pod.
+func SetNodeMemory(ctx context.Context, cs kubernetes.Interface, node, memory string) error {
+	return retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		n, err := cs.CoreV1().Nodes().Get(ctx, node, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		n.Status.Allocatable[corev1.ResourceMemory] = resource.MustParse(memory)
+		n.Status.Capacity[corev1.ResourceMemory] = resource.MustParse(memory)
+		_, err = cs.CoreV1().Nodes().UpdateStatus(ctx, n, metav1.UpdateOptions{})
+		return err
+	})
 }
 
 func (k *Kubelet) run(ctx context.Context, p *corev1.Pod) {
@@ -203,7 +315,7 @@ func (k *Kubelet) run(ctx context.Context, p *corev1.Pod) {
 		}
 	}
 	k.mu.Lock()
-	k.started[string(p.UID)] = p.Name
+	k.started[string(p.UID)] = p.DeepCopy()
 	k.mu.Unlock()
 	now := metav1.Now()
 	p.Status.Phase = corev1.PodRunning

@@ -18,11 +18,14 @@ import (
 // Netns is a network namespace playing a node VM's network: a veth pair with the host
 // end at HostIP and the node end at NodeIP, both in 198.18.0.0/15 (the benchmarking
 // range, never routed). Servers started in it listen on NodeIP with real ports (22),
-// and the VM's "guest agent" can report NodeIP like a real NIC address.
+// and the VM's "guest agent" can report NodeIP like a real NIC address. PodIP
+// (198.19.0.0/16, routed to the namespace from the host) is a second address there for
+// a pod beside the node's own (a restore drill's).
 type Netns struct {
 	Name   string
 	HostIP string
 	NodeIP string
+	PodIP  string
 	ipBin  string
 }
 
@@ -38,6 +41,7 @@ func NewNetns(ctx context.Context, bins Bins) (*Netns, error) {
 			Name:   fmt.Sprintf("pva-%d", n),
 			HostIP: fmt.Sprintf("198.18.%d.%d", base>>8, base&255+1),
 			NodeIP: fmt.Sprintf("198.18.%d.%d", base>>8, base&255+2),
+			PodIP:  fmt.Sprintf("198.19.%d.%d", base>>8, base&255+2),
 			ipBin:  bins.IP,
 		}
 		host, peer := fmt.Sprintf("pvah%d", n), fmt.Sprintf("pvan%d", n)
@@ -51,6 +55,8 @@ func NewNetns(ctx context.Context, bins Bins) (*Netns, error) {
 			{"-n", ns.Name, "addr", "add", ns.NodeIP + "/30", "dev", peer},
 			{"-n", ns.Name, "link", "set", peer, "up"},
 			{"-n", ns.Name, "link", "set", "lo", "up"},
+			{"-n", ns.Name, "addr", "add", ns.PodIP + "/32", "dev", peer},
+			{"route", "add", ns.PodIP + "/32", "dev", host},
 		} {
 			if err := ns.ip(ctx, args...); err != nil {
 				ns.Close()

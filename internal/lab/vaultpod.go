@@ -3,7 +3,9 @@ package lab
 import (
 	"context"
 	"crypto/rand"
+	"crypto/tls"
 	"fmt"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -41,6 +43,9 @@ type VaultPods struct {
 	Netns func(ordinal int) *Netns
 	// Other gives the IP of a pod that is not a Vault server pod (nil: 192.0.2.1).
 	Other func(pod *corev1.Pod) string
+	// DrillIP is the address of a restore-drill pod (nil: IP(90)); it runs in the
+	// namespace of ordinal 0's node.
+	DrillIP func() string
 
 	mu     sync.Mutex
 	vaults map[string]*Vault // pod name → process
@@ -106,7 +111,18 @@ func (vp *VaultPods) IsServerPod(pod *corev1.Pod) bool {
 		pod.Labels["component"] == "server" && pod.Labels["app.kubernetes.io/instance"] == vp.Release
 }
 
+// IsDrillPod reports whether pod is one of the agent's restore-drill pods (its labels,
+// managed by the agent): the kubelet runs those as real Vaults too, from their own
+// ConfigMap and TLS Secret.
+func (vp *VaultPods) IsDrillPod(pod *corev1.Pod) bool {
+	return pod.Labels["pva.io/drill"] != "" && pod.Labels["pva.io/release"] == vp.Release &&
+		pod.Labels["app.kubernetes.io/managed-by"] == "pve-vault-agent"
+}
+
 func (vp *VaultPods) start(ctx context.Context, pod *corev1.Pod) (string, error) {
+	if vp.IsDrillPod(pod) {
+		return vp.startDrill(ctx, pod)
+	}
 	if !vp.IsServerPod(pod) {
 		if vp.Other != nil {
 			return vp.Other(pod), nil
@@ -135,6 +151,100 @@ func (vp *VaultPods) start(ctx context.Context, pod *corev1.Pod) (string, error)
 		DataDir: data, StateDir: filepath.Join(vp.StateDir, pod.Name+"-"+string(pod.UID)[:8]),
 		IP: ip, Port: podAPIPort, BackendPort: podBackendPort, ClusterPort: podClusterPort, NodeID: pod.Name, UID: vp.UID, GID: vp.GID,
 		Config: PodConfig(rendered, ip, data, hosts), Env: env, Netns: vp.netns(ord),
+	})
+	if err != nil {
+		return "", err
+	}
+	vp.mu.Lock()
+	defer vp.mu.Unlock()
+	if vp.vaults == nil {
+		vp.vaults = map[string]*Vault{}
+	}
+	vp.vaults[pod.Name] = v
+	return ip, nil
+}
+
+var tlsFileRe = regexp.MustCompile(`(?m)^\s*tls_(cert|key)_file\s*=\s*"([^"]+)"\s*$`)
+
+// startDrill runs a drill pod: its config from the ConfigMap its config volume names,
+// its listener's certificate from the Secret mounted where the config points; the gate
+// serves that TLS and Vault behind it listens plain. The data directory is a fresh one
+// (an emptyDir).
+func (vp *VaultPods) startDrill(ctx context.Context, pod *corev1.Pod) (string, error) {
+	mounts := map[string]string{} // mount path → volume name
+	for _, m := range pod.Spec.Containers[0].VolumeMounts {
+		mounts[m.MountPath] = m.Name
+	}
+	source := func(path string) (corev1.VolumeSource, bool) {
+		for dir := path; dir != "/" && dir != "."; dir = filepath.Dir(dir) {
+			if name, ok := mounts[dir]; ok {
+				for _, v := range pod.Spec.Volumes {
+					if v.Name == name {
+						return v.VolumeSource, true
+					}
+				}
+			}
+		}
+		return corev1.VolumeSource{}, false
+	}
+	var cmdConfig string
+	for _, a := range pod.Spec.Containers[0].Command {
+		if c, ok := strings.CutPrefix(a, "-config="); ok {
+			cmdConfig = c
+		}
+	}
+	src, ok := source(cmdConfig)
+	if !ok || src.ConfigMap == nil {
+		return "", fmt.Errorf("drill pod %s: no ConfigMap mounted at its -config %q", pod.Name, cmdConfig)
+	}
+	cm, err := vp.Clients.CoreV1().ConfigMaps(pod.Namespace).Get(ctx, src.ConfigMap.Name, metav1.GetOptions{})
+	if err != nil {
+		return "", fmt.Errorf("drill pod %s: %w", pod.Name, err)
+	}
+	config := cm.Data[filepath.Base(cmdConfig)]
+	var tlsCfg *tls.Config
+	files := map[string]string{}
+	for _, m := range tlsFileRe.FindAllStringSubmatch(config, -1) {
+		files[m[1]] = m[2]
+	}
+	if len(files) == 2 {
+		sec, ok := source(files["cert"])
+		if !ok || sec.Secret == nil {
+			return "", fmt.Errorf("drill pod %s: no Secret mounted at %s", pod.Name, files["cert"])
+		}
+		s, err := vp.Clients.CoreV1().Secrets(pod.Namespace).Get(ctx, sec.Secret.SecretName, metav1.GetOptions{})
+		if err != nil {
+			return "", fmt.Errorf("drill pod %s: %w", pod.Name, err)
+		}
+		pair, err := tls.X509KeyPair(s.Data[filepath.Base(files["cert"])], s.Data[filepath.Base(files["key"])])
+		if err != nil {
+			return "", fmt.Errorf("drill pod %s: its TLS pair: %w", pod.Name, err)
+		}
+		tlsCfg = &tls.Config{Certificates: []tls.Certificate{pair}, MinVersion: tls.VersionTLS12}
+		config = tlsFileRe.ReplaceAllString(config, "")
+		config = strings.Replace(config, "listener \"tcp\" {", "listener \"tcp\" {\n  tls_disable = 1", 1)
+	}
+	ip := vp.IP(90)
+	if vp.DrillIP != nil {
+		ip = vp.DrillIP()
+	}
+	state := filepath.Join(vp.StateDir, pod.Name+"-"+string(pod.UID)[:8])
+	data := filepath.Join(state, "data")
+	if err := os.MkdirAll(data, 0o700); err != nil {
+		return "", err
+	}
+	if vp.UID != nil {
+		gid := *vp.UID
+		if vp.GID != nil {
+			gid = *vp.GID
+		}
+		if err := os.Chown(data, int(*vp.UID), int(gid)); err != nil {
+			return "", err
+		}
+	}
+	v, err := StartVault(ctx, vp.Bins, VaultOptions{
+		DataDir: data, StateDir: state, IP: ip, Port: podAPIPort, BackendPort: podBackendPort, ClusterPort: podClusterPort,
+		NodeID: "drill", UID: vp.UID, GID: vp.GID, Config: PodConfig(config, ip, data, nil), Netns: vp.netns(0), TLS: tlsCfg,
 	})
 	if err != nil {
 		return "", err

@@ -46,6 +46,16 @@ type Manifest struct {
 	Created           time.Time `json:"created"`
 	AgentVersion      string    `json:"agent_version"`
 	Source            string    `json:"source"`
+	// Drill is the last restore drill of this snapshot.
+	Drill *DrillResult `json:"drill,omitempty"`
+}
+
+// DrillResult is a restore drill's outcome, recorded in the drilled snapshot's manifest.
+type DrillResult struct {
+	At           time.Time `json:"at"`
+	Passed       bool      `json:"passed"`
+	Reason       string    `json:"reason,omitempty"`
+	DurationSecs float64   `json:"duration_seconds"`
 }
 
 // Entry is one snapshot in a directory.
@@ -359,6 +369,25 @@ func CheckFile(path string) (Info, error) {
 		return info, fmt.Errorf("%w: %s does not match its manifest (sha256 %s, %d bytes; manifest %s, %d bytes)", ErrInvalid, path, sum, n, m.SHA256, m.Size)
 	}
 	return info, nil
+}
+
+// RecordDrill writes a drill's result into the snapshot's manifest (a temporary file
+// renamed over it: a crash leaves the old manifest or the new one).
+func RecordDrill(snapshot string, r DrillResult) error {
+	m, err := ReadManifest(snapshot)
+	if err != nil {
+		return err
+	}
+	m.Drill = &r
+	tmp := snapshot + ".json.tmp"
+	if err := writeJSONAtomic(tmp, m); err != nil {
+		os.Remove(tmp)
+		return err
+	}
+	if err := os.Rename(tmp, snapshot+".json"); err != nil {
+		return err
+	}
+	return safefile.SyncDir(filepath.Dir(snapshot))
 }
 
 // Remove deletes a snapshot and its manifest.

@@ -14,7 +14,8 @@ import (
 )
 
 // The whole lifecycle end to end with the built binary, exactly as `make demo` runs it:
-// provision, install, init, reboot unsealed by the daemon, a secret, backup-now, node
+// provision, install, init, reboot unsealed by the daemon, a secret, backup-now, a
+// restore drill, node
 // rebuild, recover, the secret back, status all good.
 func TestDemoLifecycle(t *testing.T) {
 	lab.Need(t)
@@ -39,6 +40,7 @@ func TestDemoLifecycle(t *testing.T) {
 		"release vault in namespace vault installed: revision 1",
 		"initialised vault through pod vault-0",
 		"came back sealed", "the daemon's log shows it unsealed it",
+		"drill PASSED in ",
 		`kv/demo = "written before the node was rebuilt"`,
 		"node rebuilt → unsealed with data back",
 		"all good",

@@ -278,7 +278,9 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 				// agent reaches it through an SSH tunnel to the node like any pod IP.
 				IP:      func(int) string { return ns.NodeIP },
 				Netns:   func(int) *lab.Netns { return ns },
-				DataDir: func(*corev1.Pod) string { return hostPath }}
+				DataDir: func(*corev1.Pod) string { return hostPath },
+				// A restore drill's pod runs on the same node, at another address there.
+				DrillIP: func() string { return ns.PodIP }}
 			cleanup = append(cleanup, pods.Close)
 			k := lab.StartKubelet(cs, "vault", pods.Hooks())
 			cleanup = append(cleanup, k.Stop)
@@ -349,6 +351,9 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			return d.agentCmd(ctx, "backup-now", "--config", cfgPath)
 		}},
 		{"pve-vault-agent snapshots list", func() error { return d.agentCmd(ctx, "snapshots", "list", "--config", cfgPath) }},
+		{"pve-vault-agent drill: restore that snapshot into a throwaway Vault pod, unseal it with the keyfile, check index and canary, delete the pod", func() error {
+			return d.agentCmd(ctx, "drill", "--config", cfgPath)
+		}},
 		{"\"node rebuild\": Vault gone, the data directory wiped, pod and claim deleted (the PV is left Released)", func() error {
 			if v := pods.Vault("vault-0"); v != nil {
 				v.Kill()
