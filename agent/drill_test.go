@@ -41,6 +41,11 @@ func (vl *vaultLab) drillLeftovers(t *testing.T) []string {
 			out = append(out, "configmap/"+o.Name)
 		}
 	}
+	if l, err := vl.cs.NetworkingV1().NetworkPolicies(ns).List(ctx, sel); err == nil {
+		for _, o := range l.Items {
+			out = append(out, "networkpolicy/"+o.Name)
+		}
+	}
 	if l, err := vl.cs.CoreV1().Secrets(ns).List(ctx, sel); err == nil {
 		for _, o := range l.Items {
 			out = append(out, "secret/"+o.Name)

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	schedulingv1 "k8s.io/api/scheduling/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -98,6 +99,13 @@ func (c *Cluster) StartDrill(ctx context.Context, spec DrillSpec) (name, uid, im
 	if _, err := c.Clients.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{ObjectMeta: meta,
 		Data: map[string]string{DrillConfigKey: spec.Config}}, metav1.CreateOptions{FieldManager: FieldManager}); err != nil {
 		return "", "", "", fmt.Errorf("create the drill's ConfigMap: %w", err)
+	}
+	// No egress: the restored copy holds production's leases and would revoke the ones
+	// expired by its clock against their real backends (with a CNI that enforces it).
+	if _, err := c.Clients.NetworkingV1().NetworkPolicies(ns).Create(ctx, &networkingv1.NetworkPolicy{ObjectMeta: meta,
+		Spec: networkingv1.NetworkPolicySpec{PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{DrillLabel: spec.ID}},
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress}}}, metav1.CreateOptions{FieldManager: FieldManager}); err != nil {
+		return "", "", "", fmt.Errorf("create the drill's NetworkPolicy: %w", err)
 	}
 	priority := c.drillPriorityClass(ctx)
 	no, mode := false, int32(0o440)
@@ -240,6 +248,16 @@ func (c *Cluster) CleanupDrills(ctx context.Context, release string, timeout tim
 			return gone, fmt.Errorf("delete drill ConfigMap %s: %w", o.Name, err)
 		}
 		gone = append(gone, "configmap/"+o.Name)
+	}
+	policies, err := c.Clients.NetworkingV1().NetworkPolicies(ns).List(ctx, sel)
+	if err != nil {
+		return gone, fmt.Errorf("list drill NetworkPolicies: %w", err)
+	}
+	for _, o := range policies.Items {
+		if err := c.Clients.NetworkingV1().NetworkPolicies(ns).Delete(ctx, o.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
+			return gone, fmt.Errorf("delete drill NetworkPolicy %s: %w", o.Name, err)
+		}
+		gone = append(gone, "networkpolicy/"+o.Name)
 	}
 	secrets, err := c.Clients.CoreV1().Secrets(ns).List(ctx, sel)
 	if err != nil {

@@ -27,7 +27,8 @@ func (cl *clusterLab) drillObjects(t *testing.T, ns string) (pods []corev1.Pod, 
 	}
 	cms, _ := cl.cs.CoreV1().ConfigMaps(ns).List(ctx, sel)
 	secrets, _ := cl.cs.CoreV1().Secrets(ns).List(ctx, sel)
-	return p.Items, len(cms.Items) + len(secrets.Items)
+	policies, _ := cl.cs.NetworkingV1().NetworkPolicies(ns).List(ctx, sel)
+	return p.Items, len(cms.Items) + len(secrets.Items) + len(policies.Items)
 }
 
 // The drill verb passes on a good snapshot; killed with SIGKILL while its pod runs, it
@@ -64,14 +65,14 @@ func TestDrillVerbAndKill9(t *testing.T) {
 			t.Fatal(err)
 		}
 		_ = cmd.Wait()
-		if pods, others := cl.drillObjects(t, ns); len(pods) != 1 || others != 2 {
+		if pods, others := cl.drillObjects(t, ns); len(pods) != 1 || others != 3 {
 			t.Fatalf("after kill -9: %d pods, %d other objects; want what the killed drill made", len(pods), others)
 		}
 	}
 	kill()
 	r = runBinary(t, nil, "drill", "--cleanup", "-o", "json", "--config", cl.config)
 	var cleaned struct{ Deleted []string }
-	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &cleaned) != nil || len(cleaned.Deleted) != 3 {
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &cleaned) != nil || len(cleaned.Deleted) != 4 {
 		t.Fatalf("drill --cleanup: exit %d %s %s", r.code, r.stdout, r.stderr)
 	}
 	if pods, others := cl.drillObjects(t, ns); len(pods)+others != 0 {
@@ -84,7 +85,7 @@ func TestDrillVerbAndKill9(t *testing.T) {
 		Passed  bool
 		Cleaned []string
 	}
-	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &rep) != nil || !rep.Passed || len(rep.Cleaned) != 6 {
+	if r.code != 0 || json.Unmarshal([]byte(r.stdout), &rep) != nil || !rep.Passed || len(rep.Cleaned) != 8 {
 		t.Fatalf("drill after a killed one: exit %d %s %s", r.code, r.stdout, r.stderr)
 	}
 	if pods, others := cl.drillObjects(t, ns); len(pods)+others != 0 {
