@@ -35,6 +35,7 @@ type BackupReport struct {
 	Seconds  float64             `json:"seconds"`
 	Pruned   []snapshot.Decision `json:"pruned,omitempty"`
 	Token    *TokenStatus        `json:"snapshot_token,omitempty"`
+	Offsite  []TargetResult      `json:"offsite,omitempty"`
 	Steps    []StepResult        `json:"steps"`
 }
 
@@ -56,6 +57,7 @@ var backupSteps = []step[backupState]{
 	{"token", "renew the snapshot token before use (Vault never renews a token because it was used)", (*backupState).renew},
 	{"stream", "stream the snapshot into a temp file while verifying it; fsync, manifest, rename", (*backupState).stream},
 	{"retention", "apply retention (only after a verified save)", (*backupState).retention},
+	{"offsite", "push to each off-host target what it lacks, encrypted and authenticated (a failure here never fails the backup)", (*backupState).offsite},
 }
 
 // BackupNow takes a Raft snapshot and stores it. A failure leaves no partial file and no
@@ -143,6 +145,20 @@ func (s *backupState) retention(context.Context) (string, error) {
 		return "", fmt.Errorf("the snapshot is stored; retention failed: %w", err)
 	}
 	return fmt.Sprintf("%d pruned", len(pruned)), nil
+}
+
+func (s *backupState) offsite(ctx context.Context) (string, error) {
+	if len(s.env.Config.Snapshots.Targets) == 0 {
+		return "no targets", nil
+	}
+	s.rep.Offsite = PushOffsite(ctx, s.env, s.kf, s.store)
+	failed := 0
+	for _, r := range s.rep.Offsite {
+		if r.Error != "" {
+			failed++
+		}
+	}
+	return fmt.Sprintf("%d of %d targets up to date", len(s.rep.Offsite)-failed, len(s.rep.Offsite)), nil
 }
 
 // storeError explains a read-only snapshot directory: under the shipped unit

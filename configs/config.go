@@ -167,6 +167,41 @@ type Snapshots struct {
 	// (there is no total timeout: a large snapshot takes what it takes).
 	IdleTimeout time.Duration `mapstructure:"idle_timeout" json:"idle_timeout"`
 	Retention   Retention     `mapstructure:"retention" json:"retention"`
+	// Targets are off-host copies: every verified snapshot is encrypted to
+	// vault.recovery_recipient and pushed to each after the local backup.
+	Targets []Target `mapstructure:"targets" json:"targets"`
+}
+
+// Target is an off-host store for encrypted snapshot copies.
+type Target struct {
+	// Name identifies the target in commands (--target), status and metrics.
+	Name string `mapstructure:"name" json:"name"`
+	// Type is dir (a mounted NAS share or disk), sftp or s3.
+	Type string `mapstructure:"type" json:"type"`
+	// Path is the directory (dir: on this host; sftp: on the server, inside its chroot).
+	Path string `mapstructure:"path" json:"path,omitempty"`
+	// Address is the SFTP server, host or host:port; User the account there.
+	Address string `mapstructure:"address" json:"address,omitempty"`
+	User    string `mapstructure:"user" json:"user,omitempty"`
+	// Identity is the SSH key for SFTP (default: ssh.identity); the server's host key
+	// must be in KnownHosts (default: ssh.known_hosts).
+	Identity   SecretRef `mapstructure:"identity" json:"identity"`
+	KnownHosts string    `mapstructure:"known_hosts" json:"known_hosts,omitempty"`
+	// Endpoint (host:port), Bucket and Prefix locate the S3 objects; Region is the
+	// bucket's (us-east-1 when empty).
+	Endpoint  string    `mapstructure:"endpoint" json:"endpoint,omitempty"`
+	Bucket    string    `mapstructure:"bucket" json:"bucket,omitempty"`
+	Prefix    string    `mapstructure:"prefix" json:"prefix,omitempty"`
+	Region    string    `mapstructure:"region" json:"region,omitempty"`
+	AccessKey SecretRef `mapstructure:"access_key" json:"access_key"`
+	SecretKey SecretRef `mapstructure:"secret_key" json:"secret_key"`
+	// CAFile verifies the S3 endpoint's certificate; AllowHTTP speaks plain HTTP to it
+	// (the objects are encrypted, the request signatures are not secret, but the
+	// access key id is visible).
+	CAFile    string `mapstructure:"ca_file" json:"ca_file,omitempty"`
+	AllowHTTP bool   `mapstructure:"allow_http" json:"allow_http,omitempty"`
+	// Retention for the copies on this target (the newest is always kept).
+	Retention Retention `mapstructure:"retention" json:"retention"`
 }
 
 // Retention keeps the last N snapshots plus the newest in each period tier.

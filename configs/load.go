@@ -113,6 +113,12 @@ func Load(path string) (*Config, error) {
 	if err != nil {
 		problems = append(problems, decodeProblems(err)...)
 	}
+	for i := range cfg.Snapshots.Targets {
+		// A target without its own retention keeps what the local directory keeps.
+		if cfg.Snapshots.Targets[i].Retention == (Retention{}) {
+			cfg.Snapshots.Targets[i].Retention = cfg.Snapshots.Retention
+		}
+	}
 	problems = append(problems, withoutOverlap(cfg.validate(), problems)...)
 	if len(problems) > 0 {
 		return nil, &ValidationError{Source: path, Problems: problems}

@@ -21,6 +21,7 @@ var (
 	credRe    = regexp.MustCompile(`^[A-Za-z0-9_.-]+$`)
 	chartRe   = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9._-]*$`)
 	digestRe  = regexp.MustCompile(`^sha256:[0-9a-fA-F]{64}$`)
+	bucketRe  = regexp.MustCompile(`^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$`)
 	// storageRe is Proxmox's own rule for storage IDs (pve-storage, PVE::JSONSchema
 	// pve-storage-id), case-insensitive.
 	storageRe = regexp.MustCompile(`(?i)^[a-z][a-z0-9\-_.]*[a-z0-9]$`)
@@ -312,13 +313,63 @@ func (c *Config) validateSnapshots(p *problems) {
 	if s.IdleTimeout <= 0 {
 		p.add("snapshots.idle_timeout", "must be positive", `e.g. "2m"`)
 	}
-	r := s.Retention
+	validateRetention(p, "snapshots.retention", s.Retention)
+	seen := map[string]bool{}
+	for i, t := range s.Targets {
+		at := fmt.Sprintf("snapshots.targets[%d]", i)
+		switch {
+		case !dns1123Re.MatchString(t.Name) || len(t.Name) > 40:
+			p.add(at+".name", fmt.Sprintf("%q is not a target name", t.Name), "lowercase letters, digits and '-', e.g. nas or offsite-s3")
+		case seen[t.Name]:
+			p.add(at+".name", fmt.Sprintf("%q is used twice", t.Name), "give each target its own name")
+		}
+		seen[t.Name] = true
+		switch t.Type {
+		case "dir":
+			if !filepath.IsAbs(t.Path) {
+				p.add(at+".path", "must be an absolute path", "the mount point of the share, e.g. /mnt/pve/nas/vault")
+			}
+		case "sftp":
+			if t.Address == "" {
+				p.add(at+".address", "required for sftp", "the server, e.g. nas.lan or nas.lan:2222")
+			}
+			if t.User == "" {
+				p.add(at+".user", "required for sftp", "the account on the server")
+			}
+			if !strings.HasPrefix(t.Path, "/") {
+				p.add(at+".path", "must be an absolute path on the server", "e.g. /vault (inside the account's chroot)")
+			}
+			validateSecretRef(p, at+".identity", t.Identity, false)
+		case "s3":
+			if _, port, err := net.SplitHostPort(t.Endpoint); err != nil || port == "" {
+				p.add(at+".endpoint", fmt.Sprintf("%q is not host:port", t.Endpoint), "e.g. s3.eu-central-1.amazonaws.com:443 or nas.lan:9000")
+			}
+			if !bucketRe.MatchString(t.Bucket) {
+				p.add(at+".bucket", fmt.Sprintf("%q is not a bucket name", t.Bucket), "3-63 lowercase letters, digits, '-' and '.'")
+			}
+			validateSecretRef(p, at+".access_key", t.AccessKey, true)
+			validateSecretRef(p, at+".secret_key", t.SecretKey, true)
+			if t.CAFile != "" && !filepath.IsAbs(t.CAFile) {
+				p.add(at+".ca_file", "must be an absolute path", "the PEM of the CA that signed the endpoint's certificate")
+			}
+		default:
+			p.add(at+".type", fmt.Sprintf("%q is not a target type", t.Type), "dir, sftp or s3")
+		}
+		validateRetention(p, at+".retention", t.Retention)
+	}
+	if len(s.Targets) > 0 && c.Vault.RecoveryRecipient == "" {
+		p.add("vault.recovery_recipient", "required with snapshots.targets: copies leave the host encrypted to it",
+			"the age public key (age1…) of the operator's offline key; create it offline with age-keygen")
+	}
+}
+
+func validateRetention(p *problems, at string, r Retention) {
 	if r.KeepLast < 1 {
-		p.add("snapshots.retention.keep_last", "must be at least 1", "the newest snapshot is always kept")
+		p.add(at+".keep_last", "must be at least 1", "the newest snapshot is always kept")
 	}
 	for name, n := range map[string]int{"hourly": r.Hourly, "daily": r.Daily, "weekly": r.Weekly, "monthly": r.Monthly} {
 		if n < 0 {
-			p.add("snapshots.retention."+name, "must not be negative", "0 disables the tier")
+			p.add(at+"."+name, "must not be negative", "0 disables the tier")
 		}
 	}
 }

@@ -270,3 +270,6 @@ func (c *Conn) Run(ctx context.Context, name, script string, args ...string) (st
 
 // shellQuote quotes s for sh.
 func shellQuote(s string) string { return "'" + strings.ReplaceAll(s, "'", `'\''`) + "'" }
+
+// Client is the connection's SSH client, for a protocol on top of it (SFTP).
+func (c *Conn) Client() *ssh.Client { return c.client }

@@ -3,7 +3,9 @@
 #   - openssh-server (apt) for the sshd "node VM";
 #   - the Vault server (v1.21.4, built from the Go module; test fixture only, never shipped);
 #   - etcd v3.7.3, kube-apiserver and kube-controller-manager v1.37.2 from the pinned
-#     wrapper modules under internal/lab/bins.
+#     wrapper modules under internal/lab/bins;
+#   - SeaweedFS (weed), a real S3-compatible server for the off-host copy tests, built
+#     from its module at the version in versions.env (its own go.mod, replaces included).
 # Binaries are cached outside the repository, keyed by version, in $PVA_LAB_CACHE, else
 # /var/cache/pve-vault-agent-lab as root (readable by the uid-100 Vault the tests run),
 # else $XDG_CACHE_HOME/pve-vault-agent-lab. internal/lab.CacheDir follows the same rule.
@@ -88,10 +90,22 @@ kube_build() {
 		-o "$out/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
 }
 
+# --- SeaweedFS ------------------------------------------------------------------
+weed_build() {
+	local src
+	go mod download "github.com/seaweedfs/seaweedfs@v$SEAWEEDFS_VERSION"
+	src="$out/src"
+	cp -r "$(go env GOMODCACHE)/github.com/seaweedfs/seaweedfs@v$SEAWEEDFS_VERSION" "$src"
+	chmod -R u+w "$src"
+	(cd "$src" && go build -trimpath -ldflags="-s -w" -o "$out/weed" ./weed)
+	rm -rf "$src"
+}
+
 t0=$(date +%s)
 [ -x "$cache/vault-$VAULT_VERSION/vault" ] || { log "building vault $VAULT_VERSION (cold: ~10 min)"; rm -rf "$cache/vault-$VAULT_VERSION"; build_to "$cache/vault-$VAULT_VERSION" vault_build; }
 [ -x "$cache/etcd-$ETCD_VERSION/etcd" ] || { log "building etcd $ETCD_VERSION"; rm -rf "$cache/etcd-$ETCD_VERSION"; build_to "$cache/etcd-$ETCD_VERSION" etcd_build; }
 [ -x "$cache/kube-$KUBE_VERSION/kube-apiserver" ] || { log "building kube-apiserver and kube-controller-manager $KUBE_VERSION (cold: ~10 min)"; rm -rf "$cache/kube-$KUBE_VERSION"; build_to "$cache/kube-$KUBE_VERSION" kube_build; }
+[ -x "$cache/seaweedfs-$SEAWEEDFS_VERSION/weed" ] || { log "building SeaweedFS $SEAWEEDFS_VERSION (cold: ~5 min)"; rm -rf "$cache/seaweedfs-$SEAWEEDFS_VERSION"; build_to "$cache/seaweedfs-$SEAWEEDFS_VERSION" weed_build; }
 rm -rf "$cache"/*.tmp.* 2>/dev/null || true
 log "ready in $(( $(date +%s) - t0 ))s: $cache"
 echo "$cache"

@@ -30,6 +30,8 @@ var (
 	VaultVersion = version("VAULT_VERSION")
 	KubeVersion  = version("KUBE_VERSION")
 	EtcdVersion  = version("ETCD_VERSION")
+	// SeaweedFSVersion is the S3-compatible server's module version.
+	SeaweedFSVersion = version("SEAWEEDFS_VERSION")
 )
 
 //go:embed versions.env
@@ -61,6 +63,7 @@ type Bins struct {
 	KubeAPIServer         string
 	KubeControllerManager string
 	SSHD                  string
+	Weed                  string // SeaweedFS, the lab's S3 server
 	SSHKeygen             string
 	SystemdCreds          string
 	IP                    string // iproute2, for network namespaces
@@ -91,9 +94,10 @@ func FindBins() (Bins, error) {
 		KubeAPIServer:         filepath.Join(c, "kube-"+KubeVersion, "kube-apiserver"),
 		KubeControllerManager: filepath.Join(c, "kube-"+KubeVersion, "kube-controller-manager"),
 		SSHD:                  "/usr/sbin/sshd",
+		Weed:                  filepath.Join(c, "seaweedfs-"+SeaweedFSVersion, "weed"),
 	}
 	var missing []string
-	for _, p := range []string{b.Vault, b.Etcd, b.KubeAPIServer, b.KubeControllerManager, b.SSHD} {
+	for _, p := range []string{b.Vault, b.Etcd, b.KubeAPIServer, b.KubeControllerManager, b.SSHD, b.Weed} {
 		if fi, err := os.Stat(p); err != nil || fi.Mode()&0o111 == 0 {
 			missing = append(missing, p)
 		}
@@ -106,8 +110,8 @@ func FindBins() (Bins, error) {
 		*dst = p
 	}
 	if len(missing) > 0 {
-		return b, fmt.Errorf("lab prerequisites missing: %s; run `make lab-bins` (installs openssh-server and builds Vault %s, etcd %s, Kubernetes %s into %s)",
-			strings.Join(missing, ", "), VaultVersion, EtcdVersion, KubeVersion, c)
+		return b, fmt.Errorf("lab prerequisites missing: %s; run `make lab-bins` (installs openssh-server and builds Vault %s, etcd %s, Kubernetes %s, SeaweedFS %s into %s)",
+			strings.Join(missing, ", "), VaultVersion, EtcdVersion, KubeVersion, SeaweedFSVersion, c)
 	}
 	return b, nil
 }

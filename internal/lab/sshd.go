@@ -94,7 +94,33 @@ func StartSSHDIn(ctx context.Context, bins Bins, dir string, ns *Netns) (*SSHD, 
 	return startSSHD(ctx, bins, dir, ns.NodeIP, 22, ns)
 }
 
-func startSSHD(ctx context.Context, bins Bins, dir, host string, port int, ns *Netns) (*SSHD, error) {
+// StartSFTP starts an sshd on 127.0.0.1 that offers user nothing but SFTP, chrooted to
+// chroot (OpenSSH's internal-sftp, as a NAS serves its backup share): the account sees
+// chroot as / and may write only where the chroot's owner let it. The chroot and each
+// directory above it must be root's and writable by nobody else (sshd checks).
+func StartSFTP(ctx context.Context, bins Bins, dir string, user *User, chroot string) (*SSHD, error) {
+	port, err := FreePort("127.0.0.1")
+	if err != nil {
+		return nil, err
+	}
+	s, err := startSSHD(ctx, bins, dir, "127.0.0.1", port, nil,
+		"Subsystem sftp internal-sftp",
+		"Match User "+user.Name,
+		"  ChrootDirectory "+chroot,
+		"  ForceCommand internal-sftp",
+		"  AllowTcpForwarding no",
+		"  X11Forwarding no")
+	if err != nil {
+		return nil, err
+	}
+	if err := s.Authorize(user.Name, s.ClientSigner.PublicKey()); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return s, nil
+}
+
+func startSSHD(ctx context.Context, bins Bins, dir, host string, port int, ns *Netns, extra ...string) (*SSHD, error) {
 	if err := os.MkdirAll(filepath.Join(dir, "authorized_keys"), 0o755); err != nil {
 		return nil, err
 	}
@@ -133,8 +159,7 @@ func startSSHD(ctx context.Context, bins Bins, dir, host string, port int, ns *N
 		"AllowTcpForwarding yes",
 		"LogLevel VERBOSE",
 		"MaxStartups 100",
-		"", // trailing newline
-	}, "\n")
+	}, "\n") + "\n" + strings.Join(extra, "\n") + "\n"
 	cfgPath := filepath.Join(dir, "sshd_config")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		return nil, err

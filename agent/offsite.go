@@ -1,0 +1,346 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"filippo.io/age"
+
+	"github.com/pve-vault-agent/pve-vault-agent/configs"
+	"github.com/pve-vault-agent/pve-vault-agent/provision"
+	"github.com/pve-vault-agent/pve-vault-agent/vault"
+	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
+	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot/offsite"
+)
+
+// TargetResult is what one push to an off-host target did.
+type TargetResult struct {
+	Target   string   `json:"target"`
+	Pushed   []string `json:"pushed"`
+	Bytes    int64    `json:"bytes"`
+	Recovery string   `json:"recovery_copy,omitempty"`
+	Pruned   []string `json:"pruned"`
+	Newest   string   `json:"newest_remote,omitempty"`
+	Error    string   `json:"error,omitempty"`
+}
+
+// targetConfig finds a configured target by name.
+func (e *Env) targetConfig(name string) (configs.Target, error) {
+	for _, t := range e.Config.Snapshots.Targets {
+		if t.Name == name {
+			return t, nil
+		}
+	}
+	var names []string
+	for _, t := range e.Config.Snapshots.Targets {
+		names = append(names, t.Name)
+	}
+	return configs.Target{}, hintf(fmt.Sprintf("configured targets: %v (snapshots.targets)", names), "no target named %q", name)
+}
+
+// openTarget connects to a target. For SFTP the server's host key is checked against
+// known_hosts exactly as for node VMs.
+func (e *Env) openTarget(ctx context.Context, t configs.Target) (offsite.Target, error) {
+	switch t.Type {
+	case "dir":
+		return &offsite.Dir{Root: t.Path}, nil
+	case "sftp":
+		cfg, err := e.SSH(false)
+		if err != nil && !t.Identity.IsSet() {
+			return nil, err
+		}
+		if t.Identity.IsSet() {
+			key, err := t.Identity.Read()
+			if err != nil {
+				return nil, fmt.Errorf("snapshots.targets %s identity: %w", t.Name, err)
+			}
+			cfg.Key = key.Bytes()
+		}
+		if t.KnownHosts != "" {
+			cfg.KnownHosts = t.KnownHosts
+		}
+		if cfg.KnownHosts == "" {
+			cfg.KnownHosts = e.Config.SSH.KnownHosts
+		}
+		if cfg.ConnectTimeout == 0 {
+			cfg.ConnectTimeout = e.Config.SSH.ConnectTimeout
+		}
+		host, port := t.Address, 22
+		if h, p, err := net.SplitHostPort(t.Address); err == nil {
+			host = h
+			if port, err = strconv.Atoi(p); err != nil {
+				return nil, fmt.Errorf("snapshots.targets %s address %q: bad port", t.Name, t.Address)
+			}
+		}
+		cfg.User, cfg.Port, cfg.Sudo = t.User, port, "never"
+		conn, err := provision.Dial(ctx, host, cfg)
+		if err != nil {
+			return nil, fmt.Errorf("target %s: %w", t.Name, err)
+		}
+		s, err := offsite.NewSFTP(conn.Client(), t.Path, t.User+"@"+t.Address)
+		if err != nil {
+			conn.Close()
+			return nil, err
+		}
+		return closeAlso{s, func() { conn.Close() }}, nil
+	case "s3":
+		ak, err := t.AccessKey.Read()
+		if err != nil {
+			return nil, fmt.Errorf("snapshots.targets %s access_key: %w", t.Name, err)
+		}
+		sk, err := t.SecretKey.Read()
+		if err != nil {
+			return nil, fmt.Errorf("snapshots.targets %s secret_key: %w", t.Name, err)
+		}
+		return offsite.NewS3(offsite.S3Config{Endpoint: t.Endpoint, Bucket: t.Bucket, Prefix: t.Prefix, Region: t.Region,
+			AccessKey: ak.Trimmed(), SecretKey: sk.Trimmed(), CAFile: t.CAFile, AllowHTTP: t.AllowHTTP})
+	}
+	return nil, fmt.Errorf("target %s: unknown type %q", t.Name, t.Type)
+}
+
+// closeAlso closes the SSH connection under an SFTP target with it.
+type closeAlso struct {
+	offsite.Target
+	also func()
+}
+
+func (c closeAlso) Close() error {
+	err := c.Target.Close()
+	c.also()
+	return err
+}
+
+// offsiteKeys are the recipients (vault.recovery_recipient) and the keyfile's manifest
+// key.
+func (e *Env) offsiteKeys(kf *vault.Keyfile) (offsite.Keys, error) {
+	r, err := age.ParseX25519Recipient(e.Config.Vault.RecoveryRecipient)
+	if err != nil {
+		return offsite.Keys{}, fmt.Errorf("vault.recovery_recipient: %w", err)
+	}
+	if len(kf.ManifestKey) < 32 {
+		return offsite.Keys{}, hintf("run `pve-vault-agent token rotate`: it adds one to the keyfile", "the keyfile has no manifest key (it predates off-host copies)")
+	}
+	return offsite.Keys{Recipients: []age.Recipient{r}, MAC: kf.ManifestKey}, nil
+}
+
+// PushOffsite copies to every target the verified local snapshots it lacks that are
+// newer than its newest copy (all of them after an outage; only the newest on a new
+// target), the keyfile's recovery copy, and applies the target's retention. Each push is
+// tried three times with a doubling pause. A target that fails is reported and
+// recorded; the others go on, and nothing here fails the local backup.
+func PushOffsite(ctx context.Context, env *Env, kf *vault.Keyfile, store *snapshot.Store) []TargetResult {
+	var out []TargetResult
+	for _, t := range env.Config.Snapshots.Targets {
+		res := pushTarget(ctx, env, kf, store, t)
+		if res.Error != "" {
+			env.Log.Error("off-host copy failed; the next run catches up", "target", t.Name, "err", res.Error)
+		} else if len(res.Pushed) > 0 {
+			env.Log.Info("off-host copy done", "target", t.Name, "pushed", res.Pushed, "bytes", res.Bytes)
+		}
+		if err := env.recordOffsite(res); err != nil {
+			env.Log.Warn("could not record the off-host result", "target", t.Name, "err", err)
+		}
+		out = append(out, res)
+	}
+	return out
+}
+
+func pushTarget(ctx context.Context, env *Env, kf *vault.Keyfile, store *snapshot.Store, tc configs.Target) TargetResult {
+	res := TargetResult{Target: tc.Name, Pushed: []string{}, Pruned: []string{}}
+	fail := func(err error) TargetResult { res.Error = err.Error(); return res }
+	keys, err := env.offsiteKeys(kf)
+	if err != nil {
+		return fail(err)
+	}
+	local, err := store.List()
+	if err != nil {
+		return fail(err)
+	}
+	var todo []snapshot.Entry
+	err = env.retry(ctx, "connect to "+tc.Name, func(ctx context.Context) error {
+		t, err := env.openTarget(ctx, tc)
+		if err != nil {
+			return err
+		}
+		defer t.Close()
+		if err := t.Clean(ctx); err != nil {
+			env.Log.Warn("could not clean what an interrupted push left", "target", tc.Name, "err", err)
+		}
+		copies, err := offsite.Copies(ctx, t)
+		if err != nil {
+			return err
+		}
+		var newest time.Time
+		for _, c := range copies {
+			if c.Complete && c.Time.After(newest) {
+				newest = c.Time
+			}
+		}
+		todo = todo[:0]
+		for _, e := range local {
+			if e.Verified && e.Time.After(newest) && !offsite.HasCopy(copies, e.Path) {
+				todo = append(todo, e)
+			}
+		}
+		if newest.IsZero() && len(todo) > 1 {
+			todo = todo[len(todo)-1:] // a new target starts with the newest
+		}
+		return nil
+	})
+	if err != nil {
+		return fail(err)
+	}
+	for i, e := range todo {
+		var n int64
+		err := env.retry(ctx, "push "+offsite.CopyName(e.Path)+" to "+tc.Name, func(ctx context.Context) error {
+			t, err := env.openTarget(ctx, tc)
+			if err != nil {
+				return err
+			}
+			defer t.Close()
+			n, err = offsite.Push(ctx, t, e, keys, env.Clock.Now(), i == len(todo)-1)
+			return err
+		})
+		if err != nil {
+			return fail(err)
+		}
+		res.Pushed = append(res.Pushed, offsite.CopyName(e.Path))
+		res.Bytes += n
+	}
+	err = env.retry(ctx, "recovery copy and retention on "+tc.Name, func(ctx context.Context) error {
+		t, err := env.openTarget(ctx, tc)
+		if err != nil {
+			return err
+		}
+		defer t.Close()
+		rc, err := env.recoveryCopy(ctx, kf)
+		if err != nil {
+			return err
+		}
+		name, uploaded, err := offsite.PushFile(ctx, t, rc)
+		if err != nil {
+			return err
+		}
+		if uploaded {
+			res.Recovery = name
+		}
+		r := tc.Retention
+		if res.Pruned, err = offsite.Prune(ctx, t, snapshot.Policy{KeepLast: r.KeepLast, Hourly: r.Hourly, Daily: r.Daily, Weekly: r.Weekly, Monthly: r.Monthly}, env.Clock.Now()); err != nil {
+			return err
+		}
+		copies, err := offsite.Copies(ctx, t)
+		if err != nil {
+			return err
+		}
+		for i := len(copies) - 1; i >= 0; i-- {
+			if copies[i].Complete {
+				res.Newest = copies[i].Name
+				break
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return fail(err)
+	}
+	return res
+}
+
+// retry runs f up to three times, pausing 1 s then 2 s (Waits.Poll×10, ×20 in tests).
+func (e *Env) retry(ctx context.Context, what string, f func(context.Context) error) error {
+	pause := 10 * e.Waits.Poll
+	var err error
+	for attempt := 1; attempt <= 3; attempt++ {
+		if err = f(ctx); err == nil || ctx.Err() != nil {
+			return err
+		}
+		if attempt < 3 {
+			e.Log.Warn("retrying", "what", what, "attempt", attempt, "err", err)
+			if serr := sleep(ctx, e.Clock, pause); serr != nil {
+				return err
+			}
+			pause *= 2
+		}
+	}
+	return err
+}
+
+// recoveryCopy is the local path of the keyfile's recovery copy, written now if the
+// recipient was configured after init.
+func (e *Env) recoveryCopy(ctx context.Context, kf *vault.Keyfile) (string, error) {
+	p := e.Config.Vault.Keyfile + ".recovery.age"
+	if _, err := os.Stat(p); err == nil {
+		return p, nil
+	}
+	rs, err := recoverySealer(e.Config.Vault.RecoveryRecipient)
+	if err != nil {
+		return "", err
+	}
+	if err := vault.WriteKeyfile(ctx, p, kf, rs, true); err != nil && !errors.Is(err, os.ErrExist) {
+		return "", fmt.Errorf("write the recovery copy: %w", err)
+	}
+	return p, nil
+}
+
+// OffsiteRecord is the last push to each target, kept in the state directory for
+// status and metrics.
+type OffsiteRecord struct {
+	Target      string    `json:"target"`
+	LastSuccess time.Time `json:"last_success"`
+	LastError   string    `json:"last_error,omitempty"`
+	LastErrorAt time.Time `json:"last_error_at"`
+	Failures    int       `json:"failures"`
+	Bytes       int64     `json:"bytes"`
+	Newest      string    `json:"newest_remote,omitempty"`
+}
+
+var offsiteRecordMu sync.Mutex
+
+func (e *Env) offsiteRecordPath() string {
+	return filepath.Join(filepath.Dir(e.Config.Vault.Keyfile), "offsite.json")
+}
+
+// OffsiteRecords reads the per-target records.
+func OffsiteRecords(env *Env) (map[string]OffsiteRecord, error) {
+	recs := map[string]OffsiteRecord{}
+	b, err := os.ReadFile(env.offsiteRecordPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return recs, nil
+	}
+	if err != nil {
+		return recs, err
+	}
+	return recs, json.Unmarshal(b, &recs)
+}
+
+func (e *Env) recordOffsite(res TargetResult) error {
+	offsiteRecordMu.Lock()
+	defer offsiteRecordMu.Unlock()
+	recs, err := OffsiteRecords(e)
+	if err != nil {
+		recs = map[string]OffsiteRecord{}
+	}
+	r := recs[res.Target]
+	r.Target = res.Target
+	now := e.Clock.Now().UTC()
+	if res.Error != "" {
+		r.LastError, r.LastErrorAt = res.Error, now
+		r.Failures++
+	} else {
+		r.LastSuccess, r.LastError = now, ""
+		r.Bytes += res.Bytes
+		if res.Newest != "" {
+			r.Newest = res.Newest
+		}
+	}
+	recs[res.Target] = r
+	return writeJSONAtomic(e.offsiteRecordPath(), recs)
+}

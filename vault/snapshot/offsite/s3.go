@@ -1,0 +1,169 @@
+package offsite
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/minio/minio-go/v7"
+	"github.com/minio/minio-go/v7/pkg/credentials"
+)
+
+// S3Config is an S3-compatible bucket (AWS, MinIO, SeaweedFS, Garage, a NAS's S3).
+type S3Config struct {
+	Endpoint  string // host:port
+	Bucket    string
+	Prefix    string // a "directory" inside the bucket
+	Region    string
+	AccessKey string
+	SecretKey string // never logged
+	// CAFile verifies the endpoint's certificate; AllowHTTP speaks plain HTTP (a
+	// loopback or lab endpoint only: the objects are encrypted, the credentials are not).
+	CAFile    string
+	AllowHTTP bool
+	// PartSize is the multipart part size, and so the memory an upload holds (16 MiB).
+	PartSize uint64
+}
+
+// S3 is an S3 target.
+type S3 struct {
+	cfg    S3Config
+	client *minio.Client
+}
+
+// NewS3 builds the client; it does not contact the endpoint.
+func NewS3(cfg S3Config) (*S3, error) {
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.Proxy = nil
+	tr.ResponseHeaderTimeout = 2 * time.Minute
+	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	if cfg.CAFile != "" {
+		pem, err := os.ReadFile(cfg.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("s3 CA file: %w", err)
+		}
+		pool := x509.NewCertPool()
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("s3 CA file %s holds no PEM certificate", cfg.CAFile)
+		}
+		tr.TLSClientConfig.RootCAs = pool
+	}
+	c, err := minio.New(cfg.Endpoint, &minio.Options{
+		Creds:     credentials.NewStaticV4(cfg.AccessKey, cfg.SecretKey, ""),
+		Secure:    !cfg.AllowHTTP,
+		Region:    cfg.Region,
+		Transport: tr,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("s3 %s: %w", cfg.Endpoint, err)
+	}
+	if cfg.PartSize == 0 {
+		cfg.PartSize = 16 << 20
+	}
+	cfg.Prefix = strings.Trim(cfg.Prefix, "/")
+	return &S3{cfg: cfg, client: c}, nil
+}
+
+func (s *S3) String() string {
+	return "s3 " + s.cfg.Endpoint + "/" + path.Join(s.cfg.Bucket, s.cfg.Prefix)
+}
+
+func (s *S3) key(name string) (string, error) {
+	c, err := cleanName(name)
+	if err != nil {
+		return "", err
+	}
+	if s.cfg.Prefix == "" {
+		return c, nil
+	}
+	return s.cfg.Prefix + "/" + c, nil
+}
+
+// Put streams r as a multipart upload of PartSize parts (each with a checksum the
+// server verifies); the object exists only once the upload is completed, so a killed
+// Put leaves an incomplete upload that is never listed (Clean aborts it).
+func (s *S3) Put(ctx context.Context, name string, r io.Reader) error {
+	k, err := s.key(name)
+	if err != nil {
+		return err
+	}
+	_, err = s.client.PutObject(ctx, s.cfg.Bucket, k, r, -1, minio.PutObjectOptions{
+		PartSize: s.cfg.PartSize, ContentType: "application/octet-stream", NumThreads: 1,
+	})
+	if err != nil {
+		return fmt.Errorf("%s: put %s: %w", s, name, err)
+	}
+	return nil
+}
+
+func (s *S3) Open(ctx context.Context, name string) (io.ReadCloser, error) {
+	k, err := s.key(name)
+	if err != nil {
+		return nil, err
+	}
+	o, err := s.client.GetObject(ctx, s.cfg.Bucket, k, minio.GetObjectOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("%s: get %s: %w", s, name, err)
+	}
+	// GetObject is lazy: a missing object shows at the first read.
+	if _, err := o.Stat(); err != nil {
+		o.Close()
+		if minio.ToErrorResponse(err).Code == "NoSuchKey" {
+			return nil, fmt.Errorf("%s: %s: %w", s, name, ErrNotFound)
+		}
+		return nil, fmt.Errorf("%s: get %s: %w", s, name, err)
+	}
+	return o, nil
+}
+
+func (s *S3) List(ctx context.Context, prefix string) ([]Object, error) {
+	base := s.cfg.Prefix
+	if base != "" {
+		base += "/"
+	}
+	var out []Object
+	for o := range s.client.ListObjects(ctx, s.cfg.Bucket, minio.ListObjectsOptions{Prefix: base + prefix, Recursive: true}) {
+		if o.Err != nil {
+			return nil, fmt.Errorf("%s: list: %w", s, o.Err)
+		}
+		out = append(out, Object{Name: strings.TrimPrefix(o.Key, base), Size: o.Size, Modified: o.LastModified})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+func (s *S3) Remove(ctx context.Context, name string) error {
+	k, err := s.key(name)
+	if err != nil {
+		return err
+	}
+	if err := s.client.RemoveObject(ctx, s.cfg.Bucket, k, minio.RemoveObjectOptions{}); err != nil && minio.ToErrorResponse(err).Code != "NoSuchKey" {
+		return fmt.Errorf("%s: remove %s: %w", s, name, err)
+	}
+	return nil
+}
+
+// Clean aborts the incomplete multipart uploads under the prefix.
+func (s *S3) Clean(ctx context.Context) error {
+	var errs []error
+	for u := range s.client.ListIncompleteUploads(ctx, s.cfg.Bucket, s.cfg.Prefix, true) {
+		if u.Err != nil {
+			return fmt.Errorf("%s: list incomplete uploads: %w", s, u.Err)
+		}
+		if err := s.client.RemoveIncompleteUpload(ctx, s.cfg.Bucket, u.Key); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (s *S3) Close() error { return nil }

@@ -1,0 +1,133 @@
+package offsite
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path"
+	"sort"
+	"strings"
+
+	"github.com/pkg/sftp"
+	"golang.org/x/crypto/ssh"
+)
+
+// SFTP is a target on an SFTP server (a NAS's chrooted account), over an SSH
+// connection whose host key the caller verified.
+type SFTP struct {
+	Root   string // directory on the server, e.g. /vault
+	Label  string // for messages: user@host
+	client *sftp.Client
+}
+
+// NewSFTP speaks SFTP over conn.
+func NewSFTP(conn *ssh.Client, root, label string) (*SFTP, error) {
+	c, err := sftp.NewClient(conn, sftp.UseConcurrentWrites(true), sftp.MaxConcurrentRequestsPerFile(16))
+	if err != nil {
+		return nil, fmt.Errorf("sftp %s: %w", label, err)
+	}
+	return &SFTP{Root: root, Label: label, client: c}, nil
+}
+
+func (s *SFTP) String() string { return "sftp " + s.Label + ":" + s.Root }
+
+func (s *SFTP) path(name string) (string, error) {
+	c, err := cleanName(name)
+	if err != nil {
+		return "", err
+	}
+	return path.Join(s.Root, c), nil
+}
+
+// Put writes a temporary file, then renames it over the final name with OpenSSH's
+// posix-rename (atomic on the server's file system).
+func (s *SFTP) Put(ctx context.Context, name string, r io.Reader) error {
+	p, err := s.path(name)
+	if err != nil {
+		return err
+	}
+	if err := s.client.MkdirAll(path.Dir(p)); err != nil {
+		return fmt.Errorf("%s: mkdir %s: %w", s, path.Dir(p), err)
+	}
+	tmp := path.Join(path.Dir(p), path.Base(tmpName(name)))
+	f, err := s.client.OpenFile(tmp, os.O_CREATE|os.O_EXCL|os.O_WRONLY)
+	if err != nil {
+		return fmt.Errorf("%s: create %s: %w", s, tmp, err)
+	}
+	_, err = f.ReadFrom(ctxReader{ctx, r})
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = s.client.PosixRename(tmp, p)
+	}
+	if err != nil {
+		_ = s.client.Remove(tmp)
+		return fmt.Errorf("%s: put %s: %w", s, name, err)
+	}
+	return nil
+}
+
+func (s *SFTP) Open(_ context.Context, name string) (io.ReadCloser, error) {
+	p, err := s.path(name)
+	if err != nil {
+		return nil, err
+	}
+	f, err := s.client.Open(p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("%s: %s: %w", s, name, ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%s: open %s: %w", s, name, err)
+	}
+	return f, nil
+}
+
+func (s *SFTP) List(_ context.Context, prefix string) ([]Object, error) {
+	var out []Object
+	w := s.client.Walk(s.Root)
+	for w.Step() {
+		if err := w.Err(); err != nil {
+			if errors.Is(err, fs.ErrNotExist) {
+				continue
+			}
+			return nil, fmt.Errorf("%s: list: %w", s, err)
+		}
+		fi := w.Stat()
+		if fi.IsDir() || isTmp(w.Path()) {
+			continue
+		}
+		rel := strings.TrimPrefix(strings.TrimPrefix(w.Path(), s.Root), "/")
+		if strings.HasPrefix(rel, prefix) {
+			out = append(out, Object{Name: rel, Size: fi.Size(), Modified: fi.ModTime()})
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out, nil
+}
+
+func (s *SFTP) Remove(_ context.Context, name string) error {
+	p, err := s.path(name)
+	if err != nil {
+		return err
+	}
+	if err := s.client.Remove(p); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("%s: remove %s: %w", s, name, err)
+	}
+	return nil
+}
+
+func (s *SFTP) Clean(context.Context) error {
+	w := s.client.Walk(s.Root)
+	for w.Step() {
+		if w.Err() == nil && !w.Stat().IsDir() && isTmp(w.Path()) {
+			_ = s.client.Remove(w.Path())
+		}
+	}
+	return nil
+}
+
+func (s *SFTP) Close() error { return s.client.Close() }
