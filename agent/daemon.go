@@ -82,7 +82,7 @@ func Run(ctx context.Context, opts DaemonOptions) error {
 	d.metrics = newMetrics(env.Version, func() DrillRecord {
 		rec, _ := LastDrill(d.currentEnv())
 		return rec
-	})
+	}, newOffsiteCollector(d.currentEnv))
 	if err := d.configure(ctx, env); err != nil {
 		return err
 	}

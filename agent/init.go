@@ -28,12 +28,15 @@ type InitOptions struct {
 
 // InitReport is the non-secret outcome of init.
 type InitReport struct {
-	Pod          string       `json:"pod"`
-	Keyfile      string       `json:"keyfile"`
-	RecoveryCopy string       `json:"recovery_copy,omitempty"`
-	Meta         vault.Meta   `json:"keyfile_meta"`
-	Unsealed     []string     `json:"unsealed"`
-	Steps        []StepResult `json:"steps"`
+	Pod          string     `json:"pod"`
+	Keyfile      string     `json:"keyfile"`
+	RecoveryCopy string     `json:"recovery_copy,omitempty"`
+	Meta         vault.Meta `json:"keyfile_meta"`
+	// ManifestKey fingerprints the key that authenticates off-host copies: note it
+	// with the offline identity; recover --from prints the one it found.
+	ManifestKey string       `json:"manifest_key,omitempty"`
+	Unsealed    []string     `json:"unsealed"`
+	Steps       []StepResult `json:"steps"`
 }
 
 type initState struct {
@@ -81,6 +84,9 @@ func Init(ctx context.Context, env *Env, opts InitOptions) (*InitReport, error) 
 		}
 		if s.kf != nil {
 			s.rep.Meta = s.kf.Meta()
+			if len(s.kf.ManifestKey) > 0 {
+				s.rep.ManifestKey = ManifestKeyFingerprint(s.kf.ManifestKey)
+			}
 		}
 	}()
 	if err := runSteps(ctx, env, "init", initCheck, s, &s.rep.Steps); err != nil {

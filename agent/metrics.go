@@ -35,7 +35,7 @@ type metrics struct {
 
 // newMetrics registers the daemon's metrics; the drill's are read from the drill record
 // at each scrape, so a drill run by the verb shows too.
-func newMetrics(version string, drills func() DrillRecord) *metrics {
+func newMetrics(version string, drills func() DrillRecord, extra ...prometheus.Collector) *metrics {
 	g := func(name, help string) prometheus.Gauge {
 		return prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help})
 	}
@@ -86,6 +86,7 @@ func newMetrics(version string, drills func() DrillRecord) *metrics {
 			}),
 	}
 	m.reg.MustRegister(drill...)
+	m.reg.MustRegister(extra...)
 	build := gv("pva_build_info", "Build of the running agent.", "version", "goversion")
 	build.WithLabelValues(version, runtime.Version()).Set(1)
 	m.reg.MustRegister(m.backupLastSuccess, m.backupNext, m.backupLastSize, m.backupFailures, m.backupDuration, m.reloadFailures,

@@ -13,8 +13,10 @@ import (
 	"time"
 
 	"filippo.io/age"
+	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
+	"github.com/pve-vault-agent/pve-vault-agent/internal/safefile"
 	"github.com/pve-vault-agent/pve-vault-agent/provision"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
@@ -343,4 +345,173 @@ func (e *Env) recordOffsite(res TargetResult) error {
 	}
 	recs[res.Target] = r
 	return writeJSONAtomic(e.offsiteRecordPath(), recs)
+}
+
+// TargetCopies lists the snapshot copies on a target, oldest first.
+func TargetCopies(ctx context.Context, env *Env, name string) ([]offsite.Copy, error) {
+	tc, err := env.targetConfig(name)
+	if err != nil {
+		return nil, err
+	}
+	t, err := env.openTarget(ctx, tc)
+	if err != nil {
+		return nil, err
+	}
+	defer t.Close()
+	return offsite.Copies(ctx, t)
+}
+
+// VerifyTarget downloads every complete copy on a target, authenticates its manifest,
+// checks the object against it, decrypts it with the operator's identity and verifies
+// the snapshot offline. The manifest key comes from this host's keyfile, or, on a host
+// without one, from the target's newest recovery copy that opens with the identity.
+func VerifyTarget(ctx context.Context, env *Env, name, identityFile string) ([]VerifyResult, error) {
+	ids, err := readIdentities(identityFile)
+	if err != nil {
+		return nil, err
+	}
+	tc, err := env.targetConfig(name)
+	if err != nil {
+		return nil, err
+	}
+	t, err := env.openTarget(ctx, tc)
+	if err != nil {
+		return nil, err
+	}
+	defer t.Close()
+	stateDir := filepath.Dir(env.Config.Vault.Keyfile)
+	if err := safefile.PrivateDir(stateDir); err != nil {
+		return nil, fmt.Errorf("state directory: %w", err)
+	}
+	var key []byte
+	if env.Keyfile.Exists() {
+		kf, err := env.Keyfile.Read(ctx)
+		if err != nil {
+			return nil, err
+		}
+		key = kf.ManifestKey
+	} else {
+		rcs, err := offsite.RecoveryCopies(ctx, t)
+		if err != nil {
+			return nil, err
+		}
+		for _, o := range rcs {
+			if kf, err := openRecoveryCopy(ctx, t, o.Name, stateDir, ids); err == nil {
+				key = kf.ManifestKey
+				break
+			}
+		}
+		if key == nil {
+			return nil, fmt.Errorf("no keyfile on this host and no recovery copy on %s opens with the identity", t)
+		}
+	}
+	cs, err := offsite.Copies(ctx, t)
+	if err != nil {
+		return nil, err
+	}
+	tmp, err := os.MkdirTemp(stateDir, ".verify-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmp)
+	var out []VerifyResult
+	failed := 0
+	for _, c := range cs {
+		r := VerifyResult{Path: name + ":" + c.Name}
+		if !c.Complete {
+			r.Error = "incomplete: its manifest is missing (an interrupted push; pruned after an hour)"
+			out = append(out, r)
+			continue
+		}
+		s, err := offsite.ReadManifest(ctx, t, c.Name, ids, key)
+		if err == nil {
+			var file string
+			if file, err = offsite.Fetch(ctx, t, s, ids, tmp); err == nil {
+				r.Info, err = snapshot.VerifyFile(file)
+				os.Remove(file)
+				os.Remove(file + ".json")
+			}
+		}
+		if err != nil {
+			r.Error = err.Error()
+			failed++
+		}
+		out = append(out, r)
+	}
+	if failed > 0 {
+		return out, fmt.Errorf("%d of %d copies on %s failed verification", failed, len(cs), name)
+	}
+	return out, nil
+}
+
+// OffsiteStatus is a target's state for status.
+type OffsiteStatus struct {
+	OffsiteRecord
+	NewestLocal string `json:"newest_local,omitempty"`
+	Behind      bool   `json:"behind"`
+}
+
+// offsiteStatus joins the records with the newest local snapshot.
+func offsiteStatus(env *Env, newestLocal string) ([]OffsiteStatus, error) {
+	recs, err := OffsiteRecords(env)
+	if err != nil {
+		return nil, err
+	}
+	var out []OffsiteStatus
+	for _, t := range env.Config.Snapshots.Targets {
+		r := recs[t.Name]
+		r.Target = t.Name
+		out = append(out, OffsiteStatus{OffsiteRecord: r, NewestLocal: newestLocal, Behind: newestLocal != "" && r.Newest != newestLocal})
+	}
+	return out, nil
+}
+
+// offsiteCollector exports the per-target records at each scrape, so a push by the
+// backup unit's run shows in the daemon's metrics too.
+type offsiteCollector struct {
+	env                                  func() *Env
+	lastSuccess, failures, bytes, behind *prometheus.Desc
+}
+
+func newOffsiteCollector(env func() *Env) *offsiteCollector {
+	d := func(name, help string) *prometheus.Desc {
+		return prometheus.NewDesc(name, help, []string{"target"}, nil)
+	}
+	return &offsiteCollector{env: env,
+		lastSuccess: d("pva_offsite_last_success_timestamp_seconds", "When the last push to the target succeeded (0: never)."),
+		failures:    d("pva_offsite_failures_total", "Pushes to the target that failed."),
+		bytes:       d("pva_offsite_bytes_total", "Bytes of encrypted snapshots pushed to the target."),
+		behind:      d("pva_offsite_behind", "1 when the target's newest copy is not the newest local snapshot."),
+	}
+}
+
+func (c *offsiteCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.lastSuccess
+	ch <- c.failures
+	ch <- c.bytes
+	ch <- c.behind
+}
+
+func (c *offsiteCollector) Collect(ch chan<- prometheus.Metric) {
+	env := c.env()
+	newest := ""
+	if _, es, err := Snapshots(context.Background(), env); err == nil {
+		if e, ok := newestVerified(es); ok {
+			newest = offsite.CopyName(e.Path)
+		}
+	}
+	sts, err := offsiteStatus(env, newest)
+	if err != nil {
+		return
+	}
+	for _, s := range sts {
+		ts := 0.0
+		if !s.LastSuccess.IsZero() {
+			ts = float64(s.LastSuccess.Unix())
+		}
+		ch <- prometheus.MustNewConstMetric(c.lastSuccess, prometheus.GaugeValue, ts, s.Target)
+		ch <- prometheus.MustNewConstMetric(c.failures, prometheus.CounterValue, float64(s.Failures), s.Target)
+		ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(s.Bytes), s.Target)
+		ch <- prometheus.MustNewConstMetric(c.behind, prometheus.GaugeValue, b2f(s.Behind), s.Target)
+	}
 }

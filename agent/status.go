@@ -8,6 +8,7 @@ import (
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
+	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot/offsite"
 )
 
 // Status is one screen of everything the agent looks after. Attention lists what needs
@@ -22,6 +23,7 @@ type Status struct {
 	LastSnapshot *SnapshotStatus  `json:"last_snapshot,omitempty"`
 	NextBackup   time.Time        `json:"next_backup,omitzero"`
 	LastDrill    *DrillStatus     `json:"last_drill,omitempty"`
+	Offsite      []OffsiteStatus  `json:"offsite,omitempty"`
 	Warnings     []string         `json:"warnings"`
 	Attention    []string         `json:"attention"`
 }
@@ -203,6 +205,23 @@ func GetStatus(ctx context.Context, env *Env) *Status {
 		}
 	}
 	drillStatus(env, st, now, attn)
+	newest := ""
+	if e, ok := newestVerified(es); ok && err == nil {
+		newest = offsite.CopyName(e.Path)
+	}
+	if sts, err := offsiteStatus(env, newest); err != nil {
+		attn("off-host records: %v", err)
+	} else {
+		st.Offsite = sts
+		for _, s := range sts {
+			switch {
+			case s.LastError != "" && s.LastErrorAt.After(s.LastSuccess):
+				attn("off-host target %s failing since %s: %s", s.Target, s.LastErrorAt.Format(time.RFC3339), s.LastError)
+			case s.Behind:
+				attn("off-host target %s lacks the newest snapshot (its newest: %q); the next backup pushes it", s.Target, s.Newest)
+			}
+		}
+	}
 	return st
 }
 

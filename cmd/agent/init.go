@@ -67,6 +67,9 @@ func runInit(ctx context.Context, opts *initOptions, env *agent.Env, g *globalOp
 		if rep.RecoveryCopy != "" {
 			fmt.Fprintf(w, "offline recovery copy %s (age); move it off this host\n", rep.RecoveryCopy)
 		}
+		if rep.ManifestKey != "" {
+			fmt.Fprintf(w, "manifest key %s: note it with the offline identity; recover --from shows the one it finds\n", rep.ManifestKey)
+		}
 		for _, p := range rep.Unsealed {
 			fmt.Fprintf(w, "unsealed %s\n", p)
 		}

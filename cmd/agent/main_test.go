@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
 )
@@ -48,7 +49,11 @@ func runBinary(t *testing.T, env []string, args ...string) result {
 	cmd.Env = append(os.Environ(), env...)
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
+	t0 := time.Now()
 	err := cmd.Run()
+	if os.Getenv("PVA_TIMING") != "" {
+		t.Logf("TIMING %.1fs %v", time.Since(t0).Seconds(), args)
+	}
 	code := 0
 	var ee *exec.ExitError
 	if errors.As(err, &ee) {

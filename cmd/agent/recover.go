@@ -13,6 +13,9 @@ import (
 type recoverOptions struct {
 	snapshot string
 	latest   bool
+	from     string
+	identity string
+	force    bool
 	dryRun   bool
 	yes      bool
 	output   string
@@ -21,7 +24,7 @@ type recoverOptions struct {
 func newRecoverCommand(g *globalOptions) *cobra.Command {
 	opts := &recoverOptions{}
 	cmd := &cobra.Command{
-		Use:   "recover [--snapshot FILE | --latest]",
+		Use:   "recover [--snapshot FILE | --latest | --from TARGET --identity FILE]",
 		Short: "After a node rebuild: provision, install, restore the snapshot, unseal (resumable)",
 		Long: `Brings Vault back from a snapshot after its data was lost. Checks the snapshot offline and
 that the keyfile holds its keys (refused before anything changes otherwise), then
@@ -31,11 +34,27 @@ unseals with the snapshot's keys, joins the other pods (wiping a node Vault remo
 the cluster first), replaces agent tokens the snapshot brought back expired, and
 verifies. Each step checks state first: re-run it after any failure or interruption and it
 continues. Prints its plan first; asks before changing anything unless --yes. --dry-run
-stops after the checks.`,
+stops after the checks.
+
+When the host itself was lost (an empty state directory), --from TARGET --identity FILE
+first fetches from that off-host target the newest copy whose manifest authenticates and
+the keyfile's recovery copy, decrypts both with the operator's offline age identity,
+refuses a copy that was swapped, edited or rolled back (and says which) unless --force,
+seals the keyfile with this host's key, then runs the recover above with that copy.
+Compare the printed manifest key fingerprint with the one init printed.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if opts.snapshot != "" && opts.latest {
 				return usageErrorf("--snapshot and --latest exclude each other")
+			}
+			if opts.from != "" && (opts.snapshot != "" || opts.latest) {
+				return usageErrorf("--from fetches the newest authentic copy: give no --snapshot or --latest")
+			}
+			if (opts.from == "") != (opts.identity == "") {
+				return usageErrorf("--from and --identity go together")
+			}
+			if opts.force && opts.from == "" {
+				return usageErrorf("--force applies to --from")
 			}
 			env, err := g.start(opts.output)
 			if err != nil {
@@ -48,6 +67,9 @@ stops after the checks.`,
 	f := cmd.Flags()
 	f.StringVar(&opts.snapshot, "snapshot", "", "snapshot file to restore (default: the newest verified one)")
 	f.BoolVar(&opts.latest, "latest", false, "restore the newest verified snapshot (the default)")
+	f.StringVar(&opts.from, "from", "", "fetch the snapshot and the keyfile from this off-host target (a host that lost its state)")
+	f.StringVar(&opts.identity, "identity", "", "with --from: the operator's offline age identity file")
+	f.BoolVar(&opts.force, "force", false, "with --from: recover from the newest authentic copy despite swapped, edited or rolled-back copies")
 	f.BoolVar(&opts.dryRun, "dry-run", false, "check the snapshot and keys, print the plan, change nothing")
 	f.BoolVar(&opts.yes, "yes", false, "do not ask")
 	f.StringVarP(&opts.output, "output", "o", "text", "output format: text or json")
@@ -66,6 +88,9 @@ func runRecover(ctx context.Context, opts *recoverOptions, env *agent.Env, g *gl
 		}
 		defer unlock()
 	}
+	if opts.from != "" {
+		return runRecoverFrom(ctx, opts, env, g)
+	}
 	rep, err := agent.Recover(ctx, env, agent.RecoverOptions{Snapshot: opts.snapshot, DryRun: opts.dryRun})
 	if err != nil && !agent.Refused(err) {
 		err = withRerun(err)
@@ -76,4 +101,24 @@ func runRecover(ctx context.Context, opts *recoverOptions, env *agent.Env, g *gl
 // withRerun reminds that recover resumes.
 func withRerun(err error) error {
 	return fmt.Errorf("recover: %w (re-run recover to continue)", err)
+}
+
+func runRecoverFrom(ctx context.Context, opts *recoverOptions, env *agent.Env, g *globalOptions) error {
+	rep, err := agent.RecoverFrom(ctx, env, agent.RecoverFromOptions{Target: opts.from, IdentityFile: opts.identity, Force: opts.force, DryRun: opts.dryRun})
+	if rep == nil {
+		return err
+	}
+	if err != nil && !agent.Refused(err) && rep.Recover != nil {
+		err = fmt.Errorf("%w (the keyfile and snapshot are on this host now: re-run recover without --from to continue)", err)
+	}
+	return report(g, opts.output, rep, func(w io.Writer) {
+		fmt.Fprintf(w, "copy %s from %s, keyfile %s\n", rep.Copy, rep.Target, rep.KeyfileCopy)
+		fmt.Fprintf(w, "cluster %s, manifest key %s (compare with the one init printed)\n", rep.ClusterID, rep.ManifestKey)
+		for _, p := range rep.Problems {
+			fmt.Fprintf(w, "problem: %s\n", p)
+		}
+		if rep.Recover != nil {
+			printSteps(w, rep.Recover.Steps)
+		}
+	}, err)
 }

@@ -14,6 +14,7 @@ import (
 
 type snapshotsListOptions struct {
 	output string
+	target string
 }
 
 func newSnapshotsListCommand(g *globalOptions) *cobra.Command {
@@ -30,10 +31,25 @@ func newSnapshotsListCommand(g *globalOptions) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVarP(&opts.output, "output", "o", "text", "output format: text or json")
+	cmd.Flags().StringVar(&opts.target, "target", "", "list the copies on this off-host target (snapshots.targets)")
 	return cmd
 }
 
 func runSnapshotsList(ctx context.Context, opts *snapshotsListOptions, env *agent.Env, g *globalOptions) error {
+	if opts.target != "" {
+		cs, err := agent.TargetCopies(ctx, env, opts.target)
+		if err != nil {
+			return err
+		}
+		return report(g, opts.output, cs, func(w io.Writer) {
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "TIME\tSIZE\tCOMPLETE\tCOPY")
+			for _, c := range cs {
+				fmt.Fprintf(tw, "%s\t%s\t%v\t%s\n", c.Time.Format(time.RFC3339), humanBytes(c.Size), c.Complete, c.Name)
+			}
+			tw.Flush()
+		}, nil)
+	}
 	_, es, err := agent.Snapshots(ctx, env)
 	if err != nil {
 		return err

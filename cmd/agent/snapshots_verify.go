@@ -11,7 +11,9 @@ import (
 )
 
 type snapshotsVerifyOptions struct {
-	output string
+	output   string
+	target   string
+	identity string
 }
 
 func newSnapshotsVerifyCommand(g *globalOptions) *cobra.Command {
@@ -29,11 +31,22 @@ func newSnapshotsVerifyCommand(g *globalOptions) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVarP(&opts.output, "output", "o", "text", "output format: text or json")
+	cmd.Flags().StringVar(&opts.target, "target", "", "verify every copy on this off-host target: download, authenticate, decrypt, verify")
+	cmd.Flags().StringVar(&opts.identity, "identity", "", "with --target: the offline age identity file that decrypts the copies")
 	return cmd
 }
 
 func runSnapshotsVerify(ctx context.Context, opts *snapshotsVerifyOptions, env *agent.Env, g *globalOptions, files []string) error {
-	res, err := agent.VerifySnapshots(ctx, env, files)
+	var res []agent.VerifyResult
+	var err error
+	switch {
+	case opts.target != "" && len(files) > 0:
+		return usageErrorf("--target verifies every copy on the target: give no files")
+	case opts.target != "":
+		res, err = agent.VerifyTarget(ctx, env, opts.target, opts.identity)
+	default:
+		res, err = agent.VerifySnapshots(ctx, env, files)
+	}
 	if res == nil {
 		res = []agent.VerifyResult{}
 	}

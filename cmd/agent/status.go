@@ -72,6 +72,20 @@ func printStatus(w io.Writer, st *agent.Status) {
 	if !st.NextBackup.IsZero() {
 		fmt.Fprintf(w, "next scheduled backup: %s\n", st.NextBackup.Format(time.RFC3339))
 	}
+	if d := st.LastDrill; d != nil {
+		verdict := "passed"
+		if !d.Passed {
+			verdict = "FAILED: " + d.Reason
+		}
+		fmt.Fprintf(w, "last restore drill: %s ago, %s (%.1f s, %s)\n", d.Age, verdict, d.DurationSecs, d.Snapshot)
+	}
+	for _, o := range st.Offsite {
+		last := "never"
+		if !o.LastSuccess.IsZero() {
+			last = o.LastSuccess.Format(time.RFC3339)
+		}
+		fmt.Fprintf(w, "off-host %s: last push %s, newest copy %s, %d failures, %s pushed\n", o.Target, last, dash(o.Newest), o.Failures, humanBytes(o.Bytes))
+	}
 	for _, wmsg := range st.Warnings {
 		fmt.Fprintf(w, "warning: %s\n", wmsg)
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/minio/minio-go/v7"
@@ -100,11 +101,24 @@ func (s *S3) Start(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	err = WaitFor(ctx, 60*time.Second, "SeaweedFS S3 on "+s.Endpoint, func(ctx context.Context) error {
+	// Ready means a write goes through: after a restart the master learns its volumes
+	// from their heartbeats, and until then writes wait.
+	err = WaitFor(ctx, 60*time.Second, "SeaweedFS S3 on "+s.Endpoint+" to take writes", func(ctx context.Context) error {
 		if err := p.errIfExited(); err != nil {
 			return Permanent(err)
 		}
-		_, err := c.ListBuckets(ctx)
+		if _, err := c.ListBuckets(ctx); err != nil {
+			return err
+		}
+		if ok, err := c.BucketExists(ctx, s.Bucket); err != nil || !ok {
+			return err // the first start: StartS3 creates the bucket next
+		}
+		wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		defer cancel()
+		_, err := c.PutObject(wctx, s.Bucket, "lab-ready", strings.NewReader("ok"), 2, minio.PutObjectOptions{})
+		if err == nil {
+			err = c.RemoveObject(ctx, s.Bucket, "lab-ready", minio.RemoveObjectOptions{})
+		}
 		return err
 	})
 	if err != nil {

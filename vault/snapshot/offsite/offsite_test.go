@@ -41,7 +41,7 @@ func targets(t *testing.T) map[string]Target {
 	ctx := ctxFor(t, 2*time.Minute)
 	out := map[string]Target{"dir": &Dir{Root: t.TempDir()}}
 
-	user, err := lab.NewUser("pvasftp", false)
+	user, err := lab.NewUser("pvasftpo", false)
 	if err != nil {
 		t.Fatal(err)
 	}

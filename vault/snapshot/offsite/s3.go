@@ -62,6 +62,9 @@ func NewS3(cfg S3Config) (*S3, error) {
 		Secure:    !cfg.AllowHTTP,
 		Region:    cfg.Region,
 		Transport: tr,
+		// One try per call: the agent retries whole pushes itself, with its own pauses,
+		// and a target that is down must not hold a backup for minio-go's ten tries.
+		MaxRetries: 1,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("s3 %s: %w", cfg.Endpoint, err)
