@@ -43,6 +43,8 @@ func TestDemoLifecycle(t *testing.T) {
 		"drill PASSED in ",
 		`kv/demo = "written before the node was rebuilt"`,
 		"node rebuilt → unsealed with data back",
+		"host lost → unsealed with data back",
+		`kv/demo = "written before the node was rebuilt" (after the host was lost)`,
 		"all good",
 	} {
 		if !strings.Contains(out.String(), want) {

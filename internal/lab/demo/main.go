@@ -7,6 +7,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"filippo.io/age"
 	"flag"
 	"fmt"
 	"io"
@@ -193,9 +194,11 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		node    *lab.SSHD
 		pve     *lab.PVE
 		pods    *lab.VaultPods
+		s3      *lab.S3
 		daemon  *exec.Cmd
 		rebuilt time.Time
 	)
+	identity := filepath.Join(dir, "operator.agekey") // "offline": on the operator's USB stick
 	cfgPath := filepath.Join(dir, "config.yaml")
 	keyfile := filepath.Join(dir, "state", "unseal.cred")
 	const tokenID, tokenSecret = "vault-agent@pve!demo", "5b0c1e2d-demo-4a7f-9e3b-0c1d2e3f4a5b"
@@ -251,8 +254,16 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			}
 			return err
 		}},
-		{"write the agent's configuration for the lab (node = VMID 201, data in " + hostPath + ", the real hashicorp/vault chart 0.34.1)", func() error {
-			return writeConfig(dir, hostPath, chart, cp, node, pve, tokenID, tokenSecret)
+		{"start an S3 server (SeaweedFS) for off-host copies, and make the operator's offline age key", func() (err error) {
+			if s3, err = lab.StartS3(ctx, bins, filepath.Join(dir, "s3"), "vault-backups"); err != nil {
+				return err
+			}
+			cleanup = append(cleanup, s3.Close)
+			d.say("S3 endpoint %s, bucket %s", s3.Endpoint, s3.Bucket)
+			return nil
+		}},
+		{"write the agent's configuration for the lab (node = VMID 201, data in " + hostPath + ", the real hashicorp/vault chart 0.34.1, copies to S3)", func() error {
+			return writeConfig(dir, hostPath, chart, cp, node, pve, s3, identity, tokenID, tokenSecret)
 		}},
 		{"pve-vault-agent version", func() error { return d.agentCmd(ctx, "version") }},
 		{"pve-vault-agent config check (validates, prints the effective config; secrets are references)", func() error {
@@ -405,6 +416,53 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			})
 		}},
 		{"pve-vault-agent status", func() error { return d.agentCmd(ctx, "status", "--config", cfgPath) }},
+		{"\"host lost\": the node rebuilt again, and this host's state directory (keyfile, records) and snapshot directory wiped; only S3 and the operator's offline key remain", func() error {
+			if v := pods.Vault("vault-0"); v != nil {
+				v.Kill()
+			}
+			cs, err := kubeClient(cp.Kubeconfig)
+			if err != nil {
+				return err
+			}
+			_ = cs.CoreV1().PersistentVolumeClaims("vault").Delete(ctx, "data-vault-0", metav1.DeleteOptions{})
+			if err := cs.CoreV1().Pods("vault").Delete(ctx, "vault-0", metav1.DeleteOptions{}); err != nil {
+				return err
+			}
+			for _, p := range []string{hostPath, filepath.Join(dir, "state"), filepath.Join(dir, "pve-storage", "vault-snapshots")} {
+				if err := os.RemoveAll(p); err != nil {
+					return err
+				}
+			}
+			rebuilt = time.Now()
+			return nil
+		}},
+		{"pve-vault-agent recover --from s3 --identity operator.agekey --yes: fetch and authenticate the newest copy and the keyfile, seal the keyfile with this host's key, recover", func() error {
+			var rep struct {
+				Copy        string `json:"copy"`
+				ManifestKey string `json:"manifest_key"`
+				Recover     struct {
+					Opened   string `json:"opened"`
+					Restored bool   `json:"restored"`
+				} `json:"recover"`
+			}
+			if err := d.agentJSON(ctx, &rep, "recover", "--from", "s3", "--identity", identity, "--yes", "-o", "json", "--config", cfgPath); err != nil {
+				return err
+			}
+			if rep.Recover.Opened != "throwaway-init" || !rep.Recover.Restored {
+				return fmt.Errorf("recover --from did not restore into an empty node (opened %q, restored %v)", rep.Recover.Opened, rep.Recover.Restored)
+			}
+			d.say("copy %s, manifest key %s; host lost → unsealed with data back in %s", rep.Copy, rep.ManifestKey, time.Since(rebuilt).Round(time.Millisecond))
+			return nil
+		}},
+		{"read the secret back, on a host that started from nothing", func() error {
+			return withRoot(ctx, pods, keyfile, func(n *vault.Node, root vault.Token) error {
+				v, err := n.Read(ctx, root, "kv/demo")
+				if err == nil {
+					d.say("kv/demo = %q (after the host was lost)", v)
+				}
+				return err
+			})
+		}},
 	}
 	for _, s := range steps {
 		if err := d.timed(s.title, s.f); err != nil {
@@ -441,7 +499,21 @@ server:
     initialDelaySeconds: 60
 `
 
-func writeConfig(dir, hostPath, chartPath string, cp *lab.ControlPlane, node *lab.SSHD, pve *lab.PVE, tokenID, tokenSecret string) error {
+func writeConfig(dir, hostPath, chartPath string, cp *lab.ControlPlane, node *lab.SSHD, pve *lab.PVE, s3 *lab.S3, identity, tokenID, tokenSecret string) error {
+	id, err := age.GenerateX25519Identity()
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(identity, []byte(id.String()+"\n"), 0o600); err != nil {
+		return err
+	}
+	ak, sk := filepath.Join(dir, "s3-access-key"), filepath.Join(dir, "s3-secret-key")
+	if err := os.WriteFile(ak, []byte(s3.AccessKey+"\n"), 0o600); err != nil {
+		return err
+	}
+	if err := os.WriteFile(sk, []byte(s3.SecretKey+"\n"), 0o600); err != nil {
+		return err
+	}
 	valuesFile := filepath.Join(dir, "values.yaml")
 	if err := os.WriteFile(valuesFile, []byte(seedValues), 0o600); err != nil {
 		return err
@@ -478,14 +550,17 @@ chart:
   timeout: 2m
 snapshots:
   proxmox_storage: backup
+  targets:
+    - {name: s3, type: s3, endpoint: %s, bucket: %s, prefix: demo, access_key: {file: %s}, secret_key: {file: %s}, allow_http: true}
 vault:
+  recovery_recipient: %s
   keyfile: %s
   systemd_creds_key: host
   token_period: 1h
 metrics:
   listen: 127.0.0.1:0
 `, pve.URL, tokenID, secretFile, pve.CAFile, hostPath, node.Port, node.ClientKeyPath, known, cp.Kubeconfig,
-		chartPath, valuesFile, filepath.Join(dir, "charts"), filepath.Join(dir, "state", "unseal.cred"))
+		chartPath, valuesFile, filepath.Join(dir, "charts"), s3.Endpoint, s3.Bucket, ak, sk, id.Recipient().String(), filepath.Join(dir, "state", "unseal.cred"))
 	return os.WriteFile(filepath.Join(dir, "config.yaml"), []byte(cfg), 0o600)
 }
 
