@@ -60,7 +60,7 @@ func StartS3(ctx context.Context, bins Bins, dir, bucket string) (*S3, error) {
 	s.args = []string{"server", "-dir=" + data, "-ip=" + ip, "-ip.bind=" + ip,
 		"-master.port=" + strconv.Itoa(ports[1]), "-master.port.grpc=" + strconv.Itoa(ports[2]),
 		"-volume.port=" + strconv.Itoa(ports[3]), "-volume.port.grpc=" + strconv.Itoa(ports[4]),
-		"-volume.max=8", "-master.volumeSizeLimitMB=256",
+		"-volume.max=0", "-master.volumeSizeLimitMB=256",
 		"-filer", "-filer.port=" + strconv.Itoa(ports[5]), "-filer.port.grpc=" + strconv.Itoa(ports[6]),
 		"-s3", "-s3.port=" + strconv.Itoa(ports[0]), "-s3.port.grpc=" + strconv.Itoa(ports[7]), "-s3.config=" + conf,
 		"-s3.port.iceberg=0", "-s3.port.lance=0"}

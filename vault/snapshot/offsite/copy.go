@@ -9,6 +9,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"path/filepath"
@@ -37,7 +38,7 @@ const (
 	formatV1     = 1
 	macContext   = "pve-vault-agent offsite v1\n"
 	maxEnvelope  = 1 << 20
-	verifyBuffer = 256 << 10
+	verifyBuffer = 1 << 20
 )
 
 // Errors a reader tells apart; each is wrapped with the copy's name.
@@ -71,9 +72,9 @@ type Copy struct {
 // Signed is a copy's manifest as authenticated on the target.
 type Signed struct {
 	Format   int               `json:"format"`
-	Copy     string            `json:"copy"`   // vault-<time>: the object names it must sit under
-	Size     int64             `json:"size"`   // of the encrypted snapshot object
-	SHA256   string            `json:"sha256"` // of the encrypted snapshot object
+	Copy     string            `json:"copy"`             // vault-<time>: the object names it must sit under
+	Size     int64             `json:"size"`             // of the encrypted snapshot object
+	SHA256   string            `json:"sha256,omitempty"` // of the encrypted object, when the target reads back
 	Manifest snapshot.Manifest `json:"manifest"`
 	Uploaded time.Time         `json:"uploaded"`
 }
@@ -191,10 +192,15 @@ func Push(ctx context.Context, t Target, e snapshot.Entry, k Keys, now time.Time
 // back and compares size and SHA-256.
 func putEncrypted(ctx context.Context, t Target, name string, r io.Reader, rs []age.Recipient) (int64, string, error) {
 	pr, pw := io.Pipe()
-	h := sha256.New()
+	var h hash.Hash
+	var out io.Writer = pw
+	if t.ReadsBack() {
+		h = sha256.New()
+		out = io.MultiWriter(pw, h)
+	}
 	var n int64
 	go func() {
-		cw := &countWriter{w: io.MultiWriter(pw, h), n: &n}
+		cw := &countWriter{w: out, n: &n}
 		w, err := age.Encrypt(cw, rs...)
 		if err == nil {
 			_, err = io.Copy(w, r)
@@ -204,19 +210,23 @@ func putEncrypted(ctx context.Context, t Target, name string, r io.Reader, rs []
 		}
 		pw.CloseWithError(err)
 	}()
-	err := t.Put(ctx, name, pr)
+	err := t.Put(ctx, name, pr, -1)
 	pr.CloseWithError(errors.New("upload ended")) // the encrypting goroutine stops
 	if err != nil {
 		return 0, "", err
 	}
-	sum := hex.EncodeToString(h.Sum(nil))
-	if err := checkObject(ctx, t, name, n, sum); err != nil {
+	sum := ""
+	if h != nil {
+		sum = hex.EncodeToString(h.Sum(nil))
+	}
+	if err := t.Check(ctx, name, n, sum); err != nil {
 		return 0, "", err
 	}
 	return n, sum, nil
 }
 
-// checkObject reads an object back and compares its size and SHA-256.
+// checkObject reads an object back and compares its size and SHA-256 (the Check of the
+// directory and SFTP targets).
 func checkObject(ctx context.Context, t Target, name string, size int64, sum string) error {
 	rc, err := t.Open(ctx, name)
 	if err != nil {
@@ -245,13 +255,28 @@ func (c *countWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
+// putEnvelope encrypts a small envelope in memory and stores it with its size known.
 func putEnvelope(ctx context.Context, t Target, name, kind string, payload []byte, k Keys) error {
 	env, err := json.Marshal(envelope{Kind: kind, Payload: payload, MAC: mac(k.MAC, kind, payload)})
 	if err != nil {
 		return err
 	}
-	_, _, err = putEncrypted(ctx, t, name, bytes.NewReader(env), k.Recipients)
-	return err
+	var buf bytes.Buffer
+	w, err := age.Encrypt(&buf, k.Recipients...)
+	if err != nil {
+		return err
+	}
+	if _, err := w.Write(env); err != nil {
+		return err
+	}
+	if err := w.Close(); err != nil {
+		return err
+	}
+	sum := sha256.Sum256(buf.Bytes())
+	if err := t.Put(ctx, name, bytes.NewReader(buf.Bytes()), int64(buf.Len())); err != nil {
+		return err
+	}
+	return t.Check(ctx, name, int64(buf.Len()), hex.EncodeToString(sum[:]))
 }
 
 // readEnvelope downloads, decrypts and authenticates an envelope of kind.
@@ -347,8 +372,10 @@ func Fetch(ctx context.Context, t Target, s Signed, ids []age.Identity, dir stri
 	}
 	sum := hex.EncodeToString(h.Sum(nil))
 	switch {
-	case n != s.Size || sum != s.SHA256:
+	case n != s.Size || (s.SHA256 != "" && sum != s.SHA256):
 		return "", fmt.Errorf("copy %s: %w (the object holds %d bytes, sha256 %s; its manifest says %d bytes, sha256 %s)", s.Copy, ErrEdited, n, sum[:16], s.Size, s.SHA256[:min(16, len(s.SHA256))])
+	case err != nil && s.SHA256 == "":
+		return "", fmt.Errorf("copy %s: %w (it does not decrypt: %v)", s.Copy, ErrEdited, err)
 	case err != nil:
 		return "", fmt.Errorf("copy %s: decrypt: %w", s.Copy, err)
 	}
@@ -363,13 +390,17 @@ func Fetch(ctx context.Context, t Target, s Signed, ids []age.Identity, dir stri
 	if err == nil {
 		err = os.WriteFile(dst+".json", append(mj, '\n'), 0o600)
 	}
-	if err == nil {
-		_, err = snapshot.CheckFile(dst)
-	}
 	if err != nil {
 		os.Remove(dst)
 		os.Remove(dst + ".json")
 		return "", fmt.Errorf("copy %s: %w", s.Copy, err)
+	}
+	if _, err := snapshot.CheckFile(dst); err != nil {
+		// The plaintext is not the one the authentic manifest describes: another copy's
+		// object re-encrypted under this name, or an edit.
+		os.Remove(dst)
+		os.Remove(dst + ".json")
+		return "", fmt.Errorf("copy %s: %w (%v)", s.Copy, ErrEdited, err)
 	}
 	return dst, nil
 }
@@ -392,10 +423,10 @@ func PushFile(ctx context.Context, t Target, file string) (string, bool, error) 
 			return name, false, nil
 		}
 	}
-	if err := t.Put(ctx, name, bytes.NewReader(b)); err != nil {
+	if err := t.Put(ctx, name, bytes.NewReader(b), int64(len(b))); err != nil {
 		return "", false, err
 	}
-	return name, true, checkObject(ctx, t, name, int64(len(b)), hex.EncodeToString(sum[:]))
+	return name, true, t.Check(ctx, name, int64(len(b)), hex.EncodeToString(sum[:]))
 }
 
 // RecoveryCopies lists the keyfile recovery copies, newest first.

@@ -30,7 +30,7 @@ func (d *Dir) path(name string) (string, error) {
 }
 
 // Put writes a temporary file beside the final one, fsyncs it and renames it.
-func (d *Dir) Put(ctx context.Context, name string, r io.Reader) error {
+func (d *Dir) Put(ctx context.Context, name string, r io.Reader, _ int64) error {
 	p, err := d.path(name)
 	if err != nil {
 		return err
@@ -134,3 +134,11 @@ func (c ctxReader) Read(p []byte) (int, error) {
 	}
 	return c.r.Read(p)
 }
+
+// Check reads the object back and compares its size and SHA-256.
+func (d *Dir) Check(ctx context.Context, name string, size int64, sum string) error {
+	return checkObject(ctx, d, name, size, sum)
+}
+
+// ReadsBack: see Target.
+func (d *Dir) ReadsBack() bool { return true }

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"filippo.io/age"
+	"github.com/minio/minio-go/v7"
 
 	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
 	"github.com/pve-vault-agent/pve-vault-agent/provision"
@@ -113,7 +114,7 @@ func TestTargetsAreAtomic(t *testing.T) {
 		t.Run(kind, func(t *testing.T) {
 			big := make([]byte, 12<<20) // more than one S3 part
 			rand.Read(big)
-			err := tg.Put(ctx, "snapshots/broken.snap.age", &failingReader{r: bytes.NewReader(big), n: 7 << 20})
+			err := tg.Put(ctx, "snapshots/broken.snap.age", &failingReader{r: bytes.NewReader(big), n: 7 << 20}, -1)
 			if err == nil {
 				t.Fatal("a broken source was stored")
 			}
@@ -123,7 +124,7 @@ func TestTargetsAreAtomic(t *testing.T) {
 			if err := tg.Clean(ctx); err != nil {
 				t.Fatal(err)
 			}
-			if err := tg.Put(ctx, "snapshots/whole.snap.age", bytes.NewReader(big)); err != nil {
+			if err := tg.Put(ctx, "snapshots/whole.snap.age", bytes.NewReader(big), -1); err != nil {
 				t.Fatal(err)
 			}
 			objs, err := tg.List(ctx, "snapshots/")
@@ -136,7 +137,7 @@ func TestTargetsAreAtomic(t *testing.T) {
 			if _, err := tg.Open(ctx, "snapshots/none"); !errors.Is(err, ErrNotFound) {
 				t.Fatalf("missing object: %v", err)
 			}
-			if err := tg.Put(ctx, "../escape", bytes.NewReader(nil)); err == nil {
+			if err := tg.Put(ctx, "../escape", bytes.NewReader(nil), 0); err == nil {
 				t.Fatal("a name outside the root was accepted")
 			}
 			if err := tg.Remove(ctx, "snapshots/whole.snap.age"); err != nil {
@@ -355,4 +356,43 @@ func chownTo(path, name string) error {
 	uid, _ := strconv.Atoi(u.Uid)
 	gid, _ := strconv.Atoi(u.Gid)
 	return os.Chown(path, uid, gid)
+}
+
+// On S3 (no read-back, no ciphertext hash) a snapshot object swapped for another copy's
+// still fails the fetch: the plaintext is not what the authentic manifest describes.
+func TestS3SwappedObjectRefused(t *testing.T) {
+	bins := lab.Need(t)
+	ctx := ctxFor(t, 2*time.Minute)
+	srv, err := lab.StartS3(ctx, bins, t.TempDir(), "copies")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Close)
+	tg, err := NewS3(S3Config{Endpoint: srv.Endpoint, Bucket: srv.Bucket, AccessKey: srv.AccessKey, SecretKey: srv.SecretKey, AllowHTTP: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, es := store(t, 2)
+	k, ids := keys(t)
+	for i, e := range es {
+		if _, err := Push(ctx, tg, e, k, e.Time, i == 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ch, err := Choose(ctx, tg, ids, k.MAC, false)
+	if err != nil || ch.Signed.SHA256 != "" {
+		t.Fatalf("choose: %+v %v (an S3 copy carries no ciphertext hash)", ch.Signed, err)
+	}
+	if _, err := Fetch(ctx, tg, ch.Signed, ids, t.TempDir()); err != nil {
+		t.Fatalf("fetch of an intact copy: %v", err)
+	}
+	c, _ := srv.Client()
+	older, newest := CopyName(es[0].Path), CopyName(es[1].Path)
+	if _, err := c.CopyObject(ctx, minio.CopyDestOptions{Bucket: srv.Bucket, Object: snapDir + newest + snapExt},
+		minio.CopySrcOptions{Bucket: srv.Bucket, Object: snapDir + older + snapExt}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Fetch(ctx, tg, ch.Signed, ids, t.TempDir()); !errors.Is(err, ErrEdited) {
+		t.Fatalf("fetch of a swapped object: %v", err)
+	}
 }

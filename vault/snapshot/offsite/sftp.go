@@ -44,7 +44,7 @@ func (s *SFTP) path(name string) (string, error) {
 
 // Put writes a temporary file, then renames it over the final name with OpenSSH's
 // posix-rename (atomic on the server's file system).
-func (s *SFTP) Put(ctx context.Context, name string, r io.Reader) error {
+func (s *SFTP) Put(ctx context.Context, name string, r io.Reader, _ int64) error {
 	p, err := s.path(name)
 	if err != nil {
 		return err
@@ -131,3 +131,11 @@ func (s *SFTP) Clean(context.Context) error {
 }
 
 func (s *SFTP) Close() error { return s.client.Close() }
+
+// Check reads the object back and compares its size and SHA-256.
+func (s *SFTP) Check(ctx context.Context, name string, size int64, sum string) error {
+	return checkObject(ctx, s, name, size, sum)
+}
+
+// ReadsBack: see Target.
+func (s *SFTP) ReadsBack() bool { return true }

@@ -18,13 +18,22 @@ import (
 
 // Target is an off-host store of objects named by slash paths ("snapshots/…").
 type Target interface {
-	// Put stores r under name atomically: a reader never sees a partial object, and a
-	// killed Put leaves nothing that List shows.
-	Put(ctx context.Context, name string, r io.Reader) error
+	// Put stores r (size bytes, or -1 when not known in advance) under name atomically:
+	// a reader never sees a partial object, and a killed Put leaves nothing List shows.
+	Put(ctx context.Context, name string, r io.Reader, size int64) error
 	// Open reads an object.
 	Open(ctx context.Context, name string) (io.ReadCloser, error)
 	// List lists the complete objects whose names start with prefix.
 	List(ctx context.Context, prefix string) ([]Object, error)
+	// Check confirms an object just Put is what was sent: size bytes with that SHA-256.
+	// A directory or SFTP target reads it back; S3 had the server verify a checksum of
+	// every part while receiving it, and checks the stored size (reading back from a
+	// remote bucket would double the transfer and its egress fees).
+	Check(ctx context.Context, name string, size int64, sha256hex string) error
+	// ReadsBack reports whether Check reads the object back, and so needs its SHA-256
+	// (computed while sending; skipped otherwise: the manifest's SHA-256 of the
+	// plaintext authenticates the content at every fetch).
+	ReadsBack() bool
 	// Remove deletes an object (a missing one is not an error).
 	Remove(ctx context.Context, name string) error
 	// Clean removes what interrupted Puts left (temporary files, incomplete uploads).
