@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"os"
@@ -204,6 +205,14 @@ func (s *rotateState) mint(ctx context.Context) (string, error) {
 	kf.Retire()
 	kf.SnapshotToken, kf.OperatorToken = toks.Snapshot, toks.Operator
 	kf.Rotated = s.env.Clock.Now().UTC()
+	if len(kf.ManifestKey) == 0 {
+		// A keyfile from before off-host copies gets its manifest key here.
+		kf.ManifestKey = make([]byte, 32)
+		if _, err := rand.Read(kf.ManifestKey); err != nil {
+			s.revokeQuietly(toks.Snapshot, toks.Operator)
+			return "", err
+		}
+	}
 	if err := s.env.writeKeyfile(ctx, &kf, false); err != nil {
 		// The new tokens exist in Vault but not in the keyfile: revoke them, keep the old.
 		s.revokeQuietly(toks.Snapshot, toks.Operator)

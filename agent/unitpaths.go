@@ -55,6 +55,11 @@ func WritablePathWarnings(cfg *configs.Config, writable []string, resolved strin
 	case cfg.Snapshots.ProxmoxStorage == "":
 		uses = append(uses, use{"snapshots.dir", cfg.Snapshots.Dir})
 	}
+	for _, t := range cfg.Snapshots.Targets {
+		if t.Type == "dir" {
+			uses = append(uses, use{"snapshots.targets " + t.Name, t.Path})
+		}
+	}
 	var out []string
 	for _, u := range uses {
 		if !under(u.dir, writable) {
