@@ -42,6 +42,7 @@ install: build ## binary, units, example config and credential directory under $
 	install -D -m 0755 $(BIN) $(DESTDIR)/usr/bin/pve-vault-agent
 	install -D -m 0644 -t $(DESTDIR)/lib/systemd/system systemd/pve-vault-agent.service systemd/pve-vault-agent-backup.service systemd/pve-vault-agent-backup.timer
 	install -D -m 0644 configs/config.example.yaml $(DESTDIR)/usr/share/doc/pve-vault-agent/config.example.yaml
+	install -D -m 0644 configs/values.example.yaml $(DESTDIR)/usr/share/doc/pve-vault-agent/values.example.yaml
 	install -D -m 0644 README.md $(DESTDIR)/usr/share/doc/pve-vault-agent/README.md
 	install -d -m 0700 $(DESTDIR)/etc/pve-vault-agent $(DESTDIR)/etc/pve-vault-agent/credentials
 	@echo "installed; nothing enabled or started: see README (Install on a Proxmox host)"
