@@ -167,47 +167,16 @@ func pushTarget(ctx context.Context, env *Env, kf *vault.Keyfile, store *snapsho
 		return fail(err)
 	}
 	var todo []snapshot.Entry
-	err = env.retry(ctx, "connect to "+tc.Name, func(ctx context.Context) error {
-		t, err := env.openTarget(ctx, tc)
-		if err != nil {
-			return err
-		}
-		defer t.Close()
-		if err := t.Clean(ctx); err != nil {
-			env.Log.Warn("could not clean what an interrupted push left", "target", tc.Name, "err", err)
-		}
-		copies, err := offsite.Copies(ctx, t)
-		if err != nil {
-			return err
-		}
-		var newest time.Time
-		for _, c := range copies {
-			if c.Complete && c.Time.After(newest) {
-				newest = c.Time
-			}
-		}
-		todo = todo[:0]
-		for _, e := range local {
-			if e.Verified && e.Time.After(newest) && !offsite.HasCopy(copies, e.Path) {
-				todo = append(todo, e)
-			}
-		}
-		if newest.IsZero() && len(todo) > 1 {
-			todo = todo[len(todo)-1:] // a new target starts with the newest
-		}
-		return nil
+	err = env.withTarget(ctx, tc, "connect to "+tc.Name, func(ctx context.Context, t offsite.Target) error {
+		todo, err = missingCopies(ctx, env, t, local)
+		return err
 	})
 	if err != nil {
 		return fail(err)
 	}
 	for i, e := range todo {
 		var n int64
-		err := env.retry(ctx, "push "+offsite.CopyName(e.Path)+" to "+tc.Name, func(ctx context.Context) error {
-			t, err := env.openTarget(ctx, tc)
-			if err != nil {
-				return err
-			}
-			defer t.Close()
+		err := env.withTarget(ctx, tc, "push "+offsite.CopyName(e.Path)+" to "+tc.Name, func(ctx context.Context, t offsite.Target) (err error) {
 			n, err = offsite.Push(ctx, t, e, keys, env.Clock.Now(), i == len(todo)-1)
 			return err
 		})
@@ -217,43 +186,85 @@ func pushTarget(ctx context.Context, env *Env, kf *vault.Keyfile, store *snapsho
 		res.Pushed = append(res.Pushed, offsite.CopyName(e.Path))
 		res.Bytes += n
 	}
-	err = env.retry(ctx, "recovery copy and retention on "+tc.Name, func(ctx context.Context) error {
-		t, err := env.openTarget(ctx, tc)
-		if err != nil {
-			return err
-		}
-		defer t.Close()
-		rc, err := env.recoveryCopy(ctx, kf)
-		if err != nil {
-			return err
-		}
-		name, uploaded, err := offsite.PushFile(ctx, t, rc)
-		if err != nil {
-			return err
-		}
-		if uploaded {
-			res.Recovery = name
-		}
-		r := tc.Retention
-		if res.Pruned, err = offsite.Prune(ctx, t, snapshot.Policy{KeepLast: r.KeepLast, Hourly: r.Hourly, Daily: r.Daily, Weekly: r.Weekly, Monthly: r.Monthly}, env.Clock.Now()); err != nil {
-			return err
-		}
-		copies, err := offsite.Copies(ctx, t)
-		if err != nil {
-			return err
-		}
-		for i := len(copies) - 1; i >= 0; i-- {
-			if copies[i].Complete {
-				res.Newest = copies[i].Name
-				break
-			}
-		}
-		return nil
+	err = env.withTarget(ctx, tc, "recovery copy and retention on "+tc.Name, func(ctx context.Context, t offsite.Target) error {
+		return finishTarget(ctx, env, t, tc, kf, &res)
 	})
 	if err != nil {
 		return fail(err)
 	}
 	return res
+}
+
+// withTarget connects to the target and runs f, the whole tried three times.
+func (e *Env) withTarget(ctx context.Context, tc configs.Target, what string, f func(context.Context, offsite.Target) error) error {
+	return e.retry(ctx, what, func(ctx context.Context) error {
+		t, err := e.openTarget(ctx, tc)
+		if err != nil {
+			return err
+		}
+		defer t.Close()
+		return f(ctx, t)
+	})
+}
+
+// missingCopies cleans what an interrupted push left and returns the verified local
+// snapshots the target lacks that are newer than its newest copy, oldest first (only
+// the newest for a target that has none).
+func missingCopies(ctx context.Context, env *Env, t offsite.Target, local []snapshot.Entry) ([]snapshot.Entry, error) {
+	if err := t.Clean(ctx); err != nil {
+		env.Log.Warn("could not clean what an interrupted push left", "target", t.String(), "err", err)
+	}
+	copies, err := offsite.Copies(ctx, t)
+	if err != nil {
+		return nil, err
+	}
+	var newest time.Time
+	for _, c := range copies {
+		if c.Complete && c.Time.After(newest) {
+			newest = c.Time
+		}
+	}
+	var todo []snapshot.Entry
+	for _, e := range local {
+		if e.Verified && e.Time.After(newest) && !offsite.HasCopy(copies, e.Path) {
+			todo = append(todo, e)
+		}
+	}
+	if newest.IsZero() && len(todo) > 1 {
+		todo = todo[len(todo)-1:]
+	}
+	return todo, nil
+}
+
+// finishTarget pushes the keyfile's recovery copy when it changed, applies the target's
+// retention and records its newest copy.
+func finishTarget(ctx context.Context, env *Env, t offsite.Target, tc configs.Target, kf *vault.Keyfile, res *TargetResult) error {
+	rc, err := env.recoveryCopy(ctx, kf)
+	if err != nil {
+		return err
+	}
+	name, uploaded, err := offsite.PushFile(ctx, t, rc)
+	if err != nil {
+		return err
+	}
+	if uploaded {
+		res.Recovery = name
+	}
+	r := tc.Retention
+	if res.Pruned, err = offsite.Prune(ctx, t, snapshot.Policy{KeepLast: r.KeepLast, Hourly: r.Hourly, Daily: r.Daily, Weekly: r.Weekly, Monthly: r.Monthly}, env.Clock.Now()); err != nil {
+		return err
+	}
+	copies, err := offsite.Copies(ctx, t)
+	if err != nil {
+		return err
+	}
+	for i := len(copies) - 1; i >= 0; i-- {
+		if copies[i].Complete {
+			res.Newest = copies[i].Name
+			break
+		}
+	}
+	return nil
 }
 
 // retry runs f up to three times, pausing 1 s then 2 s (Waits.Poll×10, ×20 in tests).

@@ -8,6 +8,7 @@ import (
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
+	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
 	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot/offsite"
 )
 
@@ -71,158 +72,203 @@ type SnapshotStatus struct {
 // GetStatus gathers the status; a part that cannot be read becomes an attention line,
 // never an abort.
 func GetStatus(ctx context.Context, env *Env) *Status {
-	cfg, now := env.Config, env.Clock.Now()
-	st := &Status{Attention: []string{}, Warnings: []string{}, Pods: []PodStatus{}}
-	attn := func(format string, a ...any) { st.Attention = append(st.Attention, fmt.Sprintf(format, a...)) }
-	if cfg.Vault.TLSCAFile == "" {
-		st.Warnings = append(st.Warnings, tlsOffWarning)
+	sb := &statusBuilder{env: env, now: env.Clock.Now(), st: &Status{Attention: []string{}, Warnings: []string{}, Pods: []PodStatus{}}}
+	if env.Config.Vault.TLSCAFile == "" {
+		sb.st.Warnings = append(sb.st.Warnings, tlsOffWarning)
 	}
+	sb.nodes(ctx)
+	sb.release(ctx)
+	active := sb.pods(ctx)
+	sb.keyfile(ctx, active)
+	es := sb.snapshots(ctx)
+	drillStatus(env, sb.st, sb.now, sb.attn)
+	sb.offsite(es)
+	return sb.st
+}
 
-	// Nodes: VM state and address, hostPath owner and mode over SSH.
+// statusBuilder gathers one status: each part adds what it found and what needs
+// attention, and never aborts the others.
+type statusBuilder struct {
+	env *Env
+	now time.Time
+	st  *Status
+}
+
+func (sb *statusBuilder) attn(format string, a ...any) {
+	sb.st.Attention = append(sb.st.Attention, fmt.Sprintf(format, a...))
+}
+
+// nodes: VM state and address, hostPath owner and mode over SSH.
+func (sb *statusBuilder) nodes(ctx context.Context) {
+	cfg := sb.env.Config
 	for _, n := range cfg.Nodes {
 		ns := NodeStatus{Name: n.Name, HostPath: cfg.NodeHostPath(n)}
-		conn, loc, err := env.dial(ctx, n)
+		conn, loc, err := sb.env.dial(ctx, n)
 		ns.Address, ns.VMStatus = loc.Address, loc.Status
 		if err != nil {
-			attn("%v", err)
-			st.Nodes = append(st.Nodes, ns)
+			sb.attn("%v", err)
+			sb.st.Nodes = append(sb.st.Nodes, ns)
 			continue
 		}
 		uid, gid, mode, err := conn.Stat(ctx, ns.HostPath)
 		conn.Close()
 		if err != nil {
-			attn("node %s: %s: %v (run provision)", n.Name, ns.HostPath, err)
+			sb.attn("node %s: %s: %v (run provision)", n.Name, ns.HostPath, err)
 		} else {
 			ns.Owner, ns.Mode = fmt.Sprintf("%d:%d", uid, gid), mode
 			if uid != cfg.Vault.UID || gid != cfg.Vault.GID || mode != cfg.Vault.DataMode.String() {
-				attn("node %s: %s is %d:%d %s, want %d:%d %s (run provision)", n.Name, ns.HostPath, uid, gid, mode, cfg.Vault.UID, cfg.Vault.GID, cfg.Vault.DataMode)
+				sb.attn("node %s: %s is %d:%d %s, want %d:%d %s (run provision)", n.Name, ns.HostPath, uid, gid, mode, cfg.Vault.UID, cfg.Vault.GID, cfg.Vault.DataMode)
 			}
 		}
-		st.Nodes = append(st.Nodes, ns)
+		sb.st.Nodes = append(sb.st.Nodes, ns)
 	}
+}
 
-	// Release and pods.
-	if cfg.Vault.PodAccess != "static" {
-		if cl, err := env.Cluster(ctx); err != nil {
-			attn("kubernetes: %v", err)
-		} else if st.Release, err = cl.Release(cfg.Chart.Release); err != nil {
-			attn("helm: %v (run install)", err)
-		} else if st.Release.Status != "deployed" {
-			attn("helm release %s is %s (run install)", st.Release.Name, st.Release.Status)
+func (sb *statusBuilder) release(ctx context.Context) {
+	cfg := sb.env.Config
+	if cfg.Vault.PodAccess == "static" {
+		return
+	}
+	cl, err := sb.env.Cluster(ctx)
+	switch {
+	case err != nil:
+		sb.attn("kubernetes: %v", err)
+	default:
+		if sb.st.Release, err = cl.Release(cfg.Chart.Release); err != nil {
+			sb.attn("helm: %v (run install)", err)
+		} else if sb.st.Release.Status != "deployed" {
+			sb.attn("helm release %s is %s (run install)", sb.st.Release.Name, sb.st.Release.Status)
 		}
 	}
+}
+
+// pods reads every pod's health and returns the active one (API nil when none).
+func (sb *statusBuilder) pods(ctx context.Context) vaultPod {
 	var active vaultPod
-	if acc, err := env.Pods(); err != nil {
-		attn("vault pods: %v", err)
-	} else {
-		pods, err := acc.Pods(ctx)
+	acc, err := sb.env.Pods()
+	if err != nil {
+		sb.attn("vault pods: %v", err)
+		return active
+	}
+	pods, err := acc.Pods(ctx)
+	if err != nil {
+		sb.attn("vault pods: %v", err)
+	}
+	sb.st.Rejected = acc.Rejected()
+	for _, r := range sb.st.Rejected {
+		sb.attn("pod %s carries the Vault server labels but is not a server pod of the release (%s): it gets no shares; find out who created it", r.Name, r.Reason)
+	}
+	for _, p := range pods {
+		ps := PodStatus{Name: p.Name, Node: p.Node}
+		h, err := p.API.Health(ctx)
 		if err != nil {
-			attn("vault pods: %v", err)
+			sb.attn("pod %s unreachable: %v", p.Name, err)
+			sb.st.Pods = append(sb.st.Pods, ps)
+			continue
 		}
-		st.Rejected = acc.Rejected()
-		for _, r := range st.Rejected {
-			attn("pod %s carries the Vault server labels but is not a server pod of the release (%s): it gets no shares; find out who created it", r.Name, r.Reason)
+		ps.Initialized, ps.Sealed, ps.Active, ps.Version, ps.Health = h.Initialized, h.Sealed, h.Active, h.Version, h.Code()
+		if h.Active {
+			active = p
 		}
-		for _, p := range pods {
-			ps := PodStatus{Name: p.Name, Node: p.Node}
-			h, err := p.API.Health(ctx)
-			if err != nil {
-				attn("pod %s unreachable: %v", p.Name, err)
-				st.Pods = append(st.Pods, ps)
-				continue
-			}
-			ps.Initialized, ps.Sealed, ps.Active, ps.Version, ps.Health = h.Initialized, h.Sealed, h.Active, h.Version, h.Code()
-			if h.Active {
-				active = p
-			}
+		switch {
+		case h.Removed:
+			sb.attn("pod %s was removed from the Raft cluster (530): it sealed itself; run recover to wipe and rejoin it", p.Name)
+		case !h.Initialized:
+			sb.attn("pod %s is not initialised", p.Name)
+		case h.Sealed:
+			sb.attn("pod %s is sealed (is the daemon running? pve-vault-agent unseal)", p.Name)
+		case h.HAUnhealthy:
+			sb.attn("pod %s is a standby that cannot reach the active node (474)", p.Name)
+		}
+		sb.st.Pods = append(sb.st.Pods, ps)
+	}
+	if len(pods) > 0 && active.API == nil {
+		sb.attn("no active Vault node")
+	}
+	return active
+}
+
+// keyfile: its metadata, and the agent's tokens as the active node sees them.
+func (sb *statusBuilder) keyfile(ctx context.Context, active vaultPod) {
+	kf, err := sb.env.Keyfile.Read(ctx)
+	if err != nil {
+		sb.attn("keyfile: %v", err)
+		return
+	}
+	m := kf.Meta()
+	sb.st.Keyfile = &m
+	if active.API != nil {
+		for _, t := range []struct {
+			name string
+			tok  vault.Token
+		}{{"snapshot", kf.SnapshotToken}, {"operator", kf.OperatorToken}} {
+			ts := lookupToken(ctx, sb.env, active.API, t.name, t.tok)
+			sb.st.Tokens = append(sb.st.Tokens, ts)
 			switch {
-			case h.Removed:
-				attn("pod %s was removed from the Raft cluster (530): it sealed itself; run recover to wipe and rejoin it", p.Name)
-			case !h.Initialized:
-				attn("pod %s is not initialised", p.Name)
-			case h.Sealed:
-				attn("pod %s is sealed (is the daemon running? pve-vault-agent unseal)", p.Name)
-			case h.HAUnhealthy:
-				attn("pod %s is a standby that cannot reach the active node (474)", p.Name)
-			}
-			st.Pods = append(st.Pods, ps)
-		}
-		if len(pods) > 0 && active.API == nil {
-			attn("no active Vault node")
-		}
-	}
-
-	// Keyfile and tokens.
-	if kf, err := env.Keyfile.Read(ctx); err != nil {
-		attn("keyfile: %v", err)
-	} else {
-		m := kf.Meta()
-		st.Keyfile = &m
-		if active.API != nil {
-			for _, t := range []struct {
-				name string
-				tok  vault.Token
-			}{{"snapshot", kf.SnapshotToken}, {"operator", kf.OperatorToken}} {
-				ts := lookupToken(ctx, env, active.API, t.name, t.tok)
-				st.Tokens = append(st.Tokens, ts)
-				switch {
-				case ts.Error != "":
-					attn("%s token: %s (pve-vault-agent token rotate)", t.name, ts.Error)
-				case ts.Warning != "":
-					attn("%s", ts.Warning)
-				}
+			case ts.Error != "":
+				sb.attn("%s token: %s (pve-vault-agent token rotate)", t.name, ts.Error)
+			case ts.Warning != "":
+				sb.attn("%s", ts.Warning)
 			}
 		}
-		if env.Keyfile.Modified() {
-			attn("the keyfile on disk changed after the service loaded it (a rotation): restart the service (systemctl restart pve-vault-agent)")
-		}
 	}
+	if sb.env.Keyfile.Modified() {
+		sb.attn("the keyfile on disk changed after the service loaded it (a rotation): restart the service (systemctl restart pve-vault-agent)")
+	}
+}
 
-	// Snapshots and the schedule.
-	var sched configs.Schedule
-	if cfg.Snapshots.Schedule != "" {
-		sched, _ = configs.ParseSchedule(cfg.Snapshots.Schedule) // validated at load
-	}
-	store, es, err := Snapshots(ctx, env)
+// snapshots: the newest verified one, the schedule, and whether the unit may write the
+// directory; it returns the stored snapshots (nil when unreadable).
+func (sb *statusBuilder) snapshots(ctx context.Context) []snapshot.Entry {
+	cfg, now := sb.env.Config, sb.now
+	store, es, err := Snapshots(ctx, sb.env)
 	resolved := ""
 	if err == nil && cfg.Snapshots.ProxmoxStorage != "" {
 		resolved = store.Dir
 	}
 	writable, _ := UnitWritable(ctx)
-	st.Warnings = append(st.Warnings, WritablePathWarnings(cfg, writable, resolved)...)
+	sb.st.Warnings = append(sb.st.Warnings, WritablePathWarnings(cfg, writable, resolved)...)
 	if err != nil {
-		attn("snapshots: %v", err)
-	} else if newest, ok := newestVerified(es); !ok {
-		attn("no verified snapshot yet (pve-vault-agent backup-now)")
-	} else {
-		age := now.Sub(newest.Time)
-		st.LastSnapshot = &SnapshotStatus{Path: newest.Path, Age: age.Round(time.Second).String(), AgeSecs: age.Seconds(), Verified: newest.Verified}
-		if sched != nil {
-			st.NextBackup = NextRun(sched, newest.Time, now)
-			if now.After(sched.Next(sched.Next(newest.Time))) {
-				attn("the newest snapshot is %s old: more than two backup periods", age.Round(time.Minute))
-			}
+		sb.attn("snapshots: %v", err)
+		return nil
+	}
+	newest, ok := newestVerified(es)
+	if !ok {
+		sb.attn("no verified snapshot yet (pve-vault-agent backup-now)")
+		return es
+	}
+	age := now.Sub(newest.Time)
+	sb.st.LastSnapshot = &SnapshotStatus{Path: newest.Path, Age: age.Round(time.Second).String(), AgeSecs: age.Seconds(), Verified: newest.Verified}
+	if cfg.Snapshots.Schedule != "" {
+		sched, _ := configs.ParseSchedule(cfg.Snapshots.Schedule) // validated at load
+		sb.st.NextBackup = NextRun(sched, newest.Time, now)
+		if now.After(sched.Next(sched.Next(newest.Time))) {
+			sb.attn("the newest snapshot is %s old: more than two backup periods", age.Round(time.Minute))
 		}
 	}
-	drillStatus(env, st, now, attn)
+	return es
+}
+
+// offsite: each target's last push, and whether it has the newest snapshot.
+func (sb *statusBuilder) offsite(es []snapshot.Entry) {
 	newest := ""
-	if e, ok := newestVerified(es); ok && err == nil {
+	if e, ok := newestVerified(es); ok {
 		newest = offsite.CopyName(e.Path)
 	}
-	if sts, err := offsiteStatus(env, newest); err != nil {
-		attn("off-host records: %v", err)
-	} else {
-		st.Offsite = sts
-		for _, s := range sts {
-			switch {
-			case s.LastError != "" && s.LastErrorAt.After(s.LastSuccess):
-				attn("off-host target %s failing since %s: %s", s.Target, s.LastErrorAt.Format(time.RFC3339), s.LastError)
-			case s.Behind:
-				attn("off-host target %s lacks the newest snapshot (its newest: %q); the next backup pushes it", s.Target, s.Newest)
-			}
+	sts, err := offsiteStatus(sb.env, newest)
+	if err != nil {
+		sb.attn("off-host records: %v", err)
+		return
+	}
+	sb.st.Offsite = sts
+	for _, s := range sts {
+		switch {
+		case s.LastError != "" && s.LastErrorAt.After(s.LastSuccess):
+			sb.attn("off-host target %s failing since %s: %s", s.Target, s.LastErrorAt.Format(time.RFC3339), s.LastError)
+		case s.Behind:
+			sb.attn("off-host target %s lacks the newest snapshot (its newest: %q); the next backup pushes it", s.Target, s.Newest)
 		}
 	}
-	return st
 }
 
 // drillStatus adds the last drill, and attention when it failed or, with a drill
