@@ -377,23 +377,11 @@ func TargetCopies(ctx context.Context, env *Env, name string) ([]offsite.Copy, e
 // the snapshot offline. The manifest key comes from this host's keyfile, or, on a host
 // without one, from the target's newest recovery copy that opens with the identity.
 func VerifyTarget(ctx context.Context, env *Env, name, identityFile string) ([]VerifyResult, error) {
-	ids, err := readIdentities(identityFile)
-	if err != nil {
-		return nil, err
-	}
-	tc, err := env.targetConfig(name)
-	if err != nil {
-		return nil, err
-	}
-	t, err := env.openTarget(ctx, tc)
+	t, ids, stateDir, err := env.openWithIdentity(ctx, name, identityFile)
 	if err != nil {
 		return nil, err
 	}
 	defer t.Close()
-	stateDir := filepath.Dir(env.Config.Vault.Keyfile)
-	if err := safefile.PrivateDir(stateDir); err != nil {
-		return nil, fmt.Errorf("state directory: %w", err)
-	}
 	var key []byte
 	if env.Keyfile.Exists() {
 		kf, err := env.Keyfile.Read(ctx)
@@ -525,4 +513,26 @@ func (c *offsiteCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.CounterValue, float64(s.Bytes), s.Target)
 		ch <- prometheus.MustNewConstMetric(c.behind, prometheus.GaugeValue, b2f(s.Behind), s.Target)
 	}
+}
+
+// openWithIdentity reads the operator's identity, connects to the named target and
+// makes sure the state directory (where downloads land, 0700) exists.
+func (e *Env) openWithIdentity(ctx context.Context, name, identityFile string) (offsite.Target, []age.Identity, string, error) {
+	ids, err := readIdentities(identityFile)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	tc, err := e.targetConfig(name)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	stateDir := filepath.Dir(e.Config.Vault.Keyfile)
+	if err := safefile.PrivateDir(stateDir); err != nil {
+		return nil, nil, "", fmt.Errorf("state directory: %w", err)
+	}
+	t, err := e.openTarget(ctx, tc)
+	if err != nil {
+		return nil, nil, "", err
+	}
+	return t, ids, stateDir, nil
 }

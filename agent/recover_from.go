@@ -60,15 +60,7 @@ func RecoverFrom(ctx context.Context, env *Env, opts RecoverFromOptions) (*Recov
 		return nil, hintf("without --from, recover uses the keyfile this host has; move it away only if it is not this cluster's",
 			"recover --from is for a host that lost its state, but a keyfile exists at %s", env.Keyfile)
 	}
-	ids, err := readIdentities(opts.IdentityFile)
-	if err != nil {
-		return nil, err
-	}
-	tc, err := env.targetConfig(opts.Target)
-	if err != nil {
-		return nil, err
-	}
-	t, err := env.openTarget(ctx, tc)
+	t, ids, stateDir, err := env.openWithIdentity(ctx, opts.Target, opts.IdentityFile)
 	if err != nil {
 		return nil, err
 	}
@@ -76,10 +68,6 @@ func RecoverFrom(ctx context.Context, env *Env, opts RecoverFromOptions) (*Recov
 
 	// The recovery copies, newest first: the first whose manifest key authenticates a
 	// copy is the cluster's keyfile.
-	stateDir := filepath.Dir(env.Config.Vault.Keyfile)
-	if err := safefile.PrivateDir(stateDir); err != nil {
-		return nil, fmt.Errorf("state directory: %w", err)
-	}
 	rcs, err := offsite.RecoveryCopies(ctx, t)
 	if err != nil {
 		return nil, err

@@ -560,21 +560,11 @@ func data(w http.ResponseWriter, v any) {
 // rawStatus writes a status line with the real API's own reason phrase, which net/http
 // cannot do, by taking over the connection.
 func rawStatus(w http.ResponseWriter, code int, reason string) {
-	hj, ok := w.(http.Hijacker)
-	if !ok {
-		http.Error(w, reason, code)
-		return
-	}
-	conn, buf, err := hj.Hijack()
-	if err != nil {
-		return
-	}
-	defer conn.Close()
 	body := `{"data":null}`
 	if code == 400 {
 		body = `{"data":null,"errors":{"vmid":"type check ('integer') failed - got '` + "x" + `'"}}`
 	}
-	writeRaw(buf, code, reason, body)
+	rawStatusBody(w, code, reason, body)
 }
 
 // rawStatusBody is rawStatus with a given body (595 from pveproxy has none).
