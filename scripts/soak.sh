@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/lab-bins.sh >/dev/null
 secs=${PVA_SOAK_SECONDS:-1800}
-PVA_SOAK_SECONDS=$secs go test -count=1 -timeout "$((secs * 2 + 600))s" -run '^TestSoak$' -v ./cmd/agent | grep -E 'soak|PASS|FAIL|ok'
+PVA_SOAK_SECONDS=$secs go test -count=1 -timeout "$((secs * 2 + 600))s" -run '^TestSoak$' -v ./cmd/agent | grep -E 'soak|watchdog|PASS|FAIL|ok'
