@@ -181,15 +181,25 @@ func (s *S3) Remove(ctx context.Context, name string) error {
 	return nil
 }
 
-// Clean aborts the incomplete multipart uploads under the prefix.
+// Clean aborts the incomplete multipart uploads of the agent's own objects (a bucket
+// may be shared: other writers' uploads under the prefix are left alone).
 func (s *S3) Clean(ctx context.Context) error {
 	var errs []error
-	for u := range s.client.ListIncompleteUploads(ctx, s.cfg.Bucket, s.cfg.Prefix, true) {
-		if u.Err != nil {
-			return fmt.Errorf("%s: list incomplete uploads: %w", s, u.Err)
+	for _, name := range []string{snapDir, keyfileDir, headName} {
+		k, err := s.key(strings.TrimSuffix(name, "/"))
+		if err != nil {
+			return err
 		}
-		if err := s.client.RemoveIncompleteUpload(ctx, s.cfg.Bucket, u.Key); err != nil {
-			errs = append(errs, err)
+		if strings.HasSuffix(name, "/") {
+			k += "/"
+		}
+		for u := range s.client.ListIncompleteUploads(ctx, s.cfg.Bucket, k, true) {
+			if u.Err != nil {
+				return fmt.Errorf("%s: list incomplete uploads: %w", s, u.Err)
+			}
+			if err := s.client.RemoveIncompleteUpload(ctx, s.cfg.Bucket, u.Key); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	return errors.Join(errs...)
