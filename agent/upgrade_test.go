@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -14,7 +15,9 @@ import (
 // An upgrade rolls the pods the way Vault's documentation asks. Three pods on the real
 // chart 0.33.0 are upgraded to 0.34.1 while a writer writes all along: a verified
 // snapshot is taken first, the standbys are rolled one at a time, the active node steps
-// down and goes last; writes fail during no more than one leader election; and at every
+// down and goes last; leadership moves exactly once and writes fail in no more than
+// that one election (a lone failed write elsewhere is logged with its cause: on a
+// loaded CI machine one health or write call can miss its 1 s deadline); and at every
 // moment at least two pods are unsealed voters.
 func TestUpgradeRollsStandbysFirstAndTheActiveLast(t *testing.T) {
 	vl := newVaultLabWith(t, labOptions{nodes: 3, chartVersion: "0.33.0"})
@@ -49,6 +52,7 @@ func TestUpgradeRollsStandbysFirstAndTheActiveLast(t *testing.T) {
 		at     time.Time
 		ok     bool
 		voters int
+		active string
 		detail string
 	}
 	var mu sync.Mutex
@@ -60,19 +64,21 @@ func TestUpgradeRollsStandbysFirstAndTheActiveLast(t *testing.T) {
 	go func() { // the writer: one write every 50 ms to whichever node leads
 		defer wg.Done()
 		for i := 0; wctx.Err() == nil; i++ {
-			ok := false
+			ok, why := false, "no pod answered active:"
 			for _, n := range clients() {
 				cctx, c := context.WithTimeout(wctx, time.Second)
 				h, err := n.Health(cctx)
+				why += fmt.Sprintf(" %s %+v %v;", n.Name, h, err)
 				if err == nil && h.Active {
-					ok = n.Write(cctx, root, fmt.Sprintf("kv/w%d", i), map[string]any{"value": "x"}) == nil
+					err = n.Write(cctx, root, fmt.Sprintf("kv/w%d", i), map[string]any{"value": "x"})
+					ok, why = err == nil, strings.Join(strings.Fields(fmt.Sprintf("write to %s: %v", n.Name, err)), " ")
 					c()
 					break
 				}
 				c()
 			}
 			mu.Lock()
-			writes = append(writes, sample{at: time.Now(), ok: ok})
+			writes = append(writes, sample{at: time.Now(), ok: ok, detail: why})
 			mu.Unlock()
 			_ = sleep(wctx, RealClock{}, 50*time.Millisecond)
 		}
@@ -82,11 +88,17 @@ func TestUpgradeRollsStandbysFirstAndTheActiveLast(t *testing.T) {
 		for wctx.Err() == nil {
 			unsealed := map[string]bool{}
 			var ap vault.Autopilot
+			active := ""
 			for _, n := range clients() {
 				cctx, c := context.WithTimeout(wctx, time.Second)
 				if h, err := n.Health(cctx); err == nil && h.Initialized && !h.Sealed {
 					unsealed[n.Name] = true
 					if h.Active {
+						if active == "" {
+							active = n.Name
+						} else {
+							active = "two at once" // counted as a change, never skipped
+						}
 						ap, _ = n.Autopilot(cctx, kf.OperatorToken)
 					}
 				}
@@ -103,7 +115,7 @@ func TestUpgradeRollsStandbysFirstAndTheActiveLast(t *testing.T) {
 			mu.Unlock()
 			if wctx.Err() == nil && ap.Servers != nil && measure {
 				mu.Lock()
-				health = append(health, sample{at: time.Now(), voters: voters, detail: fmt.Sprintf("unsealed %v autopilot %+v", unsealed, ap)})
+				health = append(health, sample{at: time.Now(), voters: voters, active: active, detail: fmt.Sprintf("unsealed %v autopilot %+v", unsealed, ap)})
 				mu.Unlock()
 			}
 			_ = sleep(wctx, RealClock{}, 100*time.Millisecond)
@@ -152,8 +164,23 @@ func TestUpgradeRollsStandbysFirstAndTheActiveLast(t *testing.T) {
 	if err != nil || len(es) != 1 || es[0].Path != rep.Snapshot || !es[0].Verified {
 		t.Fatalf("the pre-upgrade snapshot is not listed verified: %+v %v", es, err)
 	}
-	// Failed writes come in at most one run (one leader election).
-	runs, failed := 0, 0
+	// Leadership moves once: from the old active to one of the rolled standbys.
+	var leaders []string
+	gaps, last := 0, ""
+	for _, h := range health {
+		if h.active != "" && (len(leaders) == 0 || leaders[len(leaders)-1] != h.active) {
+			leaders = append(leaders, h.active)
+		}
+		if h.active == "" && last != "" {
+			gaps++
+		}
+		last = h.active
+	}
+	// A gap that ends with the same leader is a lease lapse (a starved CPU under the lab's
+	// performance_multiplier 1), not a handover the roll caused: logged, not failed.
+	t.Logf("leaders seen in order: %v; %d gap(s) with no active pod", leaders, gaps)
+	// Failed writes: runs of more than one write come only from that election.
+	runs, failed, longRuns := 0, 0, 0
 	var longest, cur time.Duration
 	var start time.Time
 	for i, w := range writes {
@@ -163,8 +190,14 @@ func TestUpgradeRollsStandbysFirstAndTheActiveLast(t *testing.T) {
 				runs++
 				start = w.at
 			}
+			if i > 0 && !writes[i-1].ok && (i < 2 || writes[i-2].ok) {
+				longRuns++
+			}
 			cur = w.at.Sub(start)
 			longest = max(longest, cur)
+			if (i == 0 || writes[i-1].ok) && (i+1 == len(writes) || writes[i+1].ok) {
+				t.Logf("%s: a lone failed write: %s", w.at.Format("15:04:05.000"), w.detail)
+			}
 		}
 	}
 	minVoters := 3
@@ -176,8 +209,14 @@ func TestUpgradeRollsStandbysFirstAndTheActiveLast(t *testing.T) {
 	}
 	t.Logf("upgrade 0.33.0 → 0.34.1 of 3 pods: %s; %d writes, %d failed in %d run(s), longest %s; fewest unsealed voters seen %d (%d samples); order %v, active was %s",
 		took.Round(time.Millisecond), len(writes), failed, runs, longest.Round(time.Millisecond), minVoters, len(health), rep.Roll.Rolled, rep.Roll.Active)
-	if runs > 1 {
-		t.Fatalf("writes failed in %d separate windows: more than one leader election", runs)
+	if len(leaders) != 2 || leaders[0] != rep.Roll.Active {
+		t.Fatalf("leaders seen %v: want %s then exactly one other (one election)", leaders, rep.Roll.Active)
+	}
+	if longRuns > 1 {
+		t.Fatalf("writes failed in %d separate multi-write windows: more than one leader election", longRuns)
+	}
+	if longest > 10*time.Second {
+		t.Fatalf("writes failed for %s in a row: the election took too long", longest)
 	}
 	if minVoters < 2 {
 		t.Fatalf("at one moment only %d unsealed voter(s)", minVoters)

@@ -149,11 +149,40 @@ func (c *Cluster) StartDrill(ctx context.Context, spec DrillSpec) (name, uid, im
 			{Name: "data", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{SizeLimit: &sizeLimit}}},
 		},
 	}}
-	created, err := c.Clients.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{FieldManager: FieldManager})
+	created, err := c.createDrillPod(ctx, pod)
 	if err != nil {
 		return "", "", "", fmt.Errorf("create the drill pod: %w", err)
 	}
 	return name, string(created.UID), vaultC.Image, nil
+}
+
+// priorityClassLag bounds how long a pod create may be refused for a PriorityClass the
+// API server has already stored: the Priority admission plugin resolves the name from
+// an informer cache (plugin/pkg/admission/priority), which lags a fresh create by up to
+// one watch event, so the first pod after the class is made can be refused with
+// "no PriorityClass with name … was found".
+const priorityClassLag = 10 * time.Second
+
+// createDrillPod creates pod, retrying only while the admission cache has not yet seen
+// the drill's PriorityClass.
+func (c *Cluster) createDrillPod(ctx context.Context, pod *corev1.Pod) (*corev1.Pod, error) {
+	deadline := time.Now().Add(priorityClassLag)
+	for {
+		created, err := c.Clients.CoreV1().Pods(pod.Namespace).Create(ctx, pod, metav1.CreateOptions{FieldManager: FieldManager})
+		if err == nil || !priorityClassNotSeen(err, pod.Spec.PriorityClassName) || time.Now().After(deadline) {
+			return created, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+func priorityClassNotSeen(err error, class string) bool {
+	return class != "" && apierrors.IsForbidden(err) &&
+		strings.Contains(err.Error(), "no PriorityClass with name "+class)
 }
 
 func ptr[T any](v T) *T { return &v }
