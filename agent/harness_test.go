@@ -1,7 +1,6 @@
 package agent
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -13,7 +12,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -28,24 +26,6 @@ import (
 )
 
 func TestMain(m *testing.M) { os.Exit(lab.RunTests(m)) }
-
-// syncBuffer is a log sink safe for the daemon's goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // testWaits are the flows' waits in the lab: long enough for a loaded CI machine.
 func testWaits() Waits {
@@ -65,7 +45,7 @@ type vaultLab struct {
 	pods    *lab.VaultPods
 	kubelet *lab.Kubelet
 	dir     string
-	logs    *syncBuffer
+	logs    *lab.LogBuffer
 	log     *slog.Logger
 	nodes   int
 	release string
@@ -162,7 +142,7 @@ func newVaultLabWith(t *testing.T, o labOptions) *vaultLab {
 			_ = cs.CoreV1().PersistentVolumes().Delete(context.Background(), fmt.Sprintf("pva-%s-%s-%d", ns, release, i), metav1.DeleteOptions{})
 		}
 	})
-	logs := &syncBuffer{}
+	logs := &lab.LogBuffer{}
 	log := slog.New(slog.NewTextHandler(logs, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	vl := &vaultLab{cfg: &cfg, cs: cs, pods: pods, kubelet: k, dir: dir, logs: logs, log: log, nodes: o.nodes, release: release}
 	vl.env = vl.newEnv()

@@ -99,24 +99,6 @@ func unsealedLines(log, pod string) int {
 	return n
 }
 
-// syncBuffer keeps the daemon's log for the demo's checks.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  strings.Builder
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
 // prefixed indents whole lines of a command's output; stdout and stderr share mu so
 // their lines never interleave mid-line.
 type prefixed struct {
@@ -214,7 +196,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		fmt.Fprintf(out, "demo: the real Vault chart is missing (%v)\n", err)
 		return 2
 	}
-	daemonLog := &syncBuffer{}
+	daemonLog := &lab.LogBuffer{}
 	steps := []struct {
 		title string
 		f     func() error
