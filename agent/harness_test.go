@@ -2,8 +2,6 @@ package agent
 
 import (
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -80,8 +78,7 @@ func newVaultLabWith(t *testing.T, o labOptions) *vaultLab {
 	}
 	rc.QPS, rc.Burst = 50, 100
 	cs := kubernetes.NewForConfigOrDie(rc)
-	sum := sha256.Sum256([]byte(t.Name()))
-	id := hex.EncodeToString(sum[:3])
+	id := lab.RunID()
 	ns := "lc-" + id
 	// Each test its own release name: the chart's cluster-scoped objects (the server's
 	// auth-delegator ClusterRoleBinding) are named after the release.

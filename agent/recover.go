@@ -7,6 +7,7 @@ import (
 	"os"
 	"time"
 
+	"github.com/pve-vault-agent/pve-vault-agent/provision"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
 )
@@ -221,6 +222,9 @@ func (s *recoverState) open(ctx context.Context) (string, error) {
 // write of its keys run under a context an interruption does not cancel; a pending
 // marker written before lets a re-run recognise the one case a kill -9 leaves.
 func (s *recoverState) throwawayInit(ctx context.Context) (string, error) {
+	if err := s.env.waitUninitialised(ctx, s.first); err != nil {
+		return "", err
+	}
 	if err := os.WriteFile(s.pendingPath(), []byte(s.first.Name+" "+s.first.UID+"\n"), 0o600); err != nil {
 		return "", err
 	}
@@ -391,8 +395,15 @@ func (s *recoverState) followers(ctx context.Context) (string, error) {
 	return fmt.Sprintf("%d follower(s) unsealed, %d wiped before rejoining, %d stale peer(s) removed", len(s.pods)-1, wiped, removed), nil
 }
 
-// wipeAndRestart empties a pod's data directory on its node and deletes the pod, so a
-// fresh one starts on the empty directory.
+// wipeAndRestart empties a pod's data directory on its node and brings a fresh pod up on
+// the empty directory. No Vault process may have the directory open while it is
+// emptied, or start on it half-emptied: the directory is first set aside (renamed: from
+// then on a pod cannot mount it), the pod is deleted and awaited until it is gone (its
+// containers have stopped), then the data set aside is deleted and an empty directory
+// made in its place. A replacement the StatefulSet created meanwhile (stuck on the
+// missing directory) is deleted so it starts at once. The fresh first pod must answer as
+// uninitialised; a fresh follower may already have joined through retry_join, but must
+// not answer as the removed node.
 func (s *recoverState) wipeAndRestart(ctx context.Context, p vaultPod) error {
 	env := s.env
 	n, ok := env.node(p.Node)
@@ -408,18 +419,48 @@ func (s *recoverState) wipeAndRestart(ctx context.Context, p vaultPod) error {
 	if err != nil {
 		return err
 	}
+	timeout := env.Config.Chart.Timeout
+	if err := conn.SetAside(ctx, env.Config.NodeHostPath(n)); err != nil {
+		if errors.Is(err, provision.ErrMountPoint) {
+			return withHint(err, "the agent empties a Vault data directory only by moving it aside; with a mount point as the hostPath, delete the pod, empty the directory while no pod of it runs (kubectl get pod shows none), and run recover again")
+		}
+		return err
+	}
 	if err := cl.DeletePod(ctx, p.Pod); err != nil {
 		return err
 	}
-	if err := conn.Wipe(ctx, env.Config.NodeHostPath(n)); err != nil {
+	if err := cl.WaitGone(ctx, p.Pod, timeout); err != nil {
 		return err
 	}
-	env.Log.Warn("wiped a node's Vault data so it can rejoin", "pod", p.Name, "node", p.Node)
-	np, err := cl.WaitReplaced(ctx, env.Config.Chart.Release, p.Pod, env.Config.Chart.Timeout)
+	if _, err := conn.ReplaceEmpty(ctx, env.want(n)); err != nil {
+		return err
+	}
+	env.Log.Warn("wiped a node's Vault data so it can start empty", "pod", p.Name, "node", p.Node)
+	// A replacement created while the directory was away cannot start (a kubelet retries
+	// a failed mount with a back-off of up to two minutes): start it again now.
+	if cur, ok, err := cl.PodNamed(ctx, env.Config.Chart.Release, p.Name); err != nil {
+		return err
+	} else if ok && cur.UID != p.UID {
+		if err := cl.DeletePod(ctx, cur); err != nil {
+			return err
+		}
+		if err := cl.WaitGone(ctx, cur, timeout); err != nil {
+			return err
+		}
+	}
+	np, err := cl.WaitReplaced(ctx, env.Config.Chart.Release, p.Pod, timeout)
 	if err != nil {
 		return err
 	}
 	fresh, err := env.podNamed(ctx, np.Name, np.UID)
+	if err != nil {
+		return err
+	}
+	if fresh.Name == s.first.Name {
+		err = env.waitUninitialised(ctx, fresh)
+	} else {
+		err = env.waitNotRemoved(ctx, fresh)
+	}
 	if err != nil {
 		return err
 	}
@@ -432,6 +473,36 @@ func (s *recoverState) wipeAndRestart(ctx context.Context, p vaultPod) error {
 		s.first = fresh
 	}
 	return nil
+}
+
+// waitNotRemoved waits until p's Vault answers and requires it not to be a node removed
+// from the Raft configuration (the data a wipe should have emptied).
+func (e *Env) waitNotRemoved(ctx context.Context, p vaultPod) error {
+	return poll(ctx, e.Clock, e.Waits.Poll, e.Waits.Join, p.Name+" to answer", func(ctx context.Context) error {
+		st, err := p.API.SealStatus(ctx)
+		switch {
+		case err != nil:
+			return err
+		case st.Removed:
+			return permanent(fmt.Errorf("%s still answers as the node removed from the cluster after its data was emptied", p.Name))
+		}
+		return nil
+	})
+}
+
+// waitUninitialised waits until p's Vault answers and requires it to be uninitialised:
+// what a throwaway init or a wiped node's rejoin must start from.
+func (e *Env) waitUninitialised(ctx context.Context, p vaultPod) error {
+	return poll(ctx, e.Clock, e.Waits.Poll, e.Waits.Join, p.Name+" to answer as uninitialised", func(ctx context.Context) error {
+		st, err := p.API.SealStatus(ctx)
+		switch {
+		case err != nil:
+			return err
+		case st.Initialized:
+			return permanent(fmt.Errorf("%w: %s is initialised (cluster %q): refusing to initialise it again", ErrOtherCluster, p.Name, st.ClusterID))
+		}
+		return nil
+	})
 }
 
 func (s *recoverState) tokens(ctx context.Context) (string, error) {

@@ -35,6 +35,8 @@ type env struct {
 	ns    string
 	nodes []string
 	chart *chart.Chart
+	// hostPath is the directory the local volumes of storage name.
+	hostPath string
 }
 
 // newEnv connects to the shared control plane with a fresh namespace and three
@@ -47,7 +49,7 @@ func newEnv(t *testing.T) *env {
 	if len(ns) > 50 {
 		ns = ns[:50]
 	}
-	ns = strings.TrimRight(ns, "-")
+	ns = strings.TrimRight(ns, "-") + "-" + lab.RunID()
 	c, err := Connect(ctx, ClusterConfig{Kubeconfig: readFile(t, cp.Kubeconfig), Source: cp.Kubeconfig, Namespace: ns}, quiet)
 	if err != nil {
 		t.Fatal(err)
@@ -109,9 +111,15 @@ func (e *env) values(t *testing.T, replicas int, extra map[string]any) map[strin
 
 func (e *env) storage(t *testing.T, ctx context.Context, replicas int) {
 	t.Helper()
+	// The directory each local volume names, made as provisioning would: the kubelet
+	// mounts no local volume whose path is missing.
+	e.hostPath = filepath.Join(lab.TestDataDir(t), "vault")
+	if err := os.MkdirAll(e.hostPath, 0o700); err != nil {
+		t.Fatal(err)
+	}
 	var vols []Volume
 	for i := 0; i < replicas; i++ {
-		vols = append(vols, Volume{Node: e.nodes[i], Path: "/srv/vault"})
+		vols = append(vols, Volume{Node: e.nodes[i], Path: e.hostPath})
 	}
 	if _, err := e.c.EnsureStorage(ctx, StorageSpec{Release: "vault", Size: "1Gi", Volumes: vols}); err != nil {
 		t.Fatal(err)
@@ -164,7 +172,7 @@ func TestInstallFreshIdempotentUpgradeAndRoll(t *testing.T) {
 		t.Fatalf("vault-internal %v", err)
 	}
 	pv, err := e.c.Clients.CoreV1().PersistentVolumes().Get(ctx, PVName(e.ns, "vault", 1), metav1.GetOptions{})
-	if err != nil || pv.Spec.PersistentVolumeReclaimPolicy != corev1.PersistentVolumeReclaimRetain || pv.Spec.Local == nil || pv.Spec.Local.Path != "/srv/vault" {
+	if err != nil || pv.Spec.PersistentVolumeReclaimPolicy != corev1.PersistentVolumeReclaimRetain || pv.Spec.Local == nil || pv.Spec.Local.Path != e.hostPath {
 		t.Fatalf("pv %+v %v", pv.Spec, err)
 	}
 

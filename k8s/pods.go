@@ -287,6 +287,43 @@ func (c *Cluster) DeletePod(ctx context.Context, p Pod) error {
 	return nil
 }
 
+// WaitGone waits until this incarnation of a pod (its UID) no longer exists. The kubelet
+// removes a gracefully deleted pod from the API only after its containers have stopped,
+// so once it is gone no process of it runs.
+func (c *Cluster) WaitGone(ctx context.Context, p Pod, timeout time.Duration) error {
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	for {
+		cur, err := c.Clients.CoreV1().Pods(c.cfg.Namespace).Get(ctx, p.Name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) || (err == nil && string(cur.UID) != p.UID) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			why := "still there"
+			if err != nil {
+				why = err.Error()
+			} else if cur.DeletionTimestamp != nil {
+				why = "still terminating (its containers have not stopped)"
+			}
+			return fmt.Errorf("%w: %s was deleted but is %s after %s", ErrPodsNotRunning, p.Name, why, timeout)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// PodNamed returns the pod of that name as it is now; ok is false when there is none.
+func (c *Cluster) PodNamed(ctx context.Context, release, name string) (Pod, bool, error) {
+	p, err := c.Clients.CoreV1().Pods(c.cfg.Namespace).Get(ctx, name, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return Pod{}, false, nil
+	}
+	if err != nil {
+		return Pod{}, false, fmt.Errorf("read pod %s: %w", name, err)
+	}
+	return toPod(release, p), true, nil
+}
+
 func (c *Cluster) updateRevision(ctx context.Context, release string, generation int64, timeout time.Duration) (string, error) {
 	deadline := time.Now().Add(timeout)
 	for {

@@ -79,43 +79,100 @@ echo "selinux=$selinux"
 stat -c 'stat=%u %g %a %F' .
 `
 
-// wipeScript empties the data directory $1 (keeping the directory, its owner and mode)
-// with the same care: no symlink followed, no mount crossed.
-const wipeScript = `set -eu
-p=$1
-if [ -L "$p" ]; then echo "$p is a symbolic link" >&2; exit 20; fi
-if [ ! -d "$p" ]; then echo left=0; exit 0; fi
-cd -P -- "$p"
-if [ "$(pwd -P)" != "$p" ]; then echo "$p resolves to $(pwd -P): a symbolic link appeared in its path" >&2; exit 21; fi
-dev=$(stat -c %d .)
-other=$(find . -mindepth 1 -type d -exec sh -c '[ "$(stat -c %d "$1")" != "$2" ]' sh {} "$dev" \; -print -quit)
-if [ -n "$other" ]; then echo "$p/${other#./} is another filesystem mounted inside; unmount it first" >&2; exit 23; fi
-find . -xdev -mindepth 1 -delete
-echo "left=$(find . -mindepth 1 | wc -l)"
+// ErrMountPoint refuses to set aside a data directory that is itself a mount point: it
+// cannot be renamed, so the agent cannot keep a Vault from starting on it half-emptied.
+var ErrMountPoint = errors.New("the data directory is a mount point")
+
+// AsideSuffix names where SetAside moves a data directory: <path>.pva-wiped.
+const AsideSuffix = ".pva-wiped"
+
+// asideScript renames $1 to $1.pva-wiped (one rename on one filesystem: atomic). From
+// then on no Vault can start on the old data: a local PersistentVolume whose path is
+// missing fails to mount, and a hostPath created anew by the kubelet or the container
+// runtime is empty and root-owned. A Vault already running keeps what it has open.
+const asideScript = `set -eu
+p=$1 a=$1` + AsideSuffix + `
+for x in "$p" "$a"; do
+  if [ -L "$x" ]; then echo "$x is a symbolic link" >&2; exit 20; fi
+done
+parent=$p
+while [ "$parent" != / ]; do
+  parent=$(dirname -- "$parent")
+  if [ -L "$parent" ]; then echo "$parent (a parent of $p) is a symbolic link; use the resolved path" >&2; exit 21; fi
+done
+if [ -d "$a" ]; then echo state=aside; exit 0; fi
+if [ ! -e "$p" ]; then echo state=missing; exit 0; fi
+if [ ! -d "$p" ]; then echo "$p exists and is not a directory" >&2; exit 22; fi
+if [ "$(stat -c %d -- "$p")" != "$(stat -c %d -- "$(dirname -- "$p")")" ]; then echo "$p is a mount point" >&2; exit 24; fi
+mv -T -- "$p" "$a"
+echo state=aside
 `
 
-// Wipe empties a Vault data directory on the node, for a Raft node that must rejoin:
-// Vault 1.19+ refuses to rejoin a cluster while it holds data from before its removal.
-// The directory itself, its owner and mode stay.
-func (c *Conn) Wipe(ctx context.Context, path string) error {
+// SetAside moves a Vault data directory out of the way on the node (renamed to
+// <path>.pva-wiped), so that no Vault pod can start on its data from now on. Repeating
+// it after an interruption is safe. A mount point is refused with ErrMountPoint.
+func (c *Conn) SetAside(ctx context.Context, path string) error {
 	if err := CheckHostPath(path); err != nil {
 		return err
 	}
-	out, err := c.Run(ctx, "wipe "+path, wipeScript, path)
-	if err != nil {
+	if _, err := c.Run(ctx, "set aside "+path, asideScript, path); err != nil {
 		var re *RunError
-		switch {
-		case errors.As(err, &re) && re.Status >= 20 && re.Status <= 22:
-			return fmt.Errorf("%w: %s", ErrUnsafePath, strings.TrimSpace(re.Stderr))
-		case errors.As(err, &re) && re.Status == 23:
-			return fmt.Errorf("wipe %s: nothing deleted: %s", path, strings.TrimSpace(re.Stderr))
+		if errors.As(err, &re) && re.Status == 24 {
+			return fmt.Errorf("%w: %s: %s", ErrMountPoint, path, strings.TrimSpace(re.Stderr))
 		}
-		return err
-	}
-	if !strings.Contains(out, "left=0") {
-		return fmt.Errorf("wipe %s: entries remain (%s): another filesystem is mounted inside it", path, strings.TrimSpace(out))
+		return scriptRefusal(err, "set aside "+path)
 	}
 	return nil
+}
+
+// dropAsideScript deletes $1.pva-wiped (never following a link, never crossing a mount)
+// and checks that $1, if something recreated it meanwhile, is empty.
+const dropAsideScript = `set -eu
+p=$1 a=$1` + AsideSuffix + `
+for x in "$p" "$a"; do
+  if [ -L "$x" ]; then echo "$x is a symbolic link" >&2; exit 20; fi
+done
+if [ -d "$a" ]; then
+  cd -P -- "$a"
+  if [ "$(pwd -P)" != "$a" ]; then echo "$a resolves to $(pwd -P): a symbolic link appeared in its path" >&2; exit 21; fi
+  dev=$(stat -c %d .)
+  other=$(find . -mindepth 1 -type d -exec sh -c '[ "$(stat -c %d "$1")" != "$2" ]' sh {} "$dev" \; -print -quit)
+  if [ -n "$other" ]; then echo "$a/${other#./} is another filesystem mounted inside; unmount it first" >&2; exit 23; fi
+  find . -xdev -mindepth 1 -delete
+  cd /
+  rmdir -- "$a"
+fi
+if [ -d "$p" ] && [ -n "$(find "$p" -mindepth 1 -print -quit)" ]; then
+  echo "$p was recreated and written while its data was set aside (does Vault run as root?); empty it by hand" >&2; exit 25
+fi
+echo dropped
+`
+
+// ReplaceEmpty finishes what SetAside began, once no Vault pod runs on the old data:
+// it deletes the data set aside and makes the path an empty directory with w's owner and
+// mode, verified numerically.
+func (c *Conn) ReplaceEmpty(ctx context.Context, w Want) (Prepared, error) {
+	if err := CheckHostPath(w.Path); err != nil {
+		return Prepared{}, err
+	}
+	if _, err := c.Run(ctx, "drop the data set aside at "+w.Path+AsideSuffix, dropAsideScript, w.Path); err != nil {
+		return Prepared{}, scriptRefusal(err, "drop "+w.Path+AsideSuffix)
+	}
+	return c.Prepare(ctx, w)
+}
+
+// scriptRefusal turns the scripts' refusal codes into errors a caller can branch on.
+func scriptRefusal(err error, what string) error {
+	var re *RunError
+	switch {
+	case errors.As(err, &re) && re.Status >= 20 && re.Status <= 22:
+		return fmt.Errorf("%w: %s", ErrUnsafePath, strings.TrimSpace(re.Stderr))
+	case errors.As(err, &re) && re.Status == 23:
+		return fmt.Errorf("%s: nothing deleted: %s", what, strings.TrimSpace(re.Stderr))
+	case errors.As(err, &re) && re.Status == 25:
+		return fmt.Errorf("%s: %s", what, strings.TrimSpace(re.Stderr))
+	}
+	return err
 }
 
 // Prepare makes w.Path on the node a directory owned by w.UID:w.GID with mode w.Mode,

@@ -270,7 +270,7 @@ func TestPrepareRefusesUnsafePaths(t *testing.T) {
 // re-owned itself, never its target (chown -h through find -execdir); a filesystem
 // mounted inside is not crossed; and a wipe for a rejoin empties the directory the same
 // way, keeping the directory, its owner and mode.
-func TestPrepareAndWipeStayInside(t *testing.T) {
+func TestPrepareAndSetAsideStayInside(t *testing.T) {
 	n := newNode(t)
 	ctx := ctxFor(t, time.Minute)
 	base := lab.TestDataDir(t)
@@ -314,23 +314,57 @@ func TestPrepareAndWipeStayInside(t *testing.T) {
 	if out, err := inNode("stat", "-c", "%u", inMount); err != nil || strings.TrimSpace(string(out)) != "0" {
 		t.Fatalf("prepare crossed into a mounted filesystem: owner %s %v", out, err)
 	}
-	// Wipe refuses to leave a mount half-emptied, and never follows the link.
-	if err := n.conn(t, ctx).Wipe(ctx, path); err == nil || !strings.Contains(err.Error(), "mounted inside") || !strings.Contains(err.Error(), "nothing deleted") {
-		t.Fatalf("wipe with a mount inside: %v", err)
-	}
-	inNode("umount", mnt)
-	if err := n.conn(t, ctx).Wipe(ctx, path); err != nil {
+	// Emptying the data refuses to leave a mount half-emptied, and never follows the link.
+	c := n.conn(t, ctx)
+	want := Want{Path: path, UID: 100, GID: 100, Mode: 0o700}
+	if err := c.SetAside(ctx, path); err != nil {
 		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Fatalf("the data directory is still there after SetAside: %v", err)
+	}
+	if err := c.SetAside(ctx, path); err != nil {
+		t.Fatalf("SetAside again (a re-run): %v", err)
+	}
+	if _, err := c.ReplaceEmpty(ctx, want); err == nil || !strings.Contains(err.Error(), "mounted inside") || !strings.Contains(err.Error(), "nothing deleted") {
+		t.Fatalf("replace with a mount inside: %v", err)
+	}
+	inNode("umount", filepath.Join(path+AsideSuffix, "mnt"))
+	got, err = c.ReplaceEmpty(ctx, want)
+	if err != nil || got.State != Created {
+		t.Fatalf("replace: %+v %v", got, err)
 	}
 	ents, _ := os.ReadDir(path)
 	if len(ents) != 0 {
 		t.Fatalf("left after the wipe: %v", ents)
+	}
+	if _, err := os.Stat(path + AsideSuffix); !os.IsNotExist(err) {
+		t.Fatalf("the data set aside is still there: %v", err)
 	}
 	if u, _, m := statOwner(t, path); u != 100 || m != 0o700 {
 		t.Fatalf("the wiped directory is %d %o", u, m)
 	}
 	if b, err := os.ReadFile(outside); err != nil || string(b) != "root's" {
 		t.Fatalf("the link's target was touched: %v", err)
+	}
+	// Something wrote into a directory recreated while the data was set aside: refused.
+	if err := c.SetAside(ctx, path); err != nil {
+		t.Fatal(err)
+	}
+	os.Mkdir(path, 0o755)
+	os.WriteFile(filepath.Join(path, "vault.db"), []byte("x"), 0o600)
+	if _, err := c.ReplaceEmpty(ctx, want); err == nil || !strings.Contains(err.Error(), "recreated and written") {
+		t.Fatalf("replace over a written directory: %v", err)
+	}
+	// A data directory that is a mount point cannot be set aside.
+	os.RemoveAll(path)
+	os.Mkdir(path, 0o700)
+	if out, err := inNode("mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", path); err != nil {
+		t.Fatalf("%v %s", err, out)
+	}
+	t.Cleanup(func() { inNode("umount", path) })
+	if err := c.SetAside(ctx, path); !errors.Is(err, ErrMountPoint) {
+		t.Fatalf("set aside a mount point: %v", err)
 	}
 }
 

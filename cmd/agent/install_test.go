@@ -35,6 +35,7 @@ const baseValues = "injector: {enabled: false}\n"
 // with the real hashicorp/vault chart, a values file, and the lab kubelet running pods.
 func newInstallLab(t *testing.T, ns string) *installLab {
 	t.Helper()
+	ns += "-" + lab.RunID() // a repeated run never meets an earlier one's objects
 	cp := lab.SharedControlPlane(t)
 	rc, err := clientcmd.BuildConfigFromFlags("", cp.Kubeconfig)
 	if err != nil {
@@ -58,10 +59,15 @@ func newInstallLab(t *testing.T, ns string) *installLab {
 	il.writeValues(t, baseValues+"server:\n  resources:\n    requests: {cpu: 100m, memory: 256Mi}\n")
 	key := filepath.Join(dir, "id")
 	os.WriteFile(key, []byte("unused"), 0o600)
+	// The local volume's directory, made as provisioning would: the kubelet mounts no
+	// local volume whose path is missing.
+	hostPath := filepath.Join(lab.TestDataDir(t), "vault")
+	os.MkdirAll(hostPath, 0o700)
 	os.WriteFile(il.config, fmt.Appendf(nil, `
 nodes:
   - name: %s
     address: 192.0.2.10
+    host_path: %s
 ssh:
   identity: {file: %s}
 kubernetes:
@@ -72,7 +78,7 @@ chart:
   values_files: [%s]
   cache_dir: %s
   timeout: 1m
-`, node, key, cp.Kubeconfig, chart, ns, il.values, filepath.Join(dir, "cache")), 0o600)
+`, node, hostPath, key, cp.Kubeconfig, chart, ns, il.values, filepath.Join(dir, "cache")), 0o600)
 	return il
 }
 

@@ -3,6 +3,7 @@ package lab
 import (
 	"context"
 	"fmt"
+	"os"
 	"sync"
 	"time"
 
@@ -74,6 +75,8 @@ type Kubelet struct {
 	mu      sync.Mutex
 	started map[string]*corev1.Pod // pod UID → the pod as started
 	errs    []error
+	// mountWaits records each pod that could not mount its volume, with why.
+	mountWaits []string
 }
 
 // StartKubelet starts the loop.
@@ -165,8 +168,11 @@ func (k *Kubelet) sync(ctx context.Context) {
 			k.mu.Unlock()
 		case p.Spec.NodeName == "":
 			k.schedule(ctx, p)
+		case p.Status.Phase == corev1.PodFailed || p.Status.Phase == corev1.PodSucceeded:
 		case p.Status.Phase != corev1.PodRunning:
 			k.run(ctx, p)
+		case pastDeadline(p):
+			k.deadlineExceeded(ctx, p)
 		}
 	}
 }
@@ -306,6 +312,10 @@ func SetNodeMemory(ctx context.Context, cs kubernetes.Interface, node, memory st
 }
 
 func (k *Kubelet) run(ctx context.Context, p *corev1.Pod) {
+	if msg := k.unmountable(ctx, p); msg != "" {
+		k.waitMount(ctx, p, msg)
+		return
+	}
 	ip := "127.0.0.1"
 	if k.hooks.Start != nil {
 		var err error
@@ -337,6 +347,89 @@ func (k *Kubelet) run(ctx context.Context, p *corev1.Pod) {
 	p.Status.ContainerStatuses = statuses
 	if _, err := k.cs.CoreV1().Pods(k.ns).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) && ctx.Err() == nil {
 		k.fail(fmt.Errorf("mark pod %s running: %w", p.Name, err))
+	}
+}
+
+// unmountable says why a pod's volumes cannot be mounted, or "". As the kubelet's
+// local volume plugin does (pkg/volume/local: "path %q does not exist" from
+// NewMounter, retried with a back-off), a local PersistentVolume whose directory is
+// missing keeps the pod from starting: no container runs until the path is back.
+func (k *Kubelet) unmountable(ctx context.Context, p *corev1.Pod) string {
+	for _, v := range p.Spec.Volumes {
+		if v.PersistentVolumeClaim == nil {
+			continue
+		}
+		pvc, err := k.cs.CoreV1().PersistentVolumeClaims(k.ns).Get(ctx, v.PersistentVolumeClaim.ClaimName, metav1.GetOptions{})
+		if err != nil || pvc.Spec.VolumeName == "" {
+			continue
+		}
+		pv, err := k.cs.CoreV1().PersistentVolumes().Get(ctx, pvc.Spec.VolumeName, metav1.GetOptions{})
+		if err != nil || pv.Spec.Local == nil {
+			continue
+		}
+		if fi, err := os.Stat(pv.Spec.Local.Path); err != nil || !fi.IsDir() {
+			return fmt.Sprintf("MountVolume.NewMounter initialization failed for volume %q : path %q does not exist", pv.Name, pv.Spec.Local.Path)
+		}
+	}
+	return ""
+}
+
+// waitMount shows a pod whose volumes cannot be mounted as the kubelet does: Pending,
+// its containers waiting in ContainerCreating (the mount error is an event).
+func (k *Kubelet) waitMount(ctx context.Context, p *corev1.Pod, msg string) {
+	for _, cs := range p.Status.ContainerStatuses {
+		if cs.State.Waiting != nil && cs.State.Waiting.Reason == "ContainerCreating" {
+			return // said already
+		}
+	}
+	now := metav1.Now()
+	p.Status.Phase = corev1.PodPending
+	p.Status.Conditions = []corev1.PodCondition{{Type: corev1.PodScheduled, Status: corev1.ConditionTrue, LastTransitionTime: now}}
+	p.Status.ContainerStatuses = nil
+	for _, c := range p.Spec.Containers {
+		p.Status.ContainerStatuses = append(p.Status.ContainerStatuses, corev1.ContainerStatus{Name: c.Name, Image: c.Image,
+			State: corev1.ContainerState{Waiting: &corev1.ContainerStateWaiting{Reason: "ContainerCreating"}}})
+	}
+	if _, err := k.cs.CoreV1().Pods(k.ns).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) && ctx.Err() == nil {
+		k.fail(fmt.Errorf("mark pod %s waiting for its volume: %w", p.Name, err))
+	}
+	k.mu.Lock()
+	k.mountWaits = append(k.mountWaits, p.Name+": "+msg)
+	k.mu.Unlock()
+}
+
+// MountWaits lists the pods that waited for a volume, with the kubelet's message.
+func (k *Kubelet) MountWaits() []string {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return append([]string(nil), k.mountWaits...)
+}
+
+// pastDeadline reports whether a running pod has outlived its activeDeadlineSeconds.
+func pastDeadline(p *corev1.Pod) bool {
+	d := p.Spec.ActiveDeadlineSeconds
+	return d != nil && p.Status.StartTime != nil && time.Since(p.Status.StartTime.Time) > time.Duration(*d)*time.Second
+}
+
+// deadlineExceeded ends a pod past its deadline as the kubelet does
+// (pkg/kubelet/active_deadline.go): its containers are killed and it fails with reason
+// DeadlineExceeded; the object stays until someone deletes it.
+func (k *Kubelet) deadlineExceeded(ctx context.Context, p *corev1.Pod) {
+	if k.hooks.Stop != nil {
+		k.hooks.Stop(p)
+	}
+	k.mu.Lock()
+	delete(k.started, string(p.UID))
+	k.mu.Unlock()
+	now := metav1.Now()
+	p.Status.Phase = corev1.PodFailed
+	p.Status.Reason = "DeadlineExceeded"
+	p.Status.Message = "Pod was active on the node longer than the specified deadline"
+	for i := range p.Status.ContainerStatuses {
+		p.Status.ContainerStatuses[i].State = corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{ExitCode: 137, Reason: "Error", FinishedAt: now}}
+	}
+	if _, err := k.cs.CoreV1().Pods(k.ns).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) && ctx.Err() == nil {
+		k.fail(fmt.Errorf("mark pod %s past its deadline: %w", p.Name, err))
 	}
 }
 

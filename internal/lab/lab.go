@@ -11,7 +11,9 @@ package lab
 
 import (
 	"context"
+	"crypto/rand"
 	_ "embed"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -180,6 +182,17 @@ func WaitFor(ctx context.Context, timeout time.Duration, what string, cond func(
 		case <-tick.C:
 		}
 	}
+}
+
+// RunID is a short name for one run of a test on the shared control plane, new on every
+// call: a repeated test (-count=N, a re-run) never meets the namespaces, releases or
+// PersistentVolumes of an earlier run, which may still be terminating.
+func RunID() string {
+	var b [3]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err)
+	}
+	return hex.EncodeToString(b[:])
 }
 
 // DataRoot holds the lab nodes' Vault data directories. It is not under /tmp: the agent

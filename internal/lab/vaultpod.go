@@ -49,6 +49,7 @@ type VaultPods struct {
 
 	mu     sync.Mutex
 	vaults map[string]*Vault // pod name → process
+	uids   map[string]string // pod name → the UID of the pod its process runs for
 }
 
 // Hooks are the PodHooks for StartKubelet.
@@ -161,7 +162,16 @@ func (vp *VaultPods) start(ctx context.Context, pod *corev1.Pod) (string, error)
 		vp.vaults = map[string]*Vault{}
 	}
 	vp.vaults[pod.Name] = v
+	vp.setUID(pod)
 	return ip, nil
+}
+
+// setUID records which incarnation of a pod runs (vp.mu held): stop acts only on that.
+func (vp *VaultPods) setUID(pod *corev1.Pod) {
+	if vp.uids == nil {
+		vp.uids = map[string]string{}
+	}
+	vp.uids[pod.Name] = string(pod.UID)
 }
 
 var tlsFileRe = regexp.MustCompile(`(?m)^\s*tls_(cert|key)_file\s*=\s*"([^"]+)"\s*$`)
@@ -255,6 +265,7 @@ func (vp *VaultPods) startDrill(ctx context.Context, pod *corev1.Pod) (string, e
 		vp.vaults = map[string]*Vault{}
 	}
 	vp.vaults[pod.Name] = v
+	vp.setUID(pod)
 	return ip, nil
 }
 
@@ -265,10 +276,16 @@ func (vp *VaultPods) netns(ord int) *Netns {
 	return vp.Netns(ord)
 }
 
+// stop stops the process of exactly this incarnation of the pod: a newer pod of the same
+// name keeps running.
 func (vp *VaultPods) stop(pod *corev1.Pod) {
 	vp.mu.Lock()
-	v := vp.vaults[pod.Name]
-	delete(vp.vaults, pod.Name)
+	var v *Vault
+	if vp.uids[pod.Name] == string(pod.UID) {
+		v = vp.vaults[pod.Name]
+		delete(vp.vaults, pod.Name)
+		delete(vp.uids, pod.Name)
+	}
 	vp.mu.Unlock()
 	if v != nil {
 		v.Close()
