@@ -104,6 +104,9 @@ func Run(ctx context.Context, opts DaemonOptions) error {
 	discovered := make(chan discovery, 1)
 	discovering := false
 	d.startBackground(ctx)
+	cleaned := make(chan struct{})
+	go func() { defer close(cleaned); d.cleanLeftoverDrills(ctx, env) }()
+	defer func() { <-cleaned }()
 	startDiscovery := func() {
 		if discovering {
 			return // the last one has not answered: never pile up behind a hung API server
@@ -112,10 +115,16 @@ func Run(ctx context.Context, opts DaemonOptions) error {
 		go d.discover(ctx, d.currentEnv(), discovered)
 	}
 	startDiscovery()
-	tick := time.Duration(min(int64(opts.DiscoverInterval), int64(max(opts.WatchdogInterval/2, 100*time.Millisecond))))
 	nextDiscover := clock.Now().Add(opts.DiscoverInterval)
 	for {
 		d.beat()
+		// Wake only when something is due: the next discovery, and with a watchdog a
+		// beat every half interval (the pinger withholds its ping after two intervals
+		// without one). An idle daemon without a watchdog sleeps until discovery.
+		tick := max(nextDiscover.Sub(clock.Now()), time.Millisecond)
+		if opts.WatchdogInterval > 0 {
+			tick = min(tick, max(opts.WatchdogInterval/2, 10*time.Millisecond))
+		}
 		select {
 		case <-ctx.Done():
 			d.notify("STOPPING=1")
@@ -259,6 +268,31 @@ func (d *daemon) reload(ctx context.Context) {
 		d.log.Info("configuration and keyfile reloaded")
 	}
 	d.startBackground(ctx)
+}
+
+// cleanLeftoverDrills deletes what a drill killed with its process left in the cluster
+// (a restored copy of the data, unsealed, until its deadline), once at start, trying
+// again while the API server does not answer. A drill running now cleans up itself.
+func (d *daemon) cleanLeftoverDrills(ctx context.Context, env *Env) {
+	if env.Config.Vault.PodAccess == "static" {
+		return
+	}
+	for {
+		gone, err := CleanupDrills(ctx, env)
+		switch {
+		case err == nil:
+			if len(gone) > 0 {
+				d.log.Warn("deleted what an interrupted restore drill left", "objects", gone)
+			}
+			return
+		case errors.Is(err, ErrBusy) || ctx.Err() != nil:
+			return
+		}
+		d.log.Warn("could not look for what an interrupted drill left; trying again", "err", err)
+		if sleep(ctx, env.Clock, 30*time.Second) != nil {
+			return
+		}
+	}
 }
 
 func (d *daemon) notify(states ...string) {

@@ -244,7 +244,7 @@ func (s *drillState) startPod(ctx context.Context) (string, error) {
 		nodes = append(nodes, n.Name)
 	}
 	podName, uid, image, err := cl.StartDrill(ctx, k8s.DrillSpec{Release: env.Config.Chart.Release, ID: s.id, Nodes: nodes,
-		Config: drillConfig(), TLSCert: s.certPEM, TLSKey: s.keyPEM})
+		Config: drillConfig(), TLSCert: s.certPEM, TLSKey: s.keyPEM, Deadline: env.Config.Snapshots.DrillDeadline})
 	if uid != "" {
 		s.podUID = uid
 	}

@@ -137,7 +137,7 @@ func (e *Env) SSH(acceptNew bool) (provision.SSHConfig, error) {
 			return provision.SSHConfig{}, fmt.Errorf("ssh.identity: %w", err)
 		}
 		e.ssh = &provision.SSHConfig{User: s.User, Port: s.Port, Key: key.Bytes(), KnownHosts: s.KnownHosts,
-			Sudo: s.Sudo, ConnectTimeout: s.ConnectTimeout, CommandTimeout: s.CommandTimeout}
+			Sudo: s.Sudo, ConnectTimeout: s.ConnectTimeout, CommandTimeout: s.CommandTimeout, KeepaliveInterval: s.KeepaliveInterval}
 	}
 	c := *e.ssh
 	c.AcceptNewHostKey = acceptNew

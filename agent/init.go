@@ -40,13 +40,14 @@ type InitReport struct {
 }
 
 type initState struct {
-	env      *Env
-	opts     InitOptions
-	recovery vault.Sealer
-	pods     []vaultPod
-	root     vault.Token
-	kf       *vault.Keyfile
-	rep      *InitReport
+	env       *Env
+	opts      InitOptions
+	recovery  vault.Sealer
+	recipient string // what recovery seals to
+	pods      []vaultPod
+	root      vault.Token
+	kf        *vault.Keyfile
+	rep       *InitReport
 }
 
 // initSteps are init's steps in three parts: the checks (interruptible: nothing has
@@ -85,7 +86,7 @@ func Init(ctx context.Context, env *Env, opts InitOptions) (*InitReport, error) 
 		if s.kf != nil {
 			s.rep.Meta = s.kf.Meta()
 			if len(s.kf.ManifestKey) > 0 {
-				s.rep.ManifestKey = ManifestKeyFingerprint(s.kf.ManifestKey)
+				s.rep.ManifestKey = vault.ManifestKeyFingerprint(s.kf.ManifestKey)
 			}
 		}
 	}()
@@ -121,6 +122,7 @@ func (s *initState) check(ctx context.Context) (string, error) {
 	}
 	if recipient != "" {
 		var err error
+		s.recipient = recipient
 		if s.recovery, err = recoverySealer(recipient); err != nil {
 			return "", err
 		}
@@ -199,6 +201,9 @@ func (s *initState) recoveryCopy(ctx context.Context) (string, error) {
 	if err := vault.WriteKeyfile(ctx, s.recoveryPath(), s.kf, s.recovery, true); err != nil {
 		return "", fmt.Errorf("write the recovery copy: %w", err)
 	}
+	if err := s.env.recordRecovery(s.recipient); err != nil {
+		return "", fmt.Errorf("record the recovery copy's recipient: %w", err)
+	}
 	s.rep.RecoveryCopy = s.recoveryPath()
 	return s.recoveryPath(), nil
 }
@@ -226,13 +231,8 @@ func (s *initState) tokens(ctx context.Context) (string, error) {
 		return "", err
 	}
 	s.kf.SnapshotToken, s.kf.OperatorToken, s.kf.Canary = toks.Snapshot, toks.Operator, hex.EncodeToString(canary)
-	if err := s.env.Keyfile.Write(ctx, s.kf, false); err != nil {
+	if err := s.env.writeKeyfileFor(ctx, s.kf, false, s.recipient); err != nil {
 		return "", fmt.Errorf("record the tokens in the keyfile: %w", err)
-	}
-	if s.recovery != nil {
-		if err := vault.WriteKeyfile(ctx, s.recoveryPath(), s.kf, s.recovery, false); err != nil {
-			return "", fmt.Errorf("update the recovery copy: %w", err)
-		}
 	}
 	return fmt.Sprintf("snapshot and operator tokens, period %s", s.env.Config.Vault.TokenPeriod), nil
 }

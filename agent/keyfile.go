@@ -16,11 +16,15 @@ import (
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
 
-// KeyfileSource is where the agent's keyfile is read from and written to. The choice is
-// made once, where the binary is wired: the sealed file at Path, or, when the service
-// manager decrypted it (LoadCredentialEncrypted=pve-vault-agent-unseal:PATH), that
-// credential. Only the main keyfile ever comes from a credential; writes always go to
-// Path, and after a write this process reads Path too.
+// KeyfileSource is where the agent's keyfile is read from and written to: the sealed
+// file at Path, or, when the service manager decrypted it at start
+// (LoadCredentialEncrypted=pve-vault-agent-unseal:PATH), that credential. Writes always
+// go to Path. When Path was written after the credential was loaded (a token rotation
+// or a recover run by hand while the service runs), the credential is stale: Path is
+// read from then on, decrypted by this process, so a running daemon uses the rotated
+// tokens at its next backup or renewal without a restart. Where this process cannot
+// decrypt it (a TPM2 seal inside the service's sandbox, which has no devices), the
+// credential stays in use and Stale says why: the service must be restarted.
 type KeyfileSource struct {
 	Path string
 	// Credential is the decrypted credential file, or "".
@@ -28,7 +32,8 @@ type KeyfileSource struct {
 
 	cfg     *configs.Config
 	mu      sync.Mutex
-	written bool
+	written bool  // Path is the source (written or found newer than the credential)
+	stale   error // why a newer Path could not be read
 	sealer  vault.Sealer
 }
 
@@ -85,6 +90,18 @@ func (k *KeyfileSource) Sealer() (vault.Sealer, error) {
 
 // Read opens the keyfile.
 func (k *KeyfileSource) Read(ctx context.Context) (*vault.Keyfile, error) {
+	if k.fromCredential() && k.pathNewer() {
+		kf, err := k.readPath(ctx)
+		k.mu.Lock()
+		k.stale = err
+		if err == nil {
+			k.written = true
+		}
+		k.mu.Unlock()
+		if err == nil {
+			return kf, nil
+		}
+	}
 	if k.fromCredential() {
 		b, err := safefile.ReadSecret(k.Credential, 1<<20)
 		if err != nil {
@@ -97,6 +114,10 @@ func (k *KeyfileSource) Read(ctx context.Context) (*vault.Keyfile, error) {
 		}
 		return kf, nil
 	}
+	return k.readPath(ctx)
+}
+
+func (k *KeyfileSource) readPath(ctx context.Context) (*vault.Keyfile, error) {
 	s, err := k.Sealer()
 	if err != nil {
 		return nil, err
@@ -126,20 +147,52 @@ func (k *KeyfileSource) Write(ctx context.Context, kf *vault.Keyfile, exclusive 
 	return nil
 }
 
+// prepare seals kf into a temporary file beside Path (see writeKeyfileFor).
+func (k *KeyfileSource) prepare(ctx context.Context, kf *vault.Keyfile) (*vault.PendingKeyfile, error) {
+	s, err := k.Sealer()
+	if err != nil {
+		return nil, err
+	}
+	return vault.PrepareKeyfile(ctx, k.Path, kf, s)
+}
+
+// commit puts a prepared keyfile in place; this process reads Path from then on.
+func (k *KeyfileSource) commit(p *vault.PendingKeyfile, exclusive bool) error {
+	if exclusive && vault.KeyfileExists(k.Path) {
+		return fmt.Errorf("%w: %s", vault.ErrKeyfileExists, k.Path)
+	}
+	if err := p.Commit(exclusive); err != nil {
+		return err
+	}
+	k.mu.Lock()
+	k.written = true
+	k.mu.Unlock()
+	return nil
+}
+
 // Exists reports whether a keyfile is at Path (or in the credential).
 func (k *KeyfileSource) Exists() bool {
 	return vault.KeyfileExists(k.Path) || k.fromCredential()
 }
 
-// Modified reports whether the file at Path changed after the credential was loaded:
-// a rotation wrote it and the service must be restarted to load it.
-func (k *KeyfileSource) Modified() bool {
-	if !k.fromCredential() {
-		return false
-	}
+// pathNewer reports whether the file at Path was written after the credential was
+// loaded.
+func (k *KeyfileSource) pathNewer() bool {
 	a, err1 := os.Stat(k.Path)
 	b, err2 := os.Stat(k.Credential)
 	return err1 == nil && err2 == nil && a.ModTime().After(b.ModTime())
+}
+
+// Stale says why this process still reads a credential older than the keyfile at Path
+// (nil when it does not): the service must be restarted to load the new one.
+func (k *KeyfileSource) Stale() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.written || k.stale == nil {
+		return nil
+	}
+	return withHint(fmt.Errorf("the keyfile at %s was rewritten after the service loaded it, and this process cannot decrypt it: %w", k.Path, k.stale),
+		"restart the service to load it: systemctl restart pve-vault-agent")
 }
 
 // parseAgeSealer reads an age X25519 identity: it opens the keyfile and, through its

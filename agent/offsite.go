@@ -28,10 +28,14 @@ type TargetResult struct {
 	Target   string   `json:"target"`
 	Pushed   []string `json:"pushed"`
 	Bytes    int64    `json:"bytes"`
-	Recovery string   `json:"recovery_copy,omitempty"`
-	Pruned   []string `json:"pruned"`
-	Newest   string   `json:"newest_remote,omitempty"`
-	Error    string   `json:"error,omitempty"`
+	Recovery string   `json:"recovery_copy,omitempty"` // uploaded by this push
+	// RecoveryOnTarget is the newest recovery copy the target holds after the push, and
+	// RecoveryRecipient what it is sealed to.
+	RecoveryOnTarget  string   `json:"recovery_on_target,omitempty"`
+	RecoveryRecipient string   `json:"recovery_recipient,omitempty"`
+	Pruned            []string `json:"pruned"`
+	Newest            string   `json:"newest_remote,omitempty"`
+	Error             string   `json:"error,omitempty"`
 }
 
 // targetConfig finds a configured target by name.
@@ -49,20 +53,21 @@ func (e *Env) targetConfig(name string) (configs.Target, error) {
 }
 
 // openTarget connects to a target. For SFTP the server's host key is checked against
-// known_hosts exactly as for node VMs.
-func (e *Env) openTarget(ctx context.Context, t configs.Target) (offsite.Target, error) {
+// known_hosts exactly as for node VMs. a (nil: none) counts the target's progress for
+// an attempt's idle deadline; abort closes its connection.
+func (e *Env) openTarget(ctx context.Context, t configs.Target, a *offsite.Activity) (tg offsite.Target, abort func(), err error) {
 	switch t.Type {
 	case "dir":
-		return &offsite.Dir{Root: t.Path}, nil
+		return &offsite.Dir{Root: t.Path}, nil, nil
 	case "sftp":
 		cfg, err := e.SSH(false)
 		if err != nil && !t.Identity.IsSet() {
-			return nil, err
+			return nil, nil, err
 		}
 		if t.Identity.IsSet() {
 			key, err := t.Identity.Read()
 			if err != nil {
-				return nil, fmt.Errorf("snapshots.targets %s identity: %w", t.Name, err)
+				return nil, nil, fmt.Errorf("snapshots.targets %s identity: %w", t.Name, err)
 			}
 			cfg.Key = key.Bytes()
 		}
@@ -75,37 +80,52 @@ func (e *Env) openTarget(ctx context.Context, t configs.Target) (offsite.Target,
 		if cfg.ConnectTimeout == 0 {
 			cfg.ConnectTimeout = e.Config.SSH.ConnectTimeout
 		}
+		if cfg.KeepaliveInterval == 0 {
+			cfg.KeepaliveInterval = e.Config.SSH.KeepaliveInterval
+		}
 		host, port := t.Address, 22
 		if h, p, err := net.SplitHostPort(t.Address); err == nil {
 			host = h
 			if port, err = strconv.Atoi(p); err != nil {
-				return nil, fmt.Errorf("snapshots.targets %s address %q: bad port", t.Name, t.Address)
+				return nil, nil, fmt.Errorf("snapshots.targets %s address %q: bad port", t.Name, t.Address)
 			}
 		}
 		cfg.User, cfg.Port, cfg.Sudo = t.User, port, "never"
 		conn, err := provision.Dial(ctx, host, cfg)
 		if err != nil {
-			return nil, fmt.Errorf("target %s: %w", t.Name, err)
+			return nil, nil, fmt.Errorf("target %s: %w", t.Name, err)
 		}
+		// The SFTP subsystem's start is bounded like the SSH handshake.
+		hung := time.AfterFunc(cfg.ConnectTimeout, func() { conn.Close() })
 		s, err := offsite.NewSFTP(conn.Client(), t.Path, t.User+"@"+t.Address)
+		if !hung.Stop() && err == nil {
+			err = fmt.Errorf("target %s: the SFTP subsystem did not start within %s", t.Name, cfg.ConnectTimeout)
+		}
 		if err != nil {
 			conn.Close()
-			return nil, err
+			return nil, nil, err
 		}
-		return closeAlso{s, func() { conn.Close() }}, nil
+		if !s.CanSync() {
+			e.Log.Warn("the SFTP server does not offer fsync@openssh.com: copies are renamed into place without being flushed to its disk", "target", t.Name)
+		}
+		return closeAlso{s, func() { conn.Close() }}, func() { conn.Close() }, nil
 	case "s3":
 		ak, err := t.AccessKey.Read()
 		if err != nil {
-			return nil, fmt.Errorf("snapshots.targets %s access_key: %w", t.Name, err)
+			return nil, nil, fmt.Errorf("snapshots.targets %s access_key: %w", t.Name, err)
 		}
 		sk, err := t.SecretKey.Read()
 		if err != nil {
-			return nil, fmt.Errorf("snapshots.targets %s secret_key: %w", t.Name, err)
+			return nil, nil, fmt.Errorf("snapshots.targets %s secret_key: %w", t.Name, err)
 		}
-		return offsite.NewS3(offsite.S3Config{Endpoint: t.Endpoint, Bucket: t.Bucket, Prefix: t.Prefix, Region: t.Region,
-			AccessKey: ak.Trimmed(), SecretKey: sk.Trimmed(), CAFile: t.CAFile, AllowHTTP: t.AllowHTTP})
+		s3, err := offsite.NewS3(offsite.S3Config{Endpoint: t.Endpoint, Bucket: t.Bucket, Prefix: t.Prefix, Region: t.Region,
+			AccessKey: ak.Trimmed(), SecretKey: sk.Trimmed(), CAFile: t.CAFile, AllowHTTP: t.AllowHTTP, Activity: a})
+		if err != nil {
+			return nil, nil, err
+		}
+		return s3, s3.Abort, nil
 	}
-	return nil, fmt.Errorf("target %s: unknown type %q", t.Name, t.Type)
+	return nil, nil, fmt.Errorf("target %s: unknown type %q", t.Name, t.Type)
 }
 
 // closeAlso closes the SSH connection under an SFTP target with it.
@@ -195,15 +215,19 @@ func pushTarget(ctx context.Context, env *Env, kf *vault.Keyfile, store *snapsho
 	return res
 }
 
-// withTarget connects to the target and runs f, the whole tried three times.
+// withTarget connects to the target and runs f, the whole tried three times. Each
+// attempt has an idle deadline (snapshots.idle_timeout): when nothing moves on the
+// target for that long its connection is closed and the attempt ends, so a hung server
+// never holds a backup (and the snapshot lock) for longer.
 func (e *Env) withTarget(ctx context.Context, tc configs.Target, what string, f func(context.Context, offsite.Target) error) error {
 	return e.retry(ctx, what, func(ctx context.Context) error {
-		t, err := e.openTarget(ctx, tc)
+		a := offsite.NewActivity()
+		t, abort, err := e.openTarget(ctx, tc, a)
 		if err != nil {
 			return err
 		}
 		defer t.Close()
-		return f(ctx, t)
+		return offsite.Attempt(ctx, t, a, e.Config.Snapshots.IdleTimeout, abort, f)
 	})
 }
 
@@ -250,6 +274,7 @@ func finishTarget(ctx context.Context, env *Env, t offsite.Target, tc configs.Ta
 	if uploaded {
 		res.Recovery = name
 	}
+	res.RecoveryOnTarget, res.RecoveryRecipient = name, RecoveryRecordOf(env).Recipient
 	r := tc.Retention
 	if res.Pruned, err = offsite.Prune(ctx, t, snapshot.Policy{KeepLast: r.KeepLast, Hourly: r.Hourly, Daily: r.Daily, Weekly: r.Weekly, Monthly: r.Monthly}, env.Clock.Now()); err != nil {
 		return err
@@ -286,23 +311,6 @@ func (e *Env) retry(ctx context.Context, what string, f func(context.Context) er
 	return err
 }
 
-// recoveryCopy is the local path of the keyfile's recovery copy, written now if the
-// recipient was configured after init.
-func (e *Env) recoveryCopy(ctx context.Context, kf *vault.Keyfile) (string, error) {
-	p := e.Config.Vault.Keyfile + ".recovery.age"
-	if _, err := os.Stat(p); err == nil {
-		return p, nil
-	}
-	rs, err := recoverySealer(e.Config.Vault.RecoveryRecipient)
-	if err != nil {
-		return "", err
-	}
-	if err := vault.WriteKeyfile(ctx, p, kf, rs, true); err != nil && !errors.Is(err, os.ErrExist) {
-		return "", fmt.Errorf("write the recovery copy: %w", err)
-	}
-	return p, nil
-}
-
 // OffsiteRecord is the last push to each target, kept in the state directory for
 // status and metrics.
 type OffsiteRecord struct {
@@ -313,6 +321,10 @@ type OffsiteRecord struct {
 	Failures    int       `json:"failures"`
 	Bytes       int64     `json:"bytes"`
 	Newest      string    `json:"newest_remote,omitempty"`
+	// RecoveryCopy is the recovery copy last pushed (or found) there and
+	// RecoveryRecipient the key it is sealed to.
+	RecoveryCopy      string `json:"recovery_copy,omitempty"`
+	RecoveryRecipient string `json:"recovery_recipient,omitempty"`
 }
 
 var offsiteRecordMu sync.Mutex
@@ -353,6 +365,9 @@ func (e *Env) recordOffsite(res TargetResult) error {
 		if res.Newest != "" {
 			r.Newest = res.Newest
 		}
+		if res.RecoveryOnTarget != "" {
+			r.RecoveryCopy, r.RecoveryRecipient = res.RecoveryOnTarget, res.RecoveryRecipient
+		}
 	}
 	recs[res.Target] = r
 	return writeJSONAtomic(e.offsiteRecordPath(), recs)
@@ -364,12 +379,12 @@ func TargetCopies(ctx context.Context, env *Env, name string) ([]offsite.Copy, e
 	if err != nil {
 		return nil, err
 	}
-	t, err := env.openTarget(ctx, tc)
-	if err != nil {
-		return nil, err
-	}
-	defer t.Close()
-	return offsite.Copies(ctx, t)
+	var copies []offsite.Copy
+	err = env.withTarget(ctx, tc, "list the copies on "+name, func(ctx context.Context, t offsite.Target) (err error) {
+		copies, err = offsite.Copies(ctx, t)
+		return err
+	})
+	return copies, err
 }
 
 // VerifyTarget downloads every complete copy on a target, authenticates its manifest,
@@ -515,8 +530,9 @@ func (c *offsiteCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// openWithIdentity reads the operator's identity, connects to the named target and
-// makes sure the state directory (where downloads land, 0700) exists.
+// openWithIdentity reads the operator's identity, connects to the named target (every
+// call on it under the idle deadline, snapshots.idle_timeout) and makes sure the state
+// directory (where downloads land, 0700) exists.
 func (e *Env) openWithIdentity(ctx context.Context, name, identityFile string) (offsite.Target, []age.Identity, string, error) {
 	ids, err := readIdentities(identityFile)
 	if err != nil {
@@ -530,9 +546,11 @@ func (e *Env) openWithIdentity(ctx context.Context, name, identityFile string) (
 	if err := safefile.PrivateDir(stateDir); err != nil {
 		return nil, nil, "", fmt.Errorf("state directory: %w", err)
 	}
-	t, err := e.openTarget(ctx, tc)
+	a := offsite.NewActivity()
+	t, abort, err := e.openTarget(ctx, tc, a)
 	if err != nil {
 		return nil, nil, "", err
 	}
-	return t, ids, stateDir, nil
+	w, stop := offsite.Watch(t, a, e.Config.Snapshots.IdleTimeout, abort)
+	return closeAlso{w, stop}, ids, stateDir, nil
 }

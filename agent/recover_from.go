@@ -3,8 +3,6 @@ package agent
 import (
 	"bytes"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"errors"
 	"fmt"
 	"os"
@@ -26,7 +24,19 @@ type RecoverFromOptions struct {
 	// swapped, the head is missing, or copies look rolled back.
 	Force  bool
 	DryRun bool
+	// ManifestKey pins the recovery to the manifest key init printed (sha256:…): a
+	// recovery copy under any other key is ignored, and none left is a refusal, before
+	// any snapshot copy is fetched. Anyone who can write to the store can plant a
+	// keyfile encrypted to the public recipient, with its own manifest key and copies.
+	ManifestKey string
+	// Confirm, when no ManifestKey pins the recovery, is asked whether the fingerprint
+	// found is the one init printed, before anything is fetched; an error stops.
+	Confirm func(found string) error
 }
+
+// ErrManifestKey refuses a recovery whose recovery copies carry another manifest key
+// than the operator pinned.
+var ErrManifestKey = errors.New("no recovery copy under the pinned manifest key")
 
 // RecoverFromReport says which copy and keyfile were fetched, then the recover.
 type RecoverFromReport struct {
@@ -41,12 +51,6 @@ type RecoverFromReport struct {
 	Problems    []string       `json:"problems"`
 	Snapshot    string         `json:"snapshot"`
 	Recover     *RecoverReport `json:"recover,omitempty"`
-}
-
-// ManifestKeyFingerprint identifies a manifest key without revealing it.
-func ManifestKeyFingerprint(key []byte) string {
-	h := sha256.Sum256(append([]byte("pve-vault-agent manifest key\n"), key...))
-	return "sha256:" + hex.EncodeToString(h[:8])
 }
 
 // RecoverFrom fetches the newest authentic copy and the keyfile's recovery copy from a
@@ -78,10 +82,16 @@ func RecoverFrom(ctx context.Context, env *Env, opts RecoverFromOptions) (*Recov
 	var kf *vault.Keyfile
 	var choice offsite.Choice
 	var lastErr error
+	var other []string // manifest keys of recovery copies the pin ruled out
 	for _, o := range rcs {
 		k, err := openRecoveryCopy(ctx, t, o.Name, stateDir, ids)
 		if err != nil {
 			rep.Problems = append(rep.Problems, err.Error())
+			continue
+		}
+		if fp := vault.ManifestKeyFingerprint(k.ManifestKey); opts.ManifestKey != "" && fp != opts.ManifestKey {
+			env.Log.Warn("ignoring a recovery copy under another manifest key than the one pinned", "copy", o.Name, "manifest_key", fp, "pinned", opts.ManifestKey)
+			other = append(other, o.Name+" ("+fp+")")
 			continue
 		}
 		ch, err := offsite.Choose(ctx, t, ids, k.ManifestKey, opts.Force)
@@ -95,16 +105,28 @@ func RecoverFrom(ctx context.Context, env *Env, opts RecoverFromOptions) (*Recov
 		kf, choice, rep.KeyfileCopy = k, ch, o.Name
 		break
 	}
+	if kf == nil && opts.ManifestKey != "" {
+		return nil, withHint(fmt.Errorf("%w %s on %s (recovery copies under other keys: %v); nothing was fetched", ErrManifestKey, opts.ManifestKey, t, other),
+			"compare --manifest-key with the fingerprint init printed; a recovery copy under another key was written by someone else than this cluster's agent")
+	}
 	if kf == nil {
 		return nil, fmt.Errorf("no keyfile recovery copy on %s authenticates a snapshot copy there: %v", t, errors.Join(lastErr, errors.New(fmt.Sprint(rep.Problems))))
 	}
 	rep.Problems = append(rep.Problems, choice.Problems...)
-	rep.Copy, rep.ManifestKey, rep.ClusterID = choice.Signed.Copy, ManifestKeyFingerprint(kf.ManifestKey), kf.ClusterID
+	rep.Copy, rep.ManifestKey, rep.ClusterID = choice.Signed.Copy, vault.ManifestKeyFingerprint(kf.ManifestKey), kf.ClusterID
 	for _, p := range choice.Problems {
 		env.Log.Warn("recovering despite a problem with the copies (--force)", "target", opts.Target, "problem", p)
 	}
 	if opts.DryRun {
 		return rep, nil
+	}
+	if opts.ManifestKey == "" {
+		if opts.Confirm == nil {
+			return rep, hintf("pass --manifest-key with the fingerprint init printed", "recover --from found manifest key %s and has no way to ask whether it is this cluster's", rep.ManifestKey)
+		}
+		if err := opts.Confirm(rep.ManifestKey); err != nil {
+			return rep, err
+		}
 	}
 
 	store, err := snapshotStore(ctx, env)
@@ -150,7 +172,7 @@ func readIdentities(path string) ([]age.Identity, error) {
 func openRecoveryCopy(ctx context.Context, t offsite.Target, name, dir string, ids []age.Identity) (*vault.Keyfile, error) {
 	tmp := filepath.Join(dir, ".recovery-copy.tmp")
 	defer os.Remove(tmp)
-	if err := offsite.Download(ctx, t, name, tmp); err != nil {
+	if err := offsite.Download(ctx, t, name, tmp, offsite.MaxRecoveryCopy); err != nil {
 		return nil, fmt.Errorf("%s: %w", name, err)
 	}
 	var lastErr error

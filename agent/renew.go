@@ -77,14 +77,11 @@ func (d *daemon) renewTokens(ctx context.Context, env *Env) bool {
 
 // tokenRefused looks for a newer keyfile (a rotation) when Vault refuses a token.
 func (d *daemon) tokenRefused(ctx context.Context, env *Env, kf *vault.Keyfile) {
-	if env.Keyfile.Modified() {
-		d.log.Error("the keyfile on disk changed after the service loaded it (a token rotation): restart the service to load it (systemctl restart pve-vault-agent)")
-		return
-	}
-	if env.Keyfile.Credential != "" {
-		return
-	}
 	fresh, err := env.Keyfile.Read(ctx)
+	if stale := env.Keyfile.Stale(); stale != nil {
+		d.log.Error("the keyfile was rotated but cannot be loaded", "err", stale, "hint", Hints(stale))
+		return
+	}
 	if err != nil || fresh.OperatorToken == kf.OperatorToken && fresh.SnapshotToken == kf.SnapshotToken {
 		return
 	}

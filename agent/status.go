@@ -3,6 +3,8 @@ package agent
 import (
 	"context"
 	"fmt"
+	"os"
+	"strings"
 	"time"
 
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
@@ -25,6 +27,7 @@ type Status struct {
 	NextBackup   time.Time        `json:"next_backup,omitzero"`
 	LastDrill    *DrillStatus     `json:"last_drill,omitempty"`
 	Offsite      []OffsiteStatus  `json:"offsite,omitempty"`
+	RecoveryCopy *RecoveryStatus  `json:"recovery_copy,omitempty"`
 	Warnings     []string         `json:"warnings"`
 	Attention    []string         `json:"attention"`
 }
@@ -83,6 +86,7 @@ func GetStatus(ctx context.Context, env *Env) *Status {
 	es := sb.snapshots(ctx)
 	drillStatus(env, sb.st, sb.now, sb.attn)
 	sb.offsite(es)
+	sb.recovery()
 	return sb.st
 }
 
@@ -212,8 +216,8 @@ func (sb *statusBuilder) keyfile(ctx context.Context, active vaultPod) {
 			}
 		}
 	}
-	if sb.env.Keyfile.Modified() {
-		sb.attn("the keyfile on disk changed after the service loaded it (a rotation): restart the service (systemctl restart pve-vault-agent)")
+	if err := sb.env.Keyfile.Stale(); err != nil {
+		sb.attn("%v (%s)", err, strings.Join(Hints(err), "; "))
 	}
 }
 
@@ -268,7 +272,43 @@ func (sb *statusBuilder) offsite(es []snapshot.Entry) {
 		case s.Behind:
 			sb.attn("off-host target %s lacks the newest snapshot (its newest: %q); the next backup pushes it", s.Target, s.Newest)
 		}
+		if want := sb.env.Config.Vault.RecoveryRecipient; s.RecoveryCopy != "" && !sameRecipient(s.RecoveryRecipient, want) {
+			sb.attn("the recovery copy on %s (%s) is sealed to %s, not to vault.recovery_recipient %s: the offline key in the configuration cannot open it; the next backup pushes one that it can", s.Target, s.RecoveryCopy, orUnknown(s.RecoveryRecipient), want)
+		}
 	}
+}
+
+// recovery: what the local recovery copy is sealed to, against the configuration.
+func (sb *statusBuilder) recovery() {
+	want := sb.env.Config.Vault.RecoveryRecipient
+	rec := RecoveryRecordOf(sb.env)
+	st := &RecoveryStatus{Path: sb.env.recoveryPath(), Recipient: rec.Recipient, Configured: want}
+	if _, err := os.Stat(st.Path); err != nil {
+		if want != "" && sb.env.Keyfile.Exists() {
+			sb.attn("no offline recovery copy of the keyfile at %s: the next backup writes it, sealed to vault.recovery_recipient", st.Path)
+		}
+		return
+	}
+	sb.st.RecoveryCopy = st
+	st.Current = want == "" || sameRecipient(rec.Recipient, want)
+	if !st.Current {
+		sb.attn("the offline recovery copy is sealed to %s, not to vault.recovery_recipient %s: the next backup seals it again and pushes it", orUnknown(rec.Recipient), want)
+	}
+}
+
+// RecoveryStatus says which key can open the keyfile's offline recovery copy.
+type RecoveryStatus struct {
+	Path       string `json:"path"`
+	Recipient  string `json:"recipient"`  // what it is sealed to ("" before the agent recorded it)
+	Configured string `json:"configured"` // vault.recovery_recipient
+	Current    bool   `json:"current"`    // the configured key opens it
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "an unrecorded key"
+	}
+	return s
 }
 
 // drillStatus adds the last drill, and attention when it failed or, with a drill

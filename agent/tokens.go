@@ -213,10 +213,13 @@ func (s *rotateState) mint(ctx context.Context) (string, error) {
 			return "", err
 		}
 	}
-	if err := s.env.writeKeyfile(ctx, &kf, false); err != nil {
-		// The new tokens exist in Vault but not in the keyfile: revoke them, keep the old.
+	if err := s.env.writeKeyfile(ctx, &kf, false); errors.Is(err, errRecoveryBehind) {
+		s.env.Log.Warn("tokens rotated; the offline recovery copy was not rewritten", "err", err)
+	} else if err != nil {
+		// Nothing was written: the new tokens exist in Vault only. Revoke them; the old
+		// keyfile and its tokens stay as they were.
 		s.revokeQuietly(toks.Snapshot, toks.Operator)
-		return "", fmt.Errorf("write the keyfile (the old one is unchanged): %w", err)
+		return "", fmt.Errorf("write the keyfile (the old one is unchanged, its tokens still valid): %w", err)
 	}
 	s.kf = &kf
 	s.rep.Rotated = true
@@ -270,24 +273,6 @@ func revokeRoot(ctx context.Context, env *Env, n *vault.Node, t vault.Token) {
 	if err := n.RevokeSelf(rctx, t); err != nil && !vault.IsPermissionDenied(errors.Unwrap(err)) {
 		env.Log.Error("could not revoke a root token the agent generated; revoke it by hand (vault token revoke -self with it is impossible now: use vault list auth/token/accessors as an admin)", "pod", n.Name, "err", err)
 	}
-}
-
-// writeKeyfile rewrites the keyfile and, when a recovery recipient is configured, its
-// offline copy.
-func (e *Env) writeKeyfile(ctx context.Context, kf *vault.Keyfile, exclusive bool) error {
-	if err := e.Keyfile.Write(ctx, kf, exclusive); err != nil {
-		return err
-	}
-	if r := e.Config.Vault.RecoveryRecipient; r != "" {
-		rs, err := recoverySealer(r)
-		if err != nil {
-			return err
-		}
-		if err := vault.WriteKeyfile(ctx, e.Config.Vault.Keyfile+".recovery.age", kf, rs, exclusive); err != nil {
-			return fmt.Errorf("the offline recovery copy: %w", err)
-		}
-	}
-	return nil
 }
 
 // ensureTokens checks the agent's tokens on the active node after a restore: valid ones

@@ -221,3 +221,40 @@ func TestInitInterrupted(t *testing.T) {
 		}
 	})
 }
+
+// A rotation that cannot seal the keyfile's recovery copy (a recipient age cannot parse,
+// set here behind validation's back) writes nothing: the keyfile and its tokens stay as
+// they were and valid, however often it is tried. Before, the keyfile went in place
+// first, its new tokens were then revoked, and every try pushed the last valid operator
+// token further out of the retired list.
+func TestRotationIsAllOrNothing(t *testing.T) {
+	vl := newVaultLab(t, 1)
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	if _, err := Init(ctx, vl.env, InitOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	before := vl.keyfile(t)
+	vl.cfg.Vault.RecoveryRecipient = "age1bad"
+	for i := 0; i < 5; i++ {
+		if _, err := RotateTokens(ctx, vl.env, TokenRotateOptions{}); err == nil || !strings.Contains(err.Error(), "nothing was written") {
+			t.Fatalf("rotation %d with a bad recipient: %v", i, err)
+		}
+	}
+	after := vl.keyfile(t)
+	if after.OperatorToken != before.OperatorToken || after.SnapshotToken != before.SnapshotToken || len(after.RetiredOperatorTokens) != 0 {
+		t.Fatal("the keyfile changed although the rotation failed")
+	}
+	n := vl.node(t, vl.pod(0))
+	for _, tok := range []vault.Token{after.OperatorToken, after.SnapshotToken} {
+		if _, err := n.LookupSelf(ctx, tok); err != nil {
+			t.Fatalf("a token of the unchanged keyfile was revoked: %v", err)
+		}
+	}
+	ents, _ := os.ReadDir(filepath.Dir(vl.cfg.Vault.Keyfile))
+	for _, e := range ents {
+		if strings.HasPrefix(e.Name(), ".keyfile-") || strings.Contains(e.Name(), "recovery") {
+			t.Fatalf("left in the state directory: %s", e.Name())
+		}
+	}
+}

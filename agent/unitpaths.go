@@ -63,7 +63,7 @@ func WritablePathWarnings(cfg *configs.Config, writable []string, resolved strin
 	var out []string
 	for _, u := range uses {
 		if !under(u.dir, writable) {
-			out = append(out, fmt.Sprintf("%s: %s is not writable by the service (ProtectSystem=strict; writable: %s): add `[Service]\\nReadWritePaths=%s` with `systemctl edit pve-vault-agent` (and pve-vault-agent-backup)",
+			out = append(out, fmt.Sprintf("%s: %s is not writable by the service (ProtectSystem=strict; writable: %s): `systemctl edit pve-vault-agent` (and pve-vault-agent-backup) and add the line ReadWritePaths=%s under [Service]",
 				u.key, u.dir, strings.Join(writable, " "), u.dir))
 		}
 	}

@@ -35,6 +35,10 @@ type Config struct {
 	Vault      Vault      `mapstructure:"vault" json:"vault"`
 	Snapshots  Snapshots  `mapstructure:"snapshots" json:"snapshots"`
 	Metrics    Metrics    `mapstructure:"metrics" json:"metrics"`
+	// CredentialsDir holds the encrypted credentials ({credential: NAME} is NAME.cred
+	// there, made with systemd-creds encrypt --name=NAME): the unit loads them with
+	// LoadCredentialEncrypted=, and a verb run by hand decrypts them itself.
+	CredentialsDir string `mapstructure:"credentials_dir" json:"credentials_dir"`
 }
 
 // Proxmox is the Proxmox VE API used to resolve node VMs and storage IDs.
@@ -86,6 +90,9 @@ type SSH struct {
 	Sudo           string        `mapstructure:"sudo" json:"sudo"`
 	ConnectTimeout time.Duration `mapstructure:"connect_timeout" json:"connect_timeout"`
 	CommandTimeout time.Duration `mapstructure:"command_timeout" json:"command_timeout"`
+	// KeepaliveInterval: every SSH connection (nodes, SFTP targets) is closed after three
+	// keepalives go unanswered.
+	KeepaliveInterval time.Duration `mapstructure:"keepalive_interval" json:"keepalive_interval"`
 }
 
 // Kubernetes is the cluster Vault runs in.
@@ -163,6 +170,9 @@ type Snapshots struct {
 	// DrillSchedule is when the daemon restores the newest snapshot into a throwaway
 	// Vault pod to prove it opens (same forms as Schedule); "" for none.
 	DrillSchedule string `mapstructure:"drill_schedule" json:"drill_schedule"`
+	// DrillDeadline is the drill pod's activeDeadlineSeconds: the kubelet stops the
+	// unsealed copy after this long even when the agent that started it died.
+	DrillDeadline time.Duration `mapstructure:"drill_deadline" json:"drill_deadline"`
 	// IdleTimeout abandons a snapshot or restore stream that moves no byte for this long
 	// (there is no total timeout: a large snapshot takes what it takes).
 	IdleTimeout time.Duration `mapstructure:"idle_timeout" json:"idle_timeout"`
@@ -226,12 +236,13 @@ func Defaults() Config {
 	return Config{
 		Proxmox: Proxmox{Timeout: 30 * time.Second},
 		SSH: SSH{
-			User:           "root",
-			Port:           22,
-			KnownHosts:     "/etc/pve-vault-agent/known_hosts",
-			Sudo:           "auto",
-			ConnectTimeout: 10 * time.Second,
-			CommandTimeout: 60 * time.Second,
+			User:              "root",
+			Port:              22,
+			KnownHosts:        "/etc/pve-vault-agent/known_hosts",
+			Sudo:              "auto",
+			ConnectTimeout:    10 * time.Second,
+			CommandTimeout:    60 * time.Second,
+			KeepaliveInterval: 15 * time.Second,
 		},
 		Kubernetes: Kubernetes{Kubeconfig: SecretRef{File: "/etc/pve-vault-agent/kubeconfig"}},
 		Chart: Chart{
@@ -258,12 +269,14 @@ func Defaults() Config {
 			TokenPeriod:     768 * time.Hour,
 		},
 		Snapshots: Snapshots{
-			Dir:         "/var/lib/pve-vault-agent/snapshots",
-			Schedule:    "6h",
-			IdleTimeout: 2 * time.Minute,
-			Retention:   Retention{KeepLast: 8, Daily: 7, Weekly: 4, Monthly: 6},
+			Dir:           "/var/lib/pve-vault-agent/snapshots",
+			Schedule:      "6h",
+			IdleTimeout:   2 * time.Minute,
+			DrillDeadline: 10 * time.Minute,
+			Retention:     Retention{KeepLast: 8, Daily: 7, Weekly: 4, Monthly: 6},
 		},
-		Metrics: Metrics{Listen: "127.0.0.1:9465"},
+		Metrics:        Metrics{Listen: "127.0.0.1:9465"},
+		CredentialsDir: "/etc/pve-vault-agent/credentials",
 	}
 }
 

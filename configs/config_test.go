@@ -57,7 +57,7 @@ func TestLoadMinimalAppliesDefaults(t *testing.T) {
 		t.Fatalf("vault defaults not applied: %+v", cfg.Vault)
 	}
 	if cfg.SSH != (SSH{User: "root", Port: 22, Identity: SecretRef{File: "/etc/pve-vault-agent/id_ed25519"}, KnownHosts: d.SSH.KnownHosts,
-		Sudo: "auto", ConnectTimeout: d.SSH.ConnectTimeout, CommandTimeout: d.SSH.CommandTimeout}) {
+		Sudo: "auto", ConnectTimeout: d.SSH.ConnectTimeout, CommandTimeout: d.SSH.CommandTimeout, KeepaliveInterval: d.SSH.KeepaliveInterval}) {
 		t.Fatalf("ssh: %+v", cfg.SSH)
 	}
 	if got := cfg.NodeHostPath(cfg.Nodes[0]); got != "/srv/vault" {
@@ -187,6 +187,8 @@ metrics: {listen: ":9465"}
 		{"kubeconfig as a plain path", minimal + "kubernetes: {kubeconfig: /etc/pve-vault-agent/kubeconfig}\n", []string{"kubernetes.kubeconfig"}},
 		{"chart name and digest", minimal + "chart: {name: ../../etc, digest: md5:abc}\n", []string{"chart.digest", "chart.name"}},
 		{"token period", minimal + "vault: {token_period: 1s}\n", []string{"vault.token_period"}},
+		// A prefix proves nothing: a recipient is parsed as age parses it.
+		{"recovery recipient", minimal + "vault: {recovery_recipient: age1bad}\nsnapshots: {drill_deadline: 1s}\n", []string{"snapshots.drill_deadline", "vault.recovery_recipient"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Load(writeConfig(t, tc.body))

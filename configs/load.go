@@ -123,6 +123,11 @@ func Load(path string) (*Config, error) {
 	if len(problems) > 0 {
 		return nil, &ValidationError{Source: path, Problems: problems}
 	}
+	for _, r := range cfg.SecretRefs() {
+		if r.Ref.Credential != "" {
+			r.Ref.sealed = cfg.SealedCredential(r.Ref.Credential)
+		}
+	}
 	return &cfg, nil
 }
 
@@ -172,6 +177,9 @@ func setDefaults(v *viper.Viper, rv reflect.Value, prefix string) {
 	rt := rv.Type()
 	for i := 0; i < rt.NumField(); i++ {
 		f := rt.Field(i)
+		if !f.IsExported() {
+			continue
+		}
 		key := f.Tag.Get("mapstructure")
 		if prefix != "" {
 			key = prefix + "." + key
@@ -197,8 +205,9 @@ func setDefaults(v *viper.Viper, rv reflect.Value, prefix string) {
 func unknownKeys(settings map[string]any, t reflect.Type, prefix string) []*FieldError {
 	known := map[string]reflect.StructField{}
 	for i := 0; i < t.NumField(); i++ {
-		f := t.Field(i)
-		known[f.Tag.Get("mapstructure")] = f
+		if f := t.Field(i); f.IsExported() {
+			known[f.Tag.Get("mapstructure")] = f
+		}
 	}
 	keys := make([]string, 0, len(settings))
 	for k := range settings {

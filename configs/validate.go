@@ -10,6 +10,8 @@ import (
 	"strings"
 	"time"
 
+	"filippo.io/age"
+
 	"github.com/pve-vault-agent/pve-vault-agent/provision"
 )
 
@@ -45,6 +47,9 @@ func (c *Config) validate() []*FieldError {
 	c.validateChart(&p)
 	c.validateVault(&p)
 	c.validateSnapshots(&p)
+	if !filepath.IsAbs(c.CredentialsDir) || filepath.Clean(c.CredentialsDir) != c.CredentialsDir {
+		p.add("credentials_dir", fmt.Sprintf("%q is not a clean absolute path", c.CredentialsDir), "the directory of the NAME.cred files, /etc/pve-vault-agent/credentials by default")
+	}
 	if c.Metrics.Listen != "" {
 		host, port, err := net.SplitHostPort(c.Metrics.Listen)
 		switch {
@@ -169,6 +174,9 @@ func (c *Config) validateSSH(p *problems) {
 	if s.CommandTimeout <= 0 {
 		p.add("ssh.command_timeout", "must be positive", `e.g. "60s"`)
 	}
+	if s.KeepaliveInterval <= 0 {
+		p.add("ssh.keepalive_interval", "must be positive", `e.g. "15s"`)
+	}
 }
 
 func (c *Config) validateKubernetes(p *problems) {
@@ -287,8 +295,10 @@ func (c *Config) validateVault(p *problems) {
 	default:
 		p.add("vault.seal", fmt.Sprintf("%q is not systemd-creds or age", v.Seal), `"systemd-creds" seals with the host key (TPM2 where present)`)
 	}
-	if v.RecoveryRecipient != "" && !strings.HasPrefix(v.RecoveryRecipient, "age1") {
-		p.add("vault.recovery_recipient", "not an age public key", "it starts with age1…; create one offline with age-keygen")
+	if v.RecoveryRecipient != "" {
+		if _, err := age.ParseX25519Recipient(v.RecoveryRecipient); err != nil {
+			p.add("vault.recovery_recipient", "not an age public key: "+err.Error(), "copy the whole age1… line age-keygen printed for the offline key (age-keygen -y KEYFILE prints it again)")
+		}
 	}
 }
 
@@ -312,6 +322,9 @@ func (c *Config) validateSnapshots(p *problems) {
 	}
 	if s.IdleTimeout <= 0 {
 		p.add("snapshots.idle_timeout", "must be positive", `e.g. "2m"`)
+	}
+	if s.DrillDeadline < 10*time.Second {
+		p.add("snapshots.drill_deadline", "must be at least 10s", `e.g. "10m": longer than a drill of your largest snapshot takes`)
 	}
 	validateRetention(p, "snapshots.retention", s.Retention)
 	seen := map[string]bool{}

@@ -13,6 +13,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 )
 
 // The objects of a restore drill carry DrillLabel (the drill's id) and DrillReleaseLabel;
@@ -45,6 +46,9 @@ type DrillSpec struct {
 	TLSCert, TLSKey []byte
 	// MemoryLimit caps the pod (a restore holds the snapshot in memory for a moment).
 	MemoryLimit resource.Quantity
+	// Deadline is the pod's activeDeadlineSeconds: the kubelet stops the unsealed copy
+	// after it even when the agent that started the drill is gone.
+	Deadline time.Duration
 }
 
 // DrillPod is the drill's pod once it runs.
@@ -101,10 +105,12 @@ func (c *Cluster) StartDrill(ctx context.Context, spec DrillSpec) (name, uid, im
 		return "", "", "", fmt.Errorf("create the drill's ConfigMap: %w", err)
 	}
 	// No egress: the restored copy holds production's leases and would revoke the ones
-	// expired by its clock against their real backends (with a CNI that enforces it).
+	// expired by its clock against their real backends. Ingress only on the API port
+	// from the nodes it may run on: the agent reaches it through an SSH tunnel to its
+	// node (and NetworkPolicy never blocks a pod's own node). Both need a CNI that
+	// enforces NetworkPolicies.
 	if _, err := c.Clients.NetworkingV1().NetworkPolicies(ns).Create(ctx, &networkingv1.NetworkPolicy{ObjectMeta: meta,
-		Spec: networkingv1.NetworkPolicySpec{PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{DrillLabel: spec.ID}},
-			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress}}}, metav1.CreateOptions{FieldManager: FieldManager}); err != nil {
+		Spec: drillPolicy(spec.ID, c.nodeAddresses(ctx, spec.Nodes))}, metav1.CreateOptions{FieldManager: FieldManager}); err != nil {
 		return "", "", "", fmt.Errorf("create the drill's NetworkPolicy: %w", err)
 	}
 	priority := c.drillPriorityClass(ctx)
@@ -115,8 +121,13 @@ func (c *Cluster) StartDrill(ctx context.Context, spec DrillSpec) (name, uid, im
 	if limit.IsZero() {
 		limit = resource.MustParse("512Mi")
 	}
+	deadline := int64(spec.Deadline / time.Second)
+	if deadline <= 0 {
+		deadline = 600
+	}
 	pod := &corev1.Pod{ObjectMeta: meta, Spec: corev1.PodSpec{
 		RestartPolicy:                 corev1.RestartPolicyNever,
+		ActiveDeadlineSeconds:         &deadline,
 		AutomountServiceAccountToken:  &no,
 		EnableServiceLinks:            &no,
 		PriorityClassName:             priority,
@@ -154,6 +165,44 @@ func (c *Cluster) StartDrill(ctx context.Context, spec DrillSpec) (name, uid, im
 		return "", "", "", fmt.Errorf("create the drill pod: %w", err)
 	}
 	return name, string(created.UID), vaultC.Image, nil
+}
+
+// drillPolicy denies the drill pod all egress, and all ingress but TCP 8200 from the
+// given node addresses.
+func drillPolicy(id string, from []string) networkingv1.NetworkPolicySpec {
+	port := intstr.FromInt32(8200)
+	tcp := corev1.ProtocolTCP
+	in := networkingv1.NetworkPolicyIngressRule{Ports: []networkingv1.NetworkPolicyPort{{Protocol: &tcp, Port: &port}}}
+	for _, a := range from {
+		cidr := a + "/32"
+		if strings.Contains(a, ":") {
+			cidr = a + "/128"
+		}
+		in.From = append(in.From, networkingv1.NetworkPolicyPeer{IPBlock: &networkingv1.IPBlock{CIDR: cidr}})
+	}
+	spec := networkingv1.NetworkPolicySpec{PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{DrillLabel: id}},
+		PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress, networkingv1.PolicyTypeEgress}}
+	if len(in.From) > 0 {
+		spec.Ingress = []networkingv1.NetworkPolicyIngressRule{in}
+	}
+	return spec
+}
+
+// nodeAddresses are the InternalIP addresses of the named nodes (those the API knows).
+func (c *Cluster) nodeAddresses(ctx context.Context, nodes []string) []string {
+	var out []string
+	for _, name := range nodes {
+		n, err := c.Clients.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
+		if err != nil {
+			continue
+		}
+		for _, a := range n.Status.Addresses {
+			if a.Type == corev1.NodeInternalIP {
+				out = append(out, a.Address)
+			}
+		}
+	}
+	return out
 }
 
 // priorityClassLag bounds how long a pod create may be refused for a PriorityClass the

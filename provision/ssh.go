@@ -39,7 +39,15 @@ type SSHConfig struct {
 	Sudo           string
 	ConnectTimeout time.Duration
 	CommandTimeout time.Duration
+	// KeepaliveInterval sends OpenSSH's keepalive request this often once connected
+	// (default 15s); a connection that leaves three unanswered is closed, so a peer that
+	// vanished (a powered-off VM, a dropped route) fails every call on it at once
+	// instead of when TCP gives up, a quarter of an hour later.
+	KeepaliveInterval time.Duration
 }
+
+// keepaliveCount is how many keepalive intervals may pass without an answer.
+const keepaliveCount = 3
 
 func (c SSHConfig) useSudo() bool {
 	switch c.Sudo {
@@ -107,7 +115,42 @@ func Dial(ctx context.Context, host string, cfg SSHConfig) (*Conn, error) {
 	}
 	_ = tcp.SetDeadline(time.Time{})
 	c.client = ssh.NewClient(sc, chans, reqs)
+	go c.keepalive()
 	return c, nil
+}
+
+// keepalive asks the server for a reply every interval (keepalive@openssh.com, which
+// OpenSSH answers with a failure: any answer will do) and closes the connection when
+// none came for keepaliveCount intervals. It ends with the connection.
+func (c *Conn) keepalive() {
+	iv := c.cfg.KeepaliveInterval
+	if iv <= 0 {
+		iv = 15 * time.Second
+	}
+	closed := make(chan struct{})
+	go func() { _ = c.client.Wait(); close(closed) }()
+	t := time.NewTicker(iv)
+	defer t.Stop()
+	for {
+		select {
+		case <-closed:
+			return
+		case <-t.C:
+		}
+		answered := make(chan struct{})
+		go func() {
+			_, _, _ = c.client.SendRequest("keepalive@openssh.com", true, nil)
+			close(answered)
+		}()
+		select {
+		case <-answered:
+		case <-closed:
+			return
+		case <-time.After(keepaliveCount * iv):
+			_ = c.client.Close()
+			return
+		}
+	}
 }
 
 // Close closes the connection.

@@ -23,6 +23,14 @@ for f in /lib/systemd/system/pve-vault-agent.service /lib/systemd/system/pve-vau
 done
 [ "$(stat -c %a /etc/pve-vault-agent/credentials)" = 700 ] || fail "credential directory is not 0700"
 [ ! -e /etc/systemd/system/multi-user.target.wants/pve-vault-agent.service ] || fail "the service was enabled by the package"
+# The installed units load exactly the credentials the example configuration names, once
+# the drop-in config check prints is in place (and not before).
+cp /usr/share/doc/pve-vault-agent/config.example.yaml /etc/pve-vault-agent/config.yaml
+if out=$(/usr/bin/pve-vault-agent config check 2>&1 >/dev/null); then fail "config check passed with units lacking the example's credentials"; fi
+grep -q "does not load ssh-key:/etc/pve-vault-agent/credentials/ssh-key.cred" <<<"$out" || fail "config check did not name the missing credential: $out"
+sed -n '/^mkdir -p/,/^systemctl daemon-reload/p' <<<"$out" | grep -v '^systemctl ' | sh || fail "the printed drop-in did not install"
+/usr/bin/pve-vault-agent config check >/dev/null 2>&1 || fail "config check still fails with the drop-in it printed"
+rm -rf /etc/systemd/system/pve-vault-agent.service.d /etc/systemd/system/pve-vault-agent-backup.service.d
 echo "marker: kept" > /etc/pve-vault-agent/config.yaml
 dpkg -r pve-vault-agent >/dev/null
 [ ! -e /usr/bin/pve-vault-agent ] || fail "binary left after removal"

@@ -81,7 +81,7 @@ func TestServiceDirectives(t *testing.T) {
 		"LimitCORE=0", "MemoryMax=", "OOMScoreAdjust=", "ConfigurationDirectoryMode=0700", "SystemCallErrorNumber=EPERM",
 		"InaccessiblePaths=-/etc/pve/priv ", "-/etc/shadow",
 		"After=network-online.target pve-guests.service", "Wants=network-online.target",
-		"LoadCredentialEncrypted=pve-vault-agent-unseal:", "LoadCredentialEncrypted=ssh-key:", "LoadCredentialEncrypted=pve-token:",
+		"LoadCredentialEncrypted=pve-vault-agent-unseal:",
 		"StateDirectory=pve-vault-agent", "ProtectSystem=strict", "ReadWritePaths=/var/lib/pve-vault-agent",
 		"PrivateTmp=yes", "NoNewPrivileges=yes", "ProtectHome=yes", "CapabilityBoundingSet=\n",
 	} {

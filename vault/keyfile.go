@@ -3,6 +3,8 @@ package vault
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -72,6 +74,19 @@ type Meta struct {
 	HasCanary        bool      `json:"canary"`
 	Created          time.Time `json:"created"`
 	Rotated          time.Time `json:"rotated,omitzero"`
+	// ManifestKey is the fingerprint of the key off-host manifests are authenticated
+	// with: what an operator writes down to pin a host-lost recovery to (recover --from
+	// --manifest-key).
+	ManifestKey string `json:"manifest_key,omitempty"`
+}
+
+// ManifestKeyFingerprint identifies a manifest key without revealing it.
+func ManifestKeyFingerprint(key []byte) string {
+	if len(key) == 0 {
+		return ""
+	}
+	h := sha256.Sum256(append([]byte("pve-vault-agent manifest key\n"), key...))
+	return "sha256:" + hex.EncodeToString(h[:8])
 }
 
 // Meta returns the non-secret metadata.
@@ -79,7 +94,7 @@ func (k *Keyfile) Meta() Meta {
 	return Meta{Version: k.Version, ClusterID: k.ClusterID, ClusterName: k.ClusterName, Shares: len(k.Keyset.Keys),
 		Threshold: k.Keyset.Threshold, Fingerprint: k.Keyset.Fingerprint(), HasToken: !k.SnapshotToken.Empty(),
 		HasOperatorToken: !k.OperatorToken.Empty(), RetiredTokens: len(k.RetiredOperatorTokens), HasCanary: k.Canary != "",
-		Created: k.Created, Rotated: k.Rotated}
+		Created: k.Created, Rotated: k.Rotated, ManifestKey: ManifestKeyFingerprint(k.ManifestKey)}
 }
 
 // Retire records the current operator token as retired (newest first, bounded) before a
@@ -258,61 +273,101 @@ func (a Age) Open(_ context.Context, path string) ([]byte, error) {
 		return nil, err
 	}
 	defer f.Close()
-	r, err := age.Decrypt(f, a.Identity)
+	r, err := age.Decrypt(io.LimitReader(f, maxKeyfile+1), a.Identity)
 	if err != nil {
 		return nil, fmt.Errorf("%w: age: %v (is vault.age_identity the key it was sealed to?)", ErrKeyfileCorrupt, err)
 	}
-	return io.ReadAll(r)
+	b, err := io.ReadAll(io.LimitReader(r, maxKeyfile+1))
+	if err == nil && len(b) > maxKeyfile {
+		clear(b)
+		return nil, fmt.Errorf("%w: %s decrypts to more than %d bytes: not a keyfile", ErrKeyfileCorrupt, path, maxKeyfile)
+	}
+	return b, err
 }
+
+// maxKeyfile bounds a keyfile's plaintext (a few KiB: shares, tokens, keys).
+const maxKeyfile = 1 << 20
 
 // WriteKeyfile seals k into path atomically: a temp file in the same directory (0700,
 // created if missing) receives the sealed bytes, is fsynced, renamed over path, and the
 // directory is fsynced. With exclusive, an existing path is an error (init never
 // overwrites keys).
 func WriteKeyfile(ctx context.Context, path string, k *Keyfile, s Sealer, exclusive bool) error {
-	dir := filepath.Dir(path)
-	if err := safefile.PrivateDir(dir); err != nil {
-		return fmt.Errorf("keyfile directory: %w", err)
-	}
 	if exclusive {
 		if _, err := os.Lstat(path); err == nil {
 			return fmt.Errorf("%w: %s", ErrKeyfileExists, path)
 		}
 	}
-	plain, err := k.marshal()
+	p, err := PrepareKeyfile(ctx, path, k, s)
 	if err != nil {
 		return err
+	}
+	if err := p.Commit(exclusive); err != nil {
+		p.Abort()
+		return err
+	}
+	return nil
+}
+
+// PendingKeyfile is a keyfile sealed and flushed into a temporary file beside its path,
+// not yet in place: several are prepared, then committed together, so a failure to seal
+// any of them changes nothing.
+type PendingKeyfile struct {
+	path, tmp string
+}
+
+// PrepareKeyfile seals k into a temporary file beside path (0600, fsynced).
+func PrepareKeyfile(ctx context.Context, path string, k *Keyfile, s Sealer) (*PendingKeyfile, error) {
+	dir := filepath.Dir(path)
+	if err := safefile.PrivateDir(dir); err != nil {
+		return nil, fmt.Errorf("keyfile directory: %w", err)
+	}
+	plain, err := k.marshal()
+	if err != nil {
+		return nil, err
 	}
 	defer clear(plain)
 	tmp, err := os.CreateTemp(dir, ".keyfile-*.tmp")
 	if err != nil {
-		return err
+		return nil, err
 	}
-	tmpName := tmp.Name()
+	p := &PendingKeyfile{path: path, tmp: tmp.Name()}
 	tmp.Close()
-	defer os.Remove(tmpName)
-	if err := s.Seal(ctx, plain, tmpName); err != nil {
-		return fmt.Errorf("seal keyfile: %w", err)
+	if err := s.Seal(ctx, plain, p.tmp); err != nil {
+		p.Abort()
+		return nil, fmt.Errorf("seal %s: %w", filepath.Base(path), err)
 	}
-	if err := os.Chmod(tmpName, 0o600); err != nil {
-		return err
+	if err := os.Chmod(p.tmp, 0o600); err != nil {
+		p.Abort()
+		return nil, err
 	}
-	if err := safefile.SyncFile(tmpName); err != nil {
-		return err
+	if err := safefile.SyncFile(p.tmp); err != nil {
+		p.Abort()
+		return nil, err
 	}
+	return p, nil
+}
+
+// Commit puts the keyfile in place (exclusive: never over an existing one) and fsyncs
+// the directory.
+func (p *PendingKeyfile) Commit(exclusive bool) error {
 	if exclusive {
 		// Link fails if path appeared meanwhile: never replace another init's keys.
-		if err := os.Link(tmpName, path); err != nil {
+		if err := os.Link(p.tmp, p.path); err != nil {
 			if errors.Is(err, os.ErrExist) {
-				return fmt.Errorf("%w: %s", ErrKeyfileExists, path)
+				return fmt.Errorf("%w: %s", ErrKeyfileExists, p.path)
 			}
 			return err
 		}
-	} else if err := os.Rename(tmpName, path); err != nil {
+		_ = os.Remove(p.tmp)
+	} else if err := os.Rename(p.tmp, p.path); err != nil {
 		return err
 	}
-	return safefile.SyncDir(dir)
+	return safefile.SyncDir(filepath.Dir(p.path))
 }
+
+// Abort removes the temporary file.
+func (p *PendingKeyfile) Abort() { _ = os.Remove(p.tmp) }
 
 // ReadKeyfile decrypts the keyfile at path with s. It reads exactly that path: where a
 // service reads a credential the service manager decrypted instead, the caller says so

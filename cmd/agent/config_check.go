@@ -58,15 +58,38 @@ func runConfigCheck(ctx context.Context, opts *configCheckOptions, g *globalOpti
 	}
 	view := cfg.View()
 	if opts.output == "json" {
-		return writeJSON(g, view)
+		if err := writeJSON(g, view); err != nil {
+			return err
+		}
+		return checkUnitCredentials(ctx, g, cfg)
 	}
 	out, err := yaml.Marshal(view)
 	if err != nil {
 		return fmt.Errorf("render configuration: %w", err)
 	}
 	fmt.Fprintf(g.stderr, "configuration %s is valid\n", g.configPath)
-	_, err = g.stdout.Write(out)
-	return err
+	if _, err = g.stdout.Write(out); err != nil {
+		return err
+	}
+	return checkUnitCredentials(ctx, g, cfg)
+}
+
+// checkUnitCredentials prints what the service units must load; an installed unit that
+// disagrees with the configuration is an error.
+func checkUnitCredentials(ctx context.Context, g *globalOptions, cfg *configs.Config) error {
+	c := agent.CheckUnitCredentials(ctx, cfg)
+	if !c.Installed {
+		fmt.Fprintf(g.stderr, "note: no pve-vault-agent unit is installed here; once it is, it must load these credentials:\n%s", c.DropIn)
+		return nil
+	}
+	if c.Err == nil {
+		return nil
+	}
+	for _, p := range c.Problems {
+		fmt.Fprintf(g.stderr, "error: %s\n", p)
+	}
+	fmt.Fprintf(g.stderr, "make the units load exactly the configuration's credentials (as root):\n%s", c.DropIn)
+	return c.Err
 }
 
 // resolveStorage asks the Proxmox API where snapshots.proxmox_storage is, to check the

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"os/exec"
 	"regexp"
 	"strings"
@@ -14,6 +15,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
+	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
 
 // drillObjects lists the drill objects of the release in the lab's namespace.
@@ -95,4 +97,104 @@ func TestDrillVerbAndKill9(t *testing.T) {
 	if !strings.Contains(r.stdout, `"last_drill"`) || !strings.Contains(r.stdout, `"passed": true`) {
 		t.Fatalf("status: %s", r.stdout)
 	}
+}
+
+// A drill killed with SIGKILL after it unsealed the restored copy leaves that copy
+// running, unsealed: the pod's deadline (snapshots.drill_deadline, activeDeadlineSeconds)
+// has the kubelet stop it even though nobody cleans up, and the daemon deletes what is
+// left when it starts. The pod admits nothing but the API port, from the nodes.
+func TestKilledDrillEndsAtItsDeadline(t *testing.T) {
+	const deadline = 20 * time.Second
+	cl := newClusterLab(t, 1, "", fmt.Sprintf("  drill_deadline: %s\n", deadline))
+	ns := "cl-" + strings.TrimPrefix(cl.release, "vault-")
+	if r := runBinary(t, nil, "backup-now", "--config", cl.config); r.code != 0 {
+		t.Fatalf("backup-now: %s", r.stderr)
+	}
+	cmd := exec.Command(binary, "drill", "--config", cl.config)
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var pod corev1.Pod
+	err := lab.WaitFor(context.Background(), 2*time.Minute, "the drill's restored copy to be unsealed", func(ctx context.Context) error {
+		pods, _ := cl.drillObjects(t, ns)
+		if len(pods) != 1 || pods[0].Status.Phase != corev1.PodRunning {
+			return errors.New("no running drill pod")
+		}
+		pod = pods[0]
+		v := cl.pods.Vault(pod.Name)
+		if v == nil {
+			return errors.New("no process")
+		}
+		n, err := vault.NewNode("drill", v.Direct, nil)
+		if err != nil {
+			return err
+		}
+		if st, err := n.SealStatus(ctx); err != nil || st.Sealed || !st.Initialized {
+			return errors.New("not unsealed yet")
+		}
+		// Sealed by the forced restore, then unsealed with the keyfile: the restored
+		// data is what answers (its cluster id is the production one).
+		if h, err := n.Health(ctx); err != nil || h.ClusterID != cl.clusterID(t) {
+			return errors.New("not the restored data yet")
+		}
+		return nil
+	})
+	cmd.Process.Kill()
+	_ = cmd.Wait()
+	if err != nil {
+		t.Fatal(err)
+	}
+	killed := time.Now()
+	if pod.Spec.ActiveDeadlineSeconds == nil || time.Duration(*pod.Spec.ActiveDeadlineSeconds)*time.Second != deadline {
+		t.Fatalf("drill pod deadline %v, want %s", pod.Spec.ActiveDeadlineSeconds, deadline)
+	}
+	np, err := cl.cs.NetworkingV1().NetworkPolicies(ns).Get(context.Background(), pod.Name, metav1.GetOptions{})
+	if err != nil || len(np.Spec.PolicyTypes) != 2 || len(np.Spec.Egress) != 0 {
+		t.Fatalf("drill NetworkPolicy: %+v %v", np, err)
+	}
+	for _, in := range np.Spec.Ingress {
+		if len(in.Ports) != 1 || in.Ports[0].Port.IntValue() != 8200 {
+			t.Fatalf("drill ingress rule %+v", in)
+		}
+	}
+	start := pod.Status.StartTime.Time
+	var stopped time.Duration
+	err = lab.WaitFor(context.Background(), deadline+15*time.Second, "the drill pod's Vault to be stopped at its deadline", func(ctx context.Context) error {
+		if cl.pods.Vault(pod.Name) != nil {
+			return errors.New("still running")
+		}
+		if stopped == 0 {
+			stopped = time.Since(start)
+		}
+		if p, err := cl.cs.CoreV1().Pods(ns).Get(ctx, pod.Name, metav1.GetOptions{}); err != nil || p.Status.Reason != "DeadlineExceeded" || p.Status.Phase != corev1.PodFailed {
+			return errors.New("the pod has not failed with DeadlineExceeded yet")
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the unsealed copy of a killed drill ran %s after the kill, %s after the pod started (deadline %s)",
+		(stopped - killed.Sub(start)).Round(100*time.Millisecond), stopped.Round(100*time.Millisecond), deadline)
+	d := startDaemon(t, cl.config, 0)
+	err = lab.WaitFor(context.Background(), time.Minute, "the daemon to delete the killed drill's objects", func(context.Context) error {
+		if pods, others := cl.drillObjects(t, ns); len(pods)+others != 0 {
+			return fmt.Errorf("%d pods, %d others", len(pods), others)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, tailLines(d.Logs(), 20))
+	}
+	d.stop(t)
+}
+
+// clusterID is the cluster id of the lab's Vault, from its keyfile.
+func (cl *clusterLab) clusterID(t *testing.T) string {
+	t.Helper()
+	kf, err := vault.ReadKeyfile(context.Background(), cl.keyfile, vault.SystemdCreds{WithKey: "host"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return kf.ClusterID
 }

@@ -52,6 +52,9 @@ func runKeyfileCheck(ctx context.Context, opts *keyfileCheckOptions, env *agent.
 		fmt.Fprintf(w, "keyfile %s decrypts (%s)\ncluster %s (%s)\nshares %d, threshold %d, keyset %s\nsnapshot token: %v, operator token: %v, canary: %v\ncreated %s\n",
 			rep.Source, env.Config.Vault.Seal, m.ClusterID, m.ClusterName, m.Shares, m.Threshold, m.Fingerprint, m.HasToken, m.HasOperatorToken, m.HasCanary,
 			m.Created.Format("2006-01-02 15:04:05 MST"))
+		if m.ManifestKey != "" {
+			fmt.Fprintf(w, "manifest key %s (pins a host-lost recovery: recover --from … --manifest-key %s)\n", m.ManifestKey, m.ManifestKey)
+		}
 		if !m.Rotated.IsZero() {
 			fmt.Fprintf(w, "tokens rotated %s\n", m.Rotated.Format(time.RFC3339))
 		}

@@ -27,6 +27,11 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binary = filepath.Join(dir, "pve-vault-agent")
+	// No unit is installed as far as the verbs can tell, whatever this machine has; a
+	// test about the units points this at its own.
+	noUnits := filepath.Join(dir, "no-units")
+	os.Mkdir(noUnits, 0o755)
+	os.Setenv("SYSTEMD_UNIT_PATH", noUnits)
 	build := exec.Command("go", "build", "-ldflags", "-X main.version=v9.9.9-test -X main.commit=abc1234", "-o", binary, ".")
 	build.Stderr = os.Stderr
 	if err := build.Run(); err != nil {
@@ -190,5 +195,48 @@ func TestCompletion(t *testing.T) {
 	r := runBinary(t, nil, "completion", "bash")
 	if r.code != 0 || !strings.Contains(r.stdout, "pve-vault-agent") {
 		t.Fatalf("completion: exit %d %s", r.code, r.stderr)
+	}
+}
+
+// The units must load exactly the credentials the configuration references: config
+// check compares them with the installed units (their files and drop-ins), prints the
+// drop-in that makes them agree, and fails until they do.
+func TestConfigCheckUnitCredentials(t *testing.T) {
+	dir := t.TempDir()
+	etc, lib := filepath.Join(dir, "etc"), filepath.Join(dir, "lib")
+	os.MkdirAll(etc, 0o755)
+	os.MkdirAll(lib, 0o755)
+	for _, u := range []string{"pve-vault-agent.service", "pve-vault-agent-backup.service"} {
+		os.WriteFile(filepath.Join(lib, u), []byte(mustRead(t, filepath.Join("..", "..", "systemd", u))), 0o644)
+	}
+	env := []string{"SYSTEMD_UNIT_PATH=" + etc + ":" + lib}
+	cfg := filepath.Join(dir, "config.yaml")
+	os.WriteFile(cfg, []byte(`nodes: [{name: n1, address: 127.0.0.1}]
+ssh: {identity: {credential: ssh-key}}
+snapshots:
+  targets:
+    - {name: s3, type: s3, endpoint: s3.lan:443, bucket: vault-copies, access_key: {credential: s3-access-key}, secret_key: {credential: s3-secret-key}}
+vault: {recovery_recipient: age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p}
+credentials_dir: /etc/pve-vault-agent/credentials
+`), 0o600)
+	r := runBinary(t, env, "config", "check", "--config", cfg)
+	if r.code != 1 || !strings.Contains(r.stderr, "does not load ssh-key:/etc/pve-vault-agent/credentials/ssh-key.cred") ||
+		!strings.Contains(r.stderr, "LoadCredentialEncrypted=s3-secret-key:/etc/pve-vault-agent/credentials/s3-secret-key.cred") {
+		t.Fatalf("units without the configuration's credentials: %d\n%s", r.code, r.stderr)
+	}
+	// Run what it printed (into the test's own unit directory).
+	script := r.stderr[strings.Index(r.stderr, "mkdir -p"):strings.Index(r.stderr, "systemctl daemon-reload")]
+	script = strings.ReplaceAll(script, "/etc/systemd/system", etc)
+	script = strings.ReplaceAll(script, "systemctl daemon-reload\n", "")
+	if out, err := exec.Command("sh", "-c", script).CombinedOutput(); err != nil {
+		t.Fatalf("the printed drop-in: %v %s", err, out)
+	}
+	if r := runBinary(t, env, "config", "check", "--config", cfg); r.code != 0 {
+		t.Fatalf("with the drop-in: %d\n%s", r.code, r.stderr)
+	}
+	// A credential the configuration stops referencing is one the unit loads in vain.
+	os.WriteFile(cfg, []byte(strings.Replace(mustRead(t, cfg), "{credential: ssh-key}", "{file: /etc/pve-vault-agent/id_ed25519}", 1)), 0o600)
+	if r := runBinary(t, env, "config", "check", "--config", cfg); r.code != 1 || !strings.Contains(r.stderr, "loads ssh-key:") {
+		t.Fatalf("a credential no longer referenced: %d\n%s", r.code, r.stderr)
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"regexp"
 
 	"github.com/spf13/cobra"
 
@@ -15,6 +16,7 @@ type recoverOptions struct {
 	latest   bool
 	from     string
 	identity string
+	manifest string
 	force    bool
 	dryRun   bool
 	yes      bool
@@ -41,7 +43,10 @@ first fetches from that off-host target the newest copy whose manifest authentic
 the keyfile's recovery copy, decrypts both with the operator's offline age identity,
 refuses a copy that was swapped, edited or rolled back (and says which) unless --force,
 seals the keyfile with this host's key, then runs the recover above with that copy.
-Compare the printed manifest key fingerprint with the one init printed.`,
+Anyone who can write to the target can plant a keyfile of their own there: pass
+--manifest-key with the fingerprint init printed (status and keyfile check show it) and
+only recovery copies under that key are used; without it, recover shows the fingerprint
+it found and asks, --yes or not, before it fetches anything.`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if opts.snapshot != "" && opts.latest {
@@ -56,6 +61,12 @@ Compare the printed manifest key fingerprint with the one init printed.`,
 			if opts.force && opts.from == "" {
 				return usageErrorf("--force applies to --from")
 			}
+			if opts.manifest != "" && opts.from == "" {
+				return usageErrorf("--manifest-key applies to --from")
+			}
+			if opts.manifest != "" && !manifestKeyRe.MatchString(opts.manifest) {
+				return usageErrorf("--manifest-key %q: want sha256: and 16 hex digits, as init printed it", opts.manifest)
+			}
 			env, err := g.start(opts.output)
 			if err != nil {
 				return err
@@ -69,6 +80,7 @@ Compare the printed manifest key fingerprint with the one init printed.`,
 	f.BoolVar(&opts.latest, "latest", false, "restore the newest verified snapshot (the default)")
 	f.StringVar(&opts.from, "from", "", "fetch the snapshot and the keyfile from this off-host target (a host that lost its state)")
 	f.StringVar(&opts.identity, "identity", "", "with --from: the operator's offline age identity file")
+	f.StringVar(&opts.manifest, "manifest-key", "", "with --from: the manifest key fingerprint init printed (sha256:…); recovery copies under another key are refused")
 	f.BoolVar(&opts.force, "force", false, "with --from: recover from the newest authentic copy despite swapped, edited or rolled-back copies")
 	f.BoolVar(&opts.dryRun, "dry-run", false, "check the snapshot and keys, print the plan, change nothing")
 	f.BoolVar(&opts.yes, "yes", false, "do not ask")
@@ -98,13 +110,23 @@ func runRecover(ctx context.Context, opts *recoverOptions, env *agent.Env, g *gl
 	return report(g, opts.output, rep, func(w io.Writer) { printSteps(w, rep.Steps) }, err)
 }
 
+var manifestKeyRe = regexp.MustCompile(`^sha256:[0-9a-f]{16}$`)
+
 // withRerun reminds that recover resumes.
 func withRerun(err error) error {
 	return fmt.Errorf("recover: %w (re-run recover to continue)", err)
 }
 
 func runRecoverFrom(ctx context.Context, opts *recoverOptions, env *agent.Env, g *globalOptions) error {
-	rep, err := agent.RecoverFrom(ctx, env, agent.RecoverFromOptions{Target: opts.from, IdentityFile: opts.identity, Force: opts.force, DryRun: opts.dryRun})
+	ask := func(found string) error {
+		// Asked even with --yes: only the operator knows the fingerprint init printed.
+		if !g.interactive() {
+			return usageErrorf("recover --from found manifest key %s: not a terminal to ask whether it is the one init printed; pass --manifest-key %s if it is", found, found)
+		}
+		return confirm(g, false, fmt.Sprintf("the copies found are authenticated by manifest key %s: is it the fingerprint init printed?", found))
+	}
+	rep, err := agent.RecoverFrom(ctx, env, agent.RecoverFromOptions{Target: opts.from, IdentityFile: opts.identity, Force: opts.force, DryRun: opts.dryRun,
+		ManifestKey: opts.manifest, Confirm: ask})
 	if rep == nil {
 		return err
 	}

@@ -3,11 +3,8 @@ package main
 import (
 	"bufio"
 	"context"
-	"crypto/sha256"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -53,8 +50,7 @@ func newClusterLab(t *testing.T, nodes int, vaultExtra, snapshotsExtra string) *
 	}
 	rc.QPS, rc.Burst = 50, 100
 	cs := kubernetes.NewForConfigOrDie(rc)
-	sum := sha256.Sum256([]byte(t.Name()))
-	id := hex.EncodeToString(sum[:3])
+	id := lab.RunID()
 	ns, release := "cl-"+id, "vault-"+id
 	dir := t.TempDir()
 	sshd, err := lab.StartSSHD(ctx, bins, filepath.Join(dir, "sshd"), "127.0.0.1")
@@ -125,52 +121,15 @@ vault:
 
 func (cl *clusterLab) pod(i int) string { return fmt.Sprintf("%s-%d", cl.release, i) }
 
-// notifySocket listens where a daemon sends sd_notify, recording every message with
-// its arrival time.
-type notifySocket struct {
-	path string
-	mu   sync.Mutex
-	msgs []notifyMsg
-}
-
-type notifyMsg struct {
-	at   time.Time
-	text string
-}
-
-func listenNotify(t *testing.T) *notifySocket {
+// listenNotify listens where a daemon sends sd_notify until the test ends.
+func listenNotify(t *testing.T) *lab.NotifySocket {
 	t.Helper()
-	ns := &notifySocket{path: filepath.Join(t.TempDir(), "notify")}
-	l, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: ns.path, Net: "unixgram"})
+	ns, err := lab.ListenNotify(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { l.Close() })
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			n, _, err := l.ReadFromUnix(buf)
-			if err != nil {
-				return
-			}
-			ns.mu.Lock()
-			ns.msgs = append(ns.msgs, notifyMsg{time.Now(), string(buf[:n])})
-			ns.mu.Unlock()
-		}
-	}()
+	t.Cleanup(ns.Close)
 	return ns
-}
-
-func (ns *notifySocket) pings(from, to time.Time) []time.Time {
-	ns.mu.Lock()
-	defer ns.mu.Unlock()
-	var out []time.Time
-	for _, m := range ns.msgs {
-		if strings.Contains(m.text, "WATCHDOG=1") && !m.at.Before(from) && m.at.Before(to) {
-			out = append(out, m.at)
-		}
-	}
-	return out
 }
 
 // soakDuration is the soak's length: short in make test, as long as asked for by
@@ -207,7 +166,7 @@ func TestSoak(t *testing.T) {
 	var lives []life
 	start := func() *exec.Cmd {
 		cmd := exec.Command(binary, "run", "--config", cl.config)
-		cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify.path, fmt.Sprintf("WATCHDOG_USEC=%d", watchdogUSec))
+		cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+notify.Path, fmt.Sprintf("WATCHDOG_USEC=%d", watchdogUSec))
 		stderr, _ := cmd.StderrPipe()
 		if err := cmd.Start(); err != nil {
 			t.Fatal(err)
@@ -345,7 +304,7 @@ func TestSoak(t *testing.T) {
 	// ping interval plus a second, the hung API server included.
 	var longest time.Duration
 	for _, l := range lives {
-		ps := notify.pings(l.from, l.to)
+		ps := notify.Pings(l.from, l.to)
 		for i := 1; i < len(ps); i++ {
 			longest = max(longest, ps[i].Sub(ps[i-1]))
 		}

@@ -64,6 +64,12 @@ func printStatus(w io.Writer, st *agent.Status) {
 	tw.Flush()
 	if k := st.Keyfile; k != nil {
 		fmt.Fprintf(w, "\nkeyfile: cluster %s, %d shares / threshold %d, keyset %s, created %s\n", k.ClusterID, k.Shares, k.Threshold, k.Fingerprint, k.Created.Format(time.RFC3339))
+		if k.ManifestKey != "" {
+			fmt.Fprintf(w, "manifest key %s (write it down beside the offline key: recover --from … --manifest-key %s)\n", k.ManifestKey, k.ManifestKey)
+		}
+	}
+	if r := st.RecoveryCopy; r != nil {
+		fmt.Fprintf(w, "offline recovery copy: sealed to %s (vault.recovery_recipient %s)\n", dash(r.Recipient), dash(r.Configured))
 	}
 	printTokens(w, st.Tokens)
 	if s := st.LastSnapshot; s != nil {
@@ -89,8 +95,12 @@ func printStatus(w io.Writer, st *agent.Status) {
 	for _, wmsg := range st.Warnings {
 		fmt.Fprintf(w, "warning: %s\n", wmsg)
 	}
-	if len(st.Attention) == 0 {
+	switch {
+	case len(st.Attention) == 0 && len(st.Warnings) == 0:
 		fmt.Fprintln(w, "\nall good")
+		return
+	case len(st.Attention) == 0:
+		fmt.Fprintf(w, "\nnothing needs attention; %d warning(s) above\n", len(st.Warnings))
 		return
 	}
 	fmt.Fprintln(w, "\nneeds attention:")

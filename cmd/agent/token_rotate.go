@@ -27,8 +27,9 @@ when a restored snapshot predates one), writes the agent's policies, mints fresh
 snapshot and operator tokens, rewrites the keyfile (and its offline recovery copy)
 atomically, revokes the replaced tokens and the root token. When every agent token has
 expired (a snapshot older than the tokens' period was restored), pass --auth-token-file
-with any token that may use sys/generate-root. Restart the service afterwards when it
-loads the keyfile as a credential.`,
+with any token that may use sys/generate-root. A running service reads the rewritten
+keyfile at its next backup or renewal; restart it only when the keyfile is sealed with a
+TPM2 (its sandbox has no devices to decrypt one).`,
 		Args: noArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			env, err := g.start(opts.output)
@@ -58,8 +59,8 @@ func runTokenRotate(ctx context.Context, opts *tokenRotateOptions, env *agent.En
 	return report(g, opts.output, rep, func(w io.Writer) {
 		printSteps(g.stderr, rep.Steps)
 		printTokens(w, rep.Tokens)
-		if rep.Rotated && env.Keyfile.Credential != "" {
-			fmt.Fprintln(w, "the service loads the keyfile as a credential: systemctl restart pve-vault-agent")
+		if rep.Rotated {
+			fmt.Fprintln(w, "a running service uses the new keyfile from its next backup or token renewal; with a TPM2-sealed keyfile (vault.systemd_creds_key host+tpm2 or tpm2) restart it: systemctl restart pve-vault-agent")
 		}
 	}, err)
 }

@@ -1,17 +1,13 @@
 package main
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -84,66 +80,17 @@ func TestRunDaemonBinary(t *testing.T) {
 	if r := runBinary(t, nil, "init", "--config", cfg); r.code != 0 {
 		t.Fatalf("init: %s", r.stderr)
 	}
-	sock := filepath.Join(t.TempDir(), "notify")
-	l, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	var mu sync.Mutex
-	var msgs []string
-	go func() {
-		buf := make([]byte, 4096)
-		for {
-			n, _, err := l.ReadFromUnix(buf)
-			if err != nil {
-				return
-			}
-			mu.Lock()
-			msgs = append(msgs, string(buf[:n]))
-			mu.Unlock()
-		}
-	}()
-	cmd := exec.Command(binary, "run", "--config", cfg, "--log-level", "debug")
-	cmd.Env = append(os.Environ(), "NOTIFY_SOCKET="+sock, "WATCHDOG_USEC=400000")
-	stderr, _ := cmd.StderrPipe()
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var logs bytes.Buffer
-	logDone := make(chan struct{})
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		for sc.Scan() {
-			mu.Lock()
-			logs.WriteString(sc.Text() + "\n")
-			mu.Unlock()
-		}
-		close(logDone)
-	}()
-	logged := func(want string) error {
-		mu.Lock()
-		defer mu.Unlock()
-		if !strings.Contains(logs.String(), want) {
-			return errors.New("not logged yet")
-		}
-		return nil
-	}
+	d := startDaemon(t, cfg, 400*time.Millisecond)
 	expect := func(want string) {
 		t.Helper()
 		err := lab.WaitFor(context.Background(), 20*time.Second, "sd_notify "+want, func(context.Context) error {
-			mu.Lock()
-			defer mu.Unlock()
-			for _, m := range msgs {
-				if strings.Contains(m, want) {
-					return nil
-				}
+			if !d.notify.Received(want) {
+				return errors.New("not received")
 			}
-			return errors.New("not received")
+			return nil
 		})
 		if err != nil {
-			cmd.Process.Kill()
-			t.Fatal(err)
+			t.Fatalf("%v\n%s", err, tailLines(d.Logs(), 20))
 		}
 	}
 	expect("READY=1")
@@ -163,23 +110,11 @@ func TestRunDaemonBinary(t *testing.T) {
 		t.Fatal(err)
 	}
 	expect("STATUS=")
-	cmd.Process.Signal(syscall.SIGHUP)
-	if err := lab.WaitFor(context.Background(), 20*time.Second, "reload on SIGHUP", func(context.Context) error {
-		return logged("configuration and keyfile reloaded")
-	}); err != nil {
-		cmd.Process.Kill()
-		t.Fatal(err)
-	}
-	cmd.Process.Signal(syscall.SIGTERM)
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.waitLogged(t, "configuration and keyfile reloaded", 1, 20*time.Second)
+	d.stop(t)
 	expect("STOPPING=1")
-	err = cmd.Wait()
-	<-logDone
-	if err != nil {
-		t.Fatalf("daemon exit: %v\n%s", err, logs.String())
-	}
-	if err := logged("daemon stopped"); err != nil {
-		t.Fatalf("no clean stop in the logs:\n%s", logs.String())
-	}
+	d.waitLogged(t, "daemon stopped", 1, time.Second)
 }
 
 // A bad configuration exits 78 (EX_CONFIG), the one code the unit does not restart on;
@@ -190,4 +125,35 @@ func TestRunBadConfigExits78(t *testing.T) {
 	if r := runBinary(t, nil, "run", "--config", cfg); r.code != 78 || !strings.Contains(r.stderr, "hint: fix the configuration") {
 		t.Fatalf("exit %d: %s", r.code, r.stderr)
 	}
+}
+
+// The service loads the keyfile as a credential (systemd decrypts it into
+// $CREDENTIALS_DIRECTORY at start). An operator's `token rotate` rewrites the keyfile
+// and revokes the tokens the credential holds: the running daemon reads the rewritten
+// keyfile itself, and its next scheduled backup succeeds without a restart.
+func TestDaemonPicksUpARotatedKeyfile(t *testing.T) {
+	_, cfg, keyfile := staticVaultConfig(t)
+	if r := runBinary(t, nil, "init", "--config", cfg); r.code != 0 {
+		t.Fatalf("init: %s", r.stderr)
+	}
+	os.WriteFile(cfg, []byte(strings.Replace(mustRead(t, cfg), "snapshots:\n", "snapshots:\n  schedule: '@every 2s'\n", 1)), 0o600)
+	// What LoadCredentialEncrypted= does at the service's start.
+	creds := t.TempDir()
+	out, err := exec.Command("systemd-creds", "decrypt", "--name="+vault.CredentialName, keyfile, filepath.Join(creds, vault.CredentialName)).CombinedOutput()
+	if err != nil {
+		t.Fatalf("systemd-creds decrypt: %v %s", err, out)
+	}
+	os.Chmod(filepath.Join(creds, vault.CredentialName), 0o400) // as systemd leaves it
+	d := startDaemon(t, cfg, 0, "CREDENTIALS_DIRECTORY="+creds)
+	d.waitLogged(t, "snapshot stored", 1, time.Minute)
+	if r := runBinary(t, nil, "token", "rotate", "--config", cfg); r.code != 0 || !strings.Contains(r.stdout, "next backup") {
+		t.Fatalf("token rotate: %d %s %s", r.code, r.stdout, r.stderr)
+	}
+	stored := d.count("snapshot stored")
+	failedBefore := d.count("scheduled backup failed")
+	d.waitLogged(t, "snapshot stored", stored+1, time.Minute)
+	if n := d.count("scheduled backup failed"); n != failedBefore {
+		t.Fatalf("%d scheduled backups failed after the rotation:\n%s", n-failedBefore, tailLines(d.Logs(), 30))
+	}
+	d.stop(t)
 }

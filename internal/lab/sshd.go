@@ -29,6 +29,9 @@ type SSHD struct {
 	ClientKeyPath string
 	ClientSigner  ssh.Signer
 	proc          *Process
+	// SFTPLog (StartSFTP only) receives what internal-sftp logs in the chroot.
+	SFTPLog string
+	syslog  *net.UnixConn
 }
 
 // Addr is host:port.
@@ -59,7 +62,12 @@ func (s *SSHD) Authorize(user string, pub ssh.PublicKey) error {
 func (s *SSHD) Process() *Process { return s.proc }
 
 // Close stops sshd.
-func (s *SSHD) Close() { s.proc.Stop() }
+func (s *SSHD) Close() {
+	s.proc.Stop()
+	if s.syslog != nil {
+		s.syslog.Close()
+	}
+}
 
 // NewKey creates an ed25519 key and writes it as an OpenSSH private key file (0600).
 func NewKey(path string) (ssh.Signer, error) {
@@ -98,8 +106,17 @@ func StartSSHDIn(ctx context.Context, bins Bins, dir string, ns *Netns) (*SSHD, 
 // chroot (OpenSSH's internal-sftp, as a NAS serves its backup share): the account sees
 // chroot as / and may write only where the chroot's owner let it. The chroot and each
 // directory above it must be root's and writable by nobody else (sshd checks).
+// internal-sftp logs at DEBUG3 to the syslog socket <chroot>/dev/log, as a NAS that logs
+// its chrooted SFTP does; the lab collects those messages in SFTPLog.
 func StartSFTP(ctx context.Context, bins Bins, dir string, user *User, chroot string) (*SSHD, error) {
 	port, err := FreePort("127.0.0.1")
+	if err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	syslog, logPath, err := chrootSyslog(chroot, filepath.Join(dir, "sftp-server.log"))
 	if err != nil {
 		return nil, err
 	}
@@ -107,17 +124,55 @@ func StartSFTP(ctx context.Context, bins Bins, dir string, user *User, chroot st
 		"Subsystem sftp internal-sftp",
 		"Match User "+user.Name,
 		"  ChrootDirectory "+chroot,
-		"  ForceCommand internal-sftp",
+		"  ForceCommand internal-sftp -l DEBUG3",
 		"  AllowTcpForwarding no",
 		"  X11Forwarding no")
 	if err != nil {
+		syslog.Close()
 		return nil, err
 	}
+	s.syslog, s.SFTPLog = syslog, logPath
 	if err := s.Authorize(user.Name, s.ClientSigner.PublicKey()); err != nil {
 		s.Close()
 		return nil, err
 	}
 	return s, nil
+}
+
+// chrootSyslog listens on <chroot>/dev/log (datagrams, as syslog(3) sends them) and
+// appends each message to logPath.
+func chrootSyslog(chroot, logPath string) (*net.UnixConn, string, error) {
+	dev := filepath.Join(chroot, "dev")
+	if err := os.MkdirAll(dev, 0o755); err != nil {
+		return nil, "", err
+	}
+	sock := filepath.Join(dev, "log")
+	_ = os.Remove(sock)
+	l, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: sock, Net: "unixgram"})
+	if err != nil {
+		return nil, "", fmt.Errorf("syslog socket in the chroot: %w", err)
+	}
+	if err := os.Chmod(sock, 0o666); err != nil {
+		l.Close()
+		return nil, "", err
+	}
+	f, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		l.Close()
+		return nil, "", err
+	}
+	go func() {
+		defer f.Close()
+		buf := make([]byte, 8192)
+		for {
+			n, _, err := l.ReadFromUnix(buf)
+			if err != nil {
+				return
+			}
+			_, _ = f.Write(append(buf[:n:n], '\n'))
+		}
+	}()
+	return l, logPath, nil
 }
 
 func startSSHD(ctx context.Context, bins Bins, dir, host string, port int, ns *Netns, extra ...string) (*SSHD, error) {

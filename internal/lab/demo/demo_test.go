@@ -16,7 +16,7 @@ import (
 // The whole lifecycle end to end with the built binary, exactly as `make demo` runs it:
 // provision, install, init, reboot unsealed by the daemon, a secret, backup-now, a
 // restore drill, node
-// rebuild, recover, the secret back, status all good.
+// rebuild, recover, the secret back, nothing in status needing attention.
 func TestDemoLifecycle(t *testing.T) {
 	lab.Need(t)
 	bin := filepath.Join(t.TempDir(), "pve-vault-agent")
@@ -45,7 +45,9 @@ func TestDemoLifecycle(t *testing.T) {
 		"node rebuilt → unsealed with data back",
 		"host lost → unsealed with data back",
 		`kv/demo = "written before the node was rebuilt" (after the host was lost)`,
-		"all good",
+		// The lab runs Vault's listener without TLS: status warns about it, and nothing
+		// needs attention.
+		"nothing needs attention; ",
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q", want)

@@ -340,7 +340,10 @@ func ReadManifest(ctx context.Context, t Target, name string, ids []age.Identity
 // Fetch downloads a copy whose manifest authenticated, checks the encrypted object
 // against it (size and SHA-256: another copy's object under this name is ErrSwapped or
 // ErrEdited), decrypts it into dir as vault-<time>.snap with its local manifest beside
-// it, and verifies it offline. A file that fails is removed.
+// it, and verifies it offline. A file that fails is removed. Every read is bounded by
+// the authentic manifest: at most one byte more than its size is downloaded, and at most
+// one byte more than the snapshot's size decrypted, so a hostile or broken target
+// cannot fill the disk.
 func Fetch(ctx context.Context, t Target, s Signed, ids []age.Identity, dir string) (string, error) {
 	rc, err := t.Open(ctx, snapDir+s.Copy+snapExt)
 	if err != nil {
@@ -359,10 +362,14 @@ func Fetch(ctx context.Context, t Target, s Signed, ids []age.Identity, dir stri
 	defer os.Remove(tmp)
 	h := sha256.New()
 	var n int64
-	src := io.TeeReader(ctxReader{ctx, rc}, &countWriter{w: h, n: &n})
+	src := io.TeeReader(io.LimitReader(ctxReader{ctx, rc}, s.Size+1), &countWriter{w: h, n: &n})
 	dec, err := age.Decrypt(src, ids...)
 	if err == nil {
-		_, err = io.Copy(f, dec)
+		var plain int64
+		plain, err = io.Copy(f, io.LimitReader(dec, s.Manifest.Size+1))
+		if err == nil && plain > s.Manifest.Size {
+			err = fmt.Errorf("copy %s: %w (it decrypts to more than the %d bytes its manifest says)", s.Copy, ErrEdited, s.Manifest.Size)
+		}
 	}
 	if err == nil {
 		_, err = io.Copy(io.Discard, src) // hash what age did not need to read
@@ -374,6 +381,8 @@ func Fetch(ctx context.Context, t Target, s Signed, ids []age.Identity, dir stri
 	switch {
 	case n != s.Size || (s.SHA256 != "" && sum != s.SHA256):
 		return "", fmt.Errorf("copy %s: %w (the object holds %d bytes, sha256 %s; its manifest says %d bytes, sha256 %s)", s.Copy, ErrEdited, n, sum[:16], s.Size, s.SHA256[:min(16, len(s.SHA256))])
+	case errors.Is(err, ErrEdited):
+		return "", err
 	case err != nil && s.SHA256 == "":
 		return "", fmt.Errorf("copy %s: %w (it does not decrypt: %v)", s.Copy, ErrEdited, err)
 	case err != nil:
@@ -439,8 +448,15 @@ func RecoveryCopies(ctx context.Context, t Target) ([]Object, error) {
 	return objs, nil
 }
 
-// Download copies an object into a local file (0600).
-func Download(ctx context.Context, t Target, name, dst string) error {
+// ErrTooLarge is an object larger than anything the agent stores under its name.
+var ErrTooLarge = errors.New("object larger than the agent ever writes there")
+
+// MaxRecoveryCopy bounds a keyfile recovery copy (a few KiB in practice).
+const MaxRecoveryCopy = 1 << 20
+
+// Download copies an object of at most limit bytes into a local file (0600); a larger
+// one is ErrTooLarge after limit+1 bytes, and the file is removed.
+func Download(ctx context.Context, t Target, name, dst string, limit int64) error {
 	rc, err := t.Open(ctx, name)
 	if err != nil {
 		return err
@@ -450,11 +466,17 @@ func Download(ctx context.Context, t Target, name, dst string) error {
 	if err != nil {
 		return err
 	}
-	if _, err := io.Copy(f, ctxReader{ctx, rc}); err != nil {
-		f.Close()
-		return err
+	n, err := io.Copy(f, io.LimitReader(ctxReader{ctx, rc}, limit+1))
+	if err == nil && n > limit {
+		err = fmt.Errorf("%s on %s: %w (more than %d bytes)", name, t, ErrTooLarge, limit)
 	}
-	return f.Close()
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(dst)
+	}
+	return err
 }
 
 // Prune applies retention to the complete copies on t (the same planner as local

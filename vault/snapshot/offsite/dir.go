@@ -72,9 +72,24 @@ func (d *Dir) Open(_ context.Context, name string) (io.ReadCloser, error) {
 	return f, err
 }
 
+// root is the target's directory with symbolic links resolved: a walk Lstats its root,
+// so a root that is a link (/mnt/backup → the mount) would list as one entry and hide
+// every copy, while Put follows the link.
+func (d *Dir) root() (string, error) {
+	r, err := filepath.EvalSymlinks(d.Root)
+	if errors.Is(err, fs.ErrNotExist) {
+		return d.Root, nil // nothing stored yet: the walk finds nothing
+	}
+	return r, err
+}
+
 func (d *Dir) List(_ context.Context, prefix string) ([]Object, error) {
+	root, err := d.root()
+	if err != nil {
+		return nil, err
+	}
 	var out []Object
-	err := filepath.WalkDir(d.Root, func(p string, e fs.DirEntry, err error) error {
+	err = filepath.WalkDir(root, func(p string, e fs.DirEntry, err error) error {
 		if err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
 				return nil
@@ -84,7 +99,7 @@ func (d *Dir) List(_ context.Context, prefix string) ([]Object, error) {
 		if e.IsDir() || isTmp(p) {
 			return nil
 		}
-		rel, _ := filepath.Rel(d.Root, p)
+		rel, _ := filepath.Rel(root, p)
 		rel = filepath.ToSlash(rel)
 		if !strings.HasPrefix(rel, prefix) {
 			return nil
@@ -112,7 +127,11 @@ func (d *Dir) Remove(_ context.Context, name string) error {
 }
 
 func (d *Dir) Clean(context.Context) error {
-	return filepath.WalkDir(d.Root, func(p string, e fs.DirEntry, err error) error {
+	root, err := d.root()
+	if err != nil {
+		return err
+	}
+	return filepath.WalkDir(root, func(p string, e fs.DirEntry, err error) error {
 		if err == nil && !e.IsDir() && isTmp(p) {
 			os.Remove(p)
 		}

@@ -35,12 +35,19 @@ func ctxFor(t *testing.T, d time.Duration) context.Context {
 }
 
 // targets starts one of each kind on real servers: a directory, OpenSSH's chrooted
-// internal-sftp for a non-root account, SeaweedFS's S3.
-func targets(t *testing.T) map[string]Target {
+// internal-sftp for a non-root account, SeaweedFS's S3; and the directory and SFTP
+// kinds again with their root a symbolic link to the real directory (a mount point
+// reached through a link, as /mnt/backup often is).
+func targets(t *testing.T) (map[string]Target, *lab.SSHD) {
 	t.Helper()
 	bins := lab.Need(t)
 	ctx := ctxFor(t, 2*time.Minute)
 	out := map[string]Target{"dir": &Dir{Root: t.TempDir()}}
+	linked := filepath.Join(t.TempDir(), "backup")
+	if err := os.Symlink(t.TempDir(), linked); err != nil {
+		t.Fatal(err)
+	}
+	out["dir-linked-root"] = &Dir{Root: linked}
 
 	user, err := lab.NewUser("pvasftpo", false)
 	if err != nil {
@@ -49,9 +56,14 @@ func targets(t *testing.T) map[string]Target {
 	t.Cleanup(user.Close)
 	chroot := lab.TestDataDir(t)
 	os.Chmod(chroot, 0o755)
-	share := filepath.Join(chroot, "vault")
-	os.Mkdir(share, 0o700)
-	if err := chownTo(share, user.Name); err != nil {
+	for _, d := range []string{"vault", "vault2"} {
+		share := filepath.Join(chroot, d)
+		os.Mkdir(share, 0o700)
+		if err := chownTo(share, user.Name); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := os.Symlink("vault2", filepath.Join(chroot, "vault-link")); err != nil {
 		t.Fatal(err)
 	}
 	srv, err := lab.StartSFTP(ctx, bins, t.TempDir(), user, chroot)
@@ -73,6 +85,12 @@ func targets(t *testing.T) map[string]Target {
 	}
 	t.Cleanup(func() { sf.Close() })
 	out["sftp"] = sf
+	sl, err := NewSFTP(conn.Client(), "/vault-link", user.Name+"@"+srv.Addr())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sl.Close() })
+	out["sftp-linked-root"] = sl
 
 	s3srv, err := lab.StartS3(ctx, bins, t.TempDir(), "vault-copies")
 	if err != nil {
@@ -84,7 +102,7 @@ func targets(t *testing.T) map[string]Target {
 		t.Fatal(err)
 	}
 	out["s3"] = s3
-	return out
+	return out, srv
 }
 
 // failingReader fails after n bytes, as a killed or broken upload source.
@@ -110,7 +128,8 @@ func (f *failingReader) Read(p []byte) (int, error) {
 // leave the target's root.
 func TestTargetsAreAtomic(t *testing.T) {
 	ctx := ctxFor(t, 3*time.Minute)
-	for kind, tg := range targets(t) {
+	tgs, sftpd := targets(t)
+	for kind, tg := range tgs {
 		t.Run(kind, func(t *testing.T) {
 			big := make([]byte, 12<<20) // more than one S3 part
 			rand.Read(big)
@@ -124,6 +143,12 @@ func TestTargetsAreAtomic(t *testing.T) {
 			if err := tg.Clean(ctx); err != nil {
 				t.Fatal(err)
 			}
+			fsyncs := func() int {
+				// sftp-server logs each fsync@openssh.com request at DEBUG3.
+				log, _ := os.ReadFile(sftpd.SFTPLog)
+				return strings.Count(string(log), ": fsync (handle ")
+			}
+			before := fsyncs()
 			if err := tg.Put(ctx, "snapshots/whole.snap.age", bytes.NewReader(big), -1); err != nil {
 				t.Fatal(err)
 			}
@@ -133,6 +158,10 @@ func TestTargetsAreAtomic(t *testing.T) {
 			}
 			if err := checkObject(ctx, tg, "snapshots/whole.snap.age", int64(len(big)), sha(big)); err != nil {
 				t.Fatal(err)
+			}
+			if s, ok := tg.(*SFTP); ok && (!s.CanSync() || fsyncs() != before+1) {
+				log, _ := os.ReadFile(sftpd.SFTPLog)
+				t.Fatalf("the server was not asked to flush the upload (fsync@openssh.com offered: %v, requests %d → %d)\n%s", s.CanSync(), before, fsyncs(), lastLines(string(log), 30))
 			}
 			if _, err := tg.Open(ctx, "snapshots/none"); !errors.Is(err, ErrNotFound) {
 				t.Fatalf("missing object: %v", err)
@@ -395,4 +424,59 @@ func TestS3SwappedObjectRefused(t *testing.T) {
 	if _, err := Fetch(ctx, tg, ch.Signed, ids, t.TempDir()); !errors.Is(err, ErrEdited) {
 		t.Fatalf("fetch of a swapped object: %v", err)
 	}
+}
+
+// endless is a hostile target: every object it opens is an endless stream, and it
+// counts what was read from it.
+type endless struct {
+	*Dir
+	read int64
+}
+
+func (e *endless) Open(context.Context, string) (io.ReadCloser, error) {
+	return io.NopCloser(readerFunc(func(p []byte) (int, error) {
+		rand.Read(p)
+		e.read += int64(len(p))
+		return len(p), nil
+	})), nil
+}
+
+type readerFunc func([]byte) (int, error)
+
+func (f readerFunc) Read(p []byte) (int, error) { return f(p) }
+
+// Reads of remote data are bounded by what the agent expects there: a copy by its
+// authentic manifest's size (+1), a recovery copy by 1 MiB; a target that streams
+// without end fills neither the disk nor the memory.
+func TestRemoteReadsAreBounded(t *testing.T) {
+	ctx := ctxFor(t, time.Minute)
+	_, ids := keys(t)
+	tg := &endless{Dir: &Dir{Root: t.TempDir()}}
+	dir := t.TempDir()
+	s := Signed{Copy: "vault-20261203T000000Z", Size: 64 << 10, Manifest: snapshot.Manifest{Size: 60 << 10}}
+	if _, err := Fetch(ctx, tg, s, ids, dir); err == nil {
+		t.Fatal("an endless object was fetched")
+	}
+	if tg.read > s.Size+1 {
+		t.Fatalf("fetched %d bytes of a copy whose manifest says %d", tg.read, s.Size)
+	}
+	tg.read = 0
+	dst := filepath.Join(dir, "recovery")
+	if err := Download(ctx, tg, "keyfile/recovery-x.age", dst, MaxRecoveryCopy); !errors.Is(err, ErrTooLarge) {
+		t.Fatalf("endless recovery copy: %v", err)
+	}
+	if tg.read > MaxRecoveryCopy+1 {
+		t.Fatalf("downloaded %d bytes of a recovery copy", tg.read)
+	}
+	if ents, _ := os.ReadDir(dir); len(ents) != 0 {
+		t.Fatalf("left behind: %v", ents)
+	}
+}
+
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path"
@@ -30,14 +31,18 @@ type S3Config struct {
 	// loopback or lab endpoint only: the objects are encrypted, the credentials are not).
 	CAFile    string
 	AllowHTTP bool
-	// PartSize is the multipart part size (16 MiB); an upload holds four parts.
+	// PartSize is the multipart part size (8 MiB); an upload holds four parts.
 	PartSize uint64
+	// Activity, when set, counts the bytes moved on the target's connections (HTTP has
+	// no traffic of its own between requests, so a byte is progress).
+	Activity *Activity
 }
 
 // S3 is an S3 target.
 type S3 struct {
 	cfg    S3Config
 	client *minio.Client
+	tr     *http.Transport
 }
 
 // NewS3 builds the client; it does not contact the endpoint.
@@ -46,6 +51,16 @@ func NewS3(cfg S3Config) (*S3, error) {
 	tr.Proxy = nil
 	tr.ResponseHeaderTimeout = 2 * time.Minute
 	tr.TLSClientConfig = &tls.Config{MinVersion: tls.VersionTLS12}
+	if a := cfg.Activity; a != nil {
+		dial := tr.DialContext
+		tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			c, err := dial(ctx, network, addr)
+			if err != nil {
+				return nil, err
+			}
+			return a.Conn(c), nil
+		}
+	}
 	if cfg.CAFile != "" {
 		pem, err := os.ReadFile(cfg.CAFile)
 		if err != nil {
@@ -73,8 +88,11 @@ func NewS3(cfg S3Config) (*S3, error) {
 		cfg.PartSize = 8 << 20
 	}
 	cfg.Prefix = strings.Trim(cfg.Prefix, "/")
-	return &S3{cfg: cfg, client: c}, nil
+	return &S3{cfg: cfg, client: c, tr: tr}, nil
 }
+
+// Abort closes the target's idle connections; requests in flight end with their context.
+func (s *S3) Abort() { s.tr.CloseIdleConnections() }
 
 func (s *S3) String() string {
 	return "s3 " + s.cfg.Endpoint + "/" + path.Join(s.cfg.Bucket, s.cfg.Prefix)

@@ -32,6 +32,13 @@ func NewSFTP(conn *ssh.Client, root, label string) (*SFTP, error) {
 	return &SFTP{Root: root, Label: label, client: c}, nil
 }
 
+// CanSync reports whether the server offers fsync@openssh.com (OpenSSH does since 6.5);
+// without it an upload is renamed into place unflushed.
+func (s *SFTP) CanSync() bool {
+	v, ok := s.client.HasExtension("fsync@openssh.com")
+	return ok && v == "1"
+}
+
 func (s *SFTP) String() string { return "sftp " + s.Label + ":" + s.Root }
 
 func (s *SFTP) path(name string) (string, error) {
@@ -42,8 +49,10 @@ func (s *SFTP) path(name string) (string, error) {
 	return path.Join(s.Root, c), nil
 }
 
-// Put writes a temporary file, then renames it over the final name with OpenSSH's
-// posix-rename (atomic on the server's file system).
+// Put writes a temporary file, has the server flush it to stable storage (OpenSSH's
+// fsync@openssh.com, when the server offers it), then renames it over the final name
+// with OpenSSH's posix-rename (atomic on the server's file system): a crash of the
+// server after the rename leaves the whole object or none, as on a directory target.
 func (s *SFTP) Put(ctx context.Context, name string, r io.Reader, _ int64) error {
 	p, err := s.path(name)
 	if err != nil {
@@ -58,6 +67,9 @@ func (s *SFTP) Put(ctx context.Context, name string, r io.Reader, _ int64) error
 		return fmt.Errorf("%s: create %s: %w", s, tmp, err)
 	}
 	_, err = f.ReadFrom(ctxReader{ctx, r})
+	if err == nil && s.CanSync() {
+		err = f.Sync()
+	}
 	if cerr := f.Close(); err == nil {
 		err = cerr
 	}
@@ -86,9 +98,27 @@ func (s *SFTP) Open(_ context.Context, name string) (io.ReadCloser, error) {
 	return f, nil
 }
 
+// root is the target's directory as the server resolves it (SSH_FXP_REALPATH follows
+// symbolic links): a walk Lstats its root, so a root that is a link would list as one
+// entry and hide every copy, while Put follows the link.
+func (s *SFTP) root() (string, error) {
+	r, err := s.client.RealPath(s.Root)
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return s.Root, nil
+		}
+		return "", fmt.Errorf("%s: resolve the root: %w", s, err)
+	}
+	return r, nil
+}
+
 func (s *SFTP) List(_ context.Context, prefix string) ([]Object, error) {
+	root, err := s.root()
+	if err != nil {
+		return nil, err
+	}
 	var out []Object
-	w := s.client.Walk(s.Root)
+	w := s.client.Walk(root)
 	for w.Step() {
 		if err := w.Err(); err != nil {
 			if errors.Is(err, fs.ErrNotExist) {
@@ -100,7 +130,7 @@ func (s *SFTP) List(_ context.Context, prefix string) ([]Object, error) {
 		if fi.IsDir() || isTmp(w.Path()) {
 			continue
 		}
-		rel := strings.TrimPrefix(strings.TrimPrefix(w.Path(), s.Root), "/")
+		rel := strings.TrimPrefix(strings.TrimPrefix(w.Path(), root), "/")
 		if strings.HasPrefix(rel, prefix) {
 			out = append(out, Object{Name: rel, Size: fi.Size(), Modified: fi.ModTime()})
 		}
@@ -121,7 +151,11 @@ func (s *SFTP) Remove(_ context.Context, name string) error {
 }
 
 func (s *SFTP) Clean(context.Context) error {
-	w := s.client.Walk(s.Root)
+	root, err := s.root()
+	if err != nil {
+		return err
+	}
+	w := s.client.Walk(root)
 	for w.Step() {
 		if w.Err() == nil && !w.Stat().IsDir() && isTmp(w.Path()) {
 			_ = s.client.Remove(w.Path())

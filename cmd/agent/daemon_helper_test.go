@@ -1,0 +1,101 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
+)
+
+// daemonProc is `pve-vault-agent run` started as the unit starts it (NOTIFY_SOCKET,
+// WATCHDOG_USEC), with its log kept for the test to wait on.
+type daemonProc struct {
+	cmd    *exec.Cmd
+	notify *lab.NotifySocket
+	mu     sync.Mutex
+	logs   strings.Builder
+	done   chan struct{}
+}
+
+// startDaemon runs the daemon on cfg with a watchdog of watchdog (0: none) until the
+// test ends.
+func startDaemon(t *testing.T, cfg string, watchdog time.Duration, env ...string) *daemonProc {
+	t.Helper()
+	d := &daemonProc{notify: listenNotify(t), done: make(chan struct{})}
+	d.cmd = exec.Command(binary, "run", "--config", cfg, "--log-level", "debug")
+	d.cmd.Env = append(append(os.Environ(), "NOTIFY_SOCKET="+d.notify.Path), env...)
+	if watchdog > 0 {
+		d.cmd.Env = append(d.cmd.Env, fmt.Sprintf("WATCHDOG_USEC=%d", watchdog.Microseconds()))
+	}
+	stderr, _ := d.cmd.StderrPipe()
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() {
+		defer close(d.done)
+		sc := bufio.NewScanner(stderr)
+		sc.Buffer(make([]byte, 64<<10), 1<<20)
+		for sc.Scan() {
+			d.mu.Lock()
+			d.logs.WriteString(sc.Text() + "\n")
+			d.mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		d.cmd.Process.Kill()
+		d.cmd.Wait()
+	})
+	return d
+}
+
+// Logs is everything the daemon logged so far.
+func (d *daemonProc) Logs() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.logs.String()
+}
+
+// count is how many log lines contain want.
+func (d *daemonProc) count(want string) int { return strings.Count(d.Logs(), want) }
+
+// waitLogged waits until n log lines contain want; the test fails with the log tail.
+func (d *daemonProc) waitLogged(t *testing.T, want string, n int, timeout time.Duration) {
+	t.Helper()
+	err := lab.WaitFor(context.Background(), timeout, fmt.Sprintf("%d× %q in the daemon's log", n, want), func(context.Context) error {
+		if d.count(want) >= n {
+			return nil
+		}
+		return errors.New("not yet")
+	})
+	if err != nil {
+		t.Fatalf("%v\n%s", err, tailLines(d.Logs(), 40))
+	}
+}
+
+// stop sends SIGTERM and waits for the exit status.
+func (d *daemonProc) stop(t *testing.T) {
+	t.Helper()
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	err := d.cmd.Wait()
+	<-d.done
+	if err != nil {
+		t.Fatalf("daemon exit: %v\n%s", err, tailLines(d.Logs(), 40))
+	}
+}
+
+func tailLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
