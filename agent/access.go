@@ -32,6 +32,10 @@ type podAccess struct {
 	mu       sync.Mutex
 	conns    map[string]*provision.Conn // node name → connection
 	rejected []k8s.Rejected
+	statics  []vaultPod // static mode: built once, the addresses never change
+	// clients are the pods' API clients by incarnation (name/uid/ip), kept across
+	// listings: the daemon lists every few seconds, and a client is a transport.
+	clients map[string]*vault.Node
 }
 
 // vaultPod is a pod with its API client.
@@ -100,20 +104,35 @@ func (a *podAccess) Pods(ctx context.Context) ([]vaultPod, error) {
 		a.env.Log.Warn("a pod carries the Vault server labels but is not one of the release's server pods: it gets nothing", "pod", r.Name, "reason", r.Reason)
 	}
 	var out []vaultPod
+	keep := map[string]*vault.Node{}
 	for _, p := range pods {
 		if p.IP == "" || p.Node == "" || p.Terminating {
 			continue // not running yet (or going): nothing to talk to
 		}
-		n, err := a.client(p)
-		if err != nil {
-			return nil, err
+		key := p.Name + "/" + p.UID + "/" + p.IP
+		a.mu.Lock()
+		n := a.clients[key]
+		a.mu.Unlock()
+		if n == nil {
+			if n, err = a.client(p); err != nil {
+				return nil, err
+			}
 		}
+		keep[key] = n
 		out = append(out, vaultPod{Pod: p, API: n})
 	}
+	a.mu.Lock()
+	a.clients = keep
+	a.mu.Unlock()
 	return out, nil
 }
 
 func (a *podAccess) staticPods() ([]vaultPod, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.statics != nil {
+		return a.statics, nil
+	}
 	var out []vaultPod
 	for i, raw := range a.env.Config.Vault.Addresses {
 		u, err := url.Parse(raw)
@@ -128,6 +147,7 @@ func (a *podAccess) staticPods() ([]vaultPod, error) {
 		}
 		out = append(out, vaultPod{Pod: k8s.Pod{Name: u.Host, Ordinal: i, IP: u.Hostname(), Phase: "Running", UID: raw}, API: n})
 	}
+	a.statics = out
 	return out, nil
 }
 

@@ -2,8 +2,10 @@ package vault
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"strings"
@@ -101,14 +103,39 @@ type SealState struct {
 	Removed bool `json:"removed_from_cluster,omitempty"`
 }
 
-// SealStatus reads sys/seal-status.
+// SealStatus reads sys/seal-status. It is what the daemon asks every pod every second,
+// so it is one plain GET decoded into the fields the agent uses (through the vault/api
+// client it cost the idle daemon a third of its CPU).
 func (n *Node) SealStatus(ctx context.Context) (SealState, error) {
-	st, err := n.client.Sys().SealStatusWithContext(ctx)
+	ctx, cancel := context.WithTimeout(ctx, callTimeout)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, strings.TrimRight(n.Addr, "/")+"/v1/sys/seal-status", nil)
 	if err != nil {
 		return SealState{}, fmt.Errorf("%s: seal status: %w", n.Name, err)
 	}
+	resp, err := n.hc.Do(req)
+	if err != nil {
+		return SealState{}, fmt.Errorf("%s: seal status: %w", n.Name, err)
+	}
+	defer resp.Body.Close()
+	body := io.LimitReader(resp.Body, 64<<10)
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(body)
+		return SealState{}, fmt.Errorf("%s: seal status: %s: %s", n.Name, resp.Status, strings.TrimSpace(string(b)))
+	}
+	var st struct {
+		Initialized, Sealed bool
+		T, N, Progress      int
+		Version             string
+		ClusterID           string `json:"cluster_id"`
+		ClusterName         string `json:"cluster_name"`
+		Removed             *bool  `json:"removed_from_cluster"`
+	}
+	if err := json.NewDecoder(body).Decode(&st); err != nil {
+		return SealState{}, fmt.Errorf("%s: seal status: %w", n.Name, err)
+	}
 	return SealState{Initialized: st.Initialized, Sealed: st.Sealed, Threshold: st.T, Shares: st.N, Progress: st.Progress,
-		Version: st.Version, ClusterID: st.ClusterID, ClusterName: st.ClusterName, Removed: st.RemovedFromCluster != nil && *st.RemovedFromCluster}, nil
+		Version: st.Version, ClusterID: st.ClusterID, ClusterName: st.ClusterName, Removed: st.Removed != nil && *st.Removed}, nil
 }
 
 // Health is sys/health reduced to what the agent decides on.
