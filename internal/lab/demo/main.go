@@ -179,6 +179,8 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		s3      *lab.S3
 		daemon  *exec.Cmd
 		rebuilt time.Time
+		// manifestKey is the fingerprint init printed, as the operator wrote it down.
+		manifestKey string
 	)
 	identity := filepath.Join(dir, "operator.agekey") // "offline": on the operator's USB stick
 	cfgPath := filepath.Join(dir, "config.yaml")
@@ -286,7 +288,15 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			return d.agentCmd(ctx, "install", "--config", filepath.Join(dir, "config.yaml"))
 		}},
 		{"pve-vault-agent init: initialise Vault, seal the keys into the keyfile (systemd-creds), mint the snapshot and operator tokens, revoke root", func() error {
-			return d.agentCmd(ctx, "init", "--config", filepath.Join(dir, "config.yaml"))
+			var rep struct {
+				ManifestKey string `json:"manifest_key"`
+			}
+			if err := d.agentJSON(ctx, &rep, "init", "-o", "json", "--config", filepath.Join(dir, "config.yaml")); err != nil {
+				return err
+			}
+			manifestKey = rep.ManifestKey
+			d.say("manifest key %s: written down beside the offline age key (a host-lost recover is pinned to it)", manifestKey)
+			return nil
 		}},
 		{"pve-vault-agent keyfile check: the keyfile decrypts; only metadata is shown", func() error {
 			return d.agentCmd(ctx, "keyfile", "check", "--config", filepath.Join(dir, "config.yaml"))
@@ -418,7 +428,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			rebuilt = time.Now()
 			return nil
 		}},
-		{"pve-vault-agent recover --from s3 --identity operator.agekey --yes: fetch and authenticate the newest copy and the keyfile, seal the keyfile with this host's key, recover", func() error {
+		{"pve-vault-agent recover --from s3 --identity operator.agekey --manifest-key sha256:… --yes: fetch and authenticate the newest copy and the keyfile (pinned to the manifest key init printed), seal the keyfile with this host's key, recover", func() error {
 			var rep struct {
 				Copy        string `json:"copy"`
 				ManifestKey string `json:"manifest_key"`
@@ -427,7 +437,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 					Restored bool   `json:"restored"`
 				} `json:"recover"`
 			}
-			if err := d.agentJSON(ctx, &rep, "recover", "--from", "s3", "--identity", identity, "--yes", "-o", "json", "--config", cfgPath); err != nil {
+			if err := d.agentJSON(ctx, &rep, "recover", "--from", "s3", "--identity", identity, "--manifest-key", manifestKey, "--yes", "-o", "json", "--config", cfgPath); err != nil {
 				return err
 			}
 			if rep.Recover.Opened != "throwaway-init" || !rep.Recover.Restored {
