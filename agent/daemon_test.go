@@ -109,11 +109,13 @@ func TestWatcherBacksOff(t *testing.T) {
 	go func() { defer close(done); d.watch(ctx, "vault-0", "vault-0/u1/ip", pod) }()
 	for i := 0; i < 6; i++ {
 		waitPending(t, clock, 1)
+		if i == 5 {
+			// Up before the sixth wait ends: set while the watcher sleeps, so its next
+			// check sees it (set after the Advance, the check could run first).
+			pod.set(func(p *fakePod) { p.down = false })
+		}
 		clock.Advance(d.opts.MaxBackoff)
 	}
-	pod.set(func(p *fakePod) { p.down = false })
-	waitPending(t, clock, 1)
-	clock.Advance(d.opts.MaxBackoff)
 	waitPending(t, clock, 1)
 	cancel()
 	<-done

@@ -251,6 +251,22 @@ func TestOffsiteCopies(t *testing.T) {
 	}
 }
 
+// uploadsBegun is closed when an incomplete multipart upload not in seen appears.
+func uploadsBegun(c *minio.Client, ol *offsiteLab, seen map[string]bool) <-chan struct{} {
+	ch := make(chan struct{})
+	go func() {
+		defer close(ch)
+		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
+			for u := range c.ListIncompleteUploads(context.Background(), ol.s3.Bucket, "pve1", true) {
+				if u.Err == nil && !seen[u.UploadID] {
+					return
+				}
+			}
+		}
+	}()
+	return ch
+}
+
 func mustRead(t *testing.T, p string) string {
 	t.Helper()
 	b, err := os.ReadFile(p)
@@ -261,7 +277,10 @@ func mustRead(t *testing.T, p string) string {
 }
 
 // An upload killed with SIGKILL at random points, twenty times: no partial object is
-// ever listed, every complete copy verifies, and the next run completes.
+// ever listed, every complete copy verifies, and the next run completes. Every other
+// kill lands at a random point once an S3 multipart upload has begun (the push to S3
+// comes after the local backup and the other targets, whose time varies with the
+// machine's load); the rest anywhere in the first two seconds.
 func TestOffsiteUploadKilled(t *testing.T) {
 	ol := newOffsiteLab(t)
 	ol.load(t, 4)
@@ -282,6 +301,18 @@ func TestOffsiteUploadKilled(t *testing.T) {
 		after := time.Duration(rng.IntN(1800)) * time.Millisecond
 		done := make(chan error, 1)
 		go func() { done <- cmd.Wait() }()
+		if i%2 == 1 {
+			// Wait for an upload of this run to begin, then kill within its first 300 ms.
+			begun := uploadsBegun(c, ol, seen)
+			after = time.Duration(rng.IntN(300)) * time.Millisecond
+			select {
+			case <-done:
+				done <- nil
+			case <-begun:
+			case <-time.After(time.Minute):
+				t.Fatal("no S3 upload began within a minute")
+			}
+		}
 		select {
 		case <-done:
 		case <-time.After(after):

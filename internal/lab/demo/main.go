@@ -289,12 +289,14 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		}},
 		{"pve-vault-agent init: initialise Vault, seal the keys into the keyfile (systemd-creds), mint the snapshot and operator tokens, revoke root", func() error {
 			var rep struct {
+				Pod         string `json:"pod"`
 				ManifestKey string `json:"manifest_key"`
 			}
 			if err := d.agentJSON(ctx, &rep, "init", "-o", "json", "--config", filepath.Join(dir, "config.yaml")); err != nil {
 				return err
 			}
 			manifestKey = rep.ManifestKey
+			d.say("initialised vault through pod %s", rep.Pod)
 			d.say("manifest key %s: written down beside the offline age key (a host-lost recover is pinned to it)", manifestKey)
 			return nil
 		}},
