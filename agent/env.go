@@ -25,6 +25,7 @@ type Env struct {
 
 	mu       sync.Mutex
 	cluster  *k8s.Cluster
+	install  *k8s.Cluster // through kubernetes.install_kubeconfig, when set
 	resolver *provision.Resolver
 	ssh      *provision.SSHConfig
 	pods     *podAccess
@@ -64,24 +65,48 @@ func (e *Env) Close() {
 	}
 }
 
-// Cluster connects to the Kubernetes API server once.
+// Cluster connects to the Kubernetes API server once, as the operate account
+// (kubernetes.kubeconfig): what reading, unsealing and drilling need.
 func (e *Env) Cluster(ctx context.Context) (*k8s.Cluster, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if e.cluster != nil {
 		return e.cluster, nil
 	}
-	sec, err := e.Config.Kubernetes.Kubeconfig.Read()
-	if err != nil {
-		return nil, withHint(fmt.Errorf("kubernetes.kubeconfig: %w", err), "copy the cluster's admin kubeconfig to a root-owned 0600 file (or seal it as a credential) and point kubernetes.kubeconfig at it")
-	}
-	c, err := k8s.Connect(ctx, k8s.ClusterConfig{Kubeconfig: sec.Bytes(), Source: e.Config.Kubernetes.Kubeconfig.String(),
-		Context: e.Config.Kubernetes.Context, Namespace: e.Config.Chart.Namespace}, e.Log)
+	c, err := e.connect(ctx, "kubernetes.kubeconfig", e.Config.Kubernetes.Kubeconfig)
 	if err != nil {
 		return nil, err
 	}
 	e.cluster = c
 	return c, nil
+}
+
+// InstallCluster connects as the install account (kubernetes.install_kubeconfig, else
+// the operate one): what changing the release, its volumes and its pods needs.
+func (e *Env) InstallCluster(ctx context.Context) (*k8s.Cluster, error) {
+	if !e.Config.Kubernetes.InstallKubeconfig.IsSet() {
+		return e.Cluster(ctx)
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.install != nil {
+		return e.install, nil
+	}
+	c, err := e.connect(ctx, "kubernetes.install_kubeconfig", e.Config.Kubernetes.InstallKubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	e.install = c
+	return c, nil
+}
+
+func (e *Env) connect(ctx context.Context, key string, ref configs.SecretRef) (*k8s.Cluster, error) {
+	sec, err := ref.Read()
+	if err != nil {
+		return nil, withHint(fmt.Errorf("%s: %w", key, err), "write the kubeconfig `pve-vault-agent rbac kubeconfig` prints (or an admin's) to a root-owned 0600 file, or seal it as a credential, and point %s at it", key)
+	}
+	return k8s.Connect(ctx, k8s.ClusterConfig{Kubeconfig: sec.Bytes(), Source: ref.String(),
+		Context: e.Config.Kubernetes.Context, Namespace: e.Config.Chart.Namespace}, e.Log)
 }
 
 // needsProxmox reports whether any node is a Proxmox VM.

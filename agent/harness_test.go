@@ -20,6 +20,7 @@ import (
 
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
+	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
 
@@ -129,6 +130,9 @@ func newVaultLabWith(t *testing.T, o labOptions) *vaultLab {
 	if err := lab.RegisterNodes(ctx, cs, names...); err != nil {
 		t.Fatal(err)
 	}
+	// The agent talks to Kubernetes as its own accounts, bound to exactly the roles
+	// `pve-vault-agent rbac` prints; the lab's admin only sets them up.
+	useAgentAccounts(t, ctx, &cfg, cp.Kubeconfig, cs, dir)
 	pods := &lab.VaultPods{Bins: bins, Clients: cs, Release: release, StateDir: filepath.Join(dir, "pods"), IP: lab.LoopbackBase(),
 		DataDir: func(p *corev1.Pod) string { return dataDirs[p.Name] }, Other: o.other}
 	t.Cleanup(pods.Close)
@@ -153,6 +157,38 @@ func newVaultLabWith(t *testing.T, o labOptions) *vaultLab {
 		}
 	}
 	return vl
+}
+
+// useAgentAccounts applies the agent's RBAC manifests for cfg as the lab's admin and
+// points cfg at the operate and install accounts' kubeconfigs.
+func useAgentAccounts(t *testing.T, ctx context.Context, cfg *configs.Config, adminKubeconfig string, cs kubernetes.Interface, dir string) {
+	t.Helper()
+	spec, err := RBACSpecFor(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := lab.Apply(ctx, cs, k8s.RBACObjects(spec)); err != nil {
+		t.Fatal(err)
+	}
+	admin, err := os.ReadFile(adminKubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, role := range []string{k8s.RoleOperate, k8s.RoleInstall} {
+		kc, err := ServiceAccountKubeconfig(ctx, cfg, admin, role)
+		if err != nil {
+			t.Fatal(err)
+		}
+		p := filepath.Join(dir, role+".kubeconfig")
+		if err := os.WriteFile(p, kc, 0o600); err != nil {
+			t.Fatal(err)
+		}
+		if role == k8s.RoleOperate {
+			cfg.Kubernetes.Kubeconfig = configs.SecretRef{File: p}
+		} else {
+			cfg.Kubernetes.InstallKubeconfig = configs.SecretRef{File: p}
+		}
+	}
 }
 
 // newEnv is a fresh environment for vl's configuration (the daemon builds its own).

@@ -3,6 +3,8 @@ package agent
 import (
 	"errors"
 	"fmt"
+
+	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 )
 
 // hinted is an error with what the operator should do about it, kept apart from the
@@ -55,7 +57,38 @@ func Hints(err error) []string {
 		}
 	}
 	walk(err)
+	if h := forbiddenHint(err); h != "" && !seen[h] {
+		out = append(out, h)
+	}
 	return out
+}
+
+// forbiddenHint explains a refusal of the Kubernetes API server's authorizer: which
+// account, which rule it lacks, and in which of the agent's roles that rule belongs.
+func forbiddenHint(err error) string {
+	f, ok := k8s.ParseForbidden(err)
+	if !ok {
+		return ""
+	}
+	where := "neither of the agent's roles has it: is the account bound to the roles `pve-vault-agent rbac` prints?"
+	for _, role := range []string{k8s.RoleOperate, k8s.RoleInstall} {
+		for _, r := range k8s.Rules(role, k8s.RBACSpec{Namespace: f.Namespace, Replicas: 1}) {
+			if contains(r.APIGroups, f.Group) && contains(r.Resources, f.Resource) && contains(r.Verbs, f.Verb) {
+				where = fmt.Sprintf("the %s role has it (%s): apply the roles `pve-vault-agent rbac` prints, or use the %s account's kubeconfig", role, k8s.RuleString(r), role)
+				return "Kubernetes refused: " + f.Rule() + "; " + where
+			}
+		}
+	}
+	return "Kubernetes refused: " + f.Rule() + "; " + where
+}
+
+func contains(xs []string, x string) bool {
+	for _, y := range xs {
+		if y == x {
+			return true
+		}
+	}
+	return false
 }
 
 // is reports errors.Is for any of targets.

@@ -60,7 +60,7 @@ var installSteps = []step[installState]{
 	{"values", "merge your values files under the values the agent enforces", (*installState).mergeValues},
 	{"plan", "compare with the deployed release: does the upgrade change the pods?", (*installState).plan},
 	{"snapshot", "when pods will be rolled: take and verify a Raft snapshot first", (*installState).snapshot},
-	{"storage", "apply the StorageClass and one local PersistentVolume per node", (*installState).storage},
+	{"storage", "apply the StorageClass and one local PersistentVolume per node; the drill's PriorityClass", (*installState).storage},
 	{"release", "helm upgrade --install", (*installState).release},
 	{"pods", "wait until every server pod runs", (*installState).pods},
 	{"roll", "roll pods left on the old revision: standbys one at a time, the active node last", (*installState).rollPods},
@@ -87,7 +87,7 @@ func Install(ctx context.Context, env *Env, opts InstallOptions) (*InstallReport
 
 func (s *installState) connect(ctx context.Context) (string, error) {
 	env := s.env
-	cl, err := env.Cluster(ctx)
+	cl, err := env.InstallCluster(ctx)
 	if err != nil {
 		return "", err
 	}
@@ -189,6 +189,9 @@ func (s *installState) storage(ctx context.Context) (string, error) {
 	names, err := s.cluster.EnsureStorage(ctx, k8s.StorageSpec{Release: env.Config.Chart.Release, Size: dataSize(s.values), Volumes: vols})
 	if err != nil {
 		return "", err
+	}
+	if err := s.cluster.EnsureDrillPriorityClass(ctx); err != nil {
+		return "", fmt.Errorf("the restore drill's PriorityClass %s: %w", k8s.DrillPriorityClass, err)
 	}
 	s.rep.Volumes = names
 	return fmt.Sprintf("%d volume(s)", len(names)), nil

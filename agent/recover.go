@@ -415,7 +415,7 @@ func (s *recoverState) wipeAndRestart(ctx context.Context, p vaultPod) error {
 		return err
 	}
 	defer conn.Close()
-	cl, err := env.Cluster(ctx)
+	cl, err := env.InstallCluster(ctx)
 	if err != nil {
 		return err
 	}

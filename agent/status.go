@@ -140,7 +140,7 @@ func (sb *statusBuilder) release(ctx context.Context) {
 	default:
 		if sb.st.Release, err = cl.Release(cfg.Chart.Release); err != nil {
 			sb.attn("helm: %v (run install)", err)
-		} else if sb.st.Release.Status != "deployed" {
+		} else if sb.st.Release.Status != "deployed" && !sb.st.Release.FromStatefulSet {
 			sb.attn("helm release %s is %s (run install)", sb.st.Release.Name, sb.st.Release.Status)
 		}
 	}

@@ -97,10 +97,14 @@ type SSH struct {
 
 // Kubernetes is the cluster Vault runs in.
 type Kubernetes struct {
-	// Kubeconfig is the cluster's admin kubeconfig, the strongest credential the agent
-	// holds: a secret like the others (a 0600 file owned by root, or a credential).
+	// Kubeconfig is what the daemon and every verb use: the kubeconfig of the agent's
+	// operate account (`pve-vault-agent rbac`), or an admin's. A secret like the others
+	// (a 0600 file owned by root, or a credential).
 	Kubeconfig SecretRef `mapstructure:"kubeconfig" json:"kubeconfig"`
-	Context    string    `mapstructure:"context" json:"context"`
+	// InstallKubeconfig is what install, upgrade, recover and restore use to change the
+	// release: the install account's kubeconfig. Unset: Kubeconfig.
+	InstallKubeconfig SecretRef `mapstructure:"install_kubeconfig" json:"install_kubeconfig"`
+	Context           string    `mapstructure:"context" json:"context"`
 }
 
 // Chart is the Vault Helm chart and release.

@@ -133,7 +133,8 @@ type NamedRef struct {
 // SecretRefs lists every secret reference that is set, with its key path.
 func (c *Config) SecretRefs() []NamedRef {
 	all := []NamedRef{{"proxmox.token_secret", &c.Proxmox.TokenSecret}, {"ssh.identity", &c.SSH.Identity},
-		{"kubernetes.kubeconfig", &c.Kubernetes.Kubeconfig}, {"vault.age_identity", &c.Vault.AgeIdentity}}
+		{"kubernetes.kubeconfig", &c.Kubernetes.Kubeconfig}, {"kubernetes.install_kubeconfig", &c.Kubernetes.InstallKubeconfig},
+		{"vault.age_identity", &c.Vault.AgeIdentity}}
 	for i := range c.Snapshots.Targets {
 		t := &c.Snapshots.Targets[i]
 		at := fmt.Sprintf("snapshots.targets[%d]", i)

@@ -181,6 +181,7 @@ func (c *Config) validateSSH(p *problems) {
 
 func (c *Config) validateKubernetes(p *problems) {
 	validateSecretRef(p, "kubernetes.kubeconfig", c.Kubernetes.Kubeconfig, true)
+	validateSecretRef(p, "kubernetes.install_kubeconfig", c.Kubernetes.InstallKubeconfig, false)
 }
 
 func (c *Config) validateChart(p *problems) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sort"
 	"strings"
 	"time"
 
@@ -96,24 +97,33 @@ func (c *Cluster) StartDrill(ctx context.Context, spec DrillSpec) (name, uid, im
 	name = drillName(spec.Release, spec.ID)
 	labels := drillLabels(spec.Release, spec.ID)
 	meta := metav1.ObjectMeta{Name: name, Namespace: ns, Labels: labels}
-	if _, err := c.Clients.CoreV1().Secrets(ns).Create(ctx, &corev1.Secret{ObjectMeta: meta, Type: corev1.SecretTypeTLS,
-		Data: map[string][]byte{corev1.TLSCertKey: spec.TLSCert, corev1.TLSPrivateKeyKey: spec.TLSKey}}, metav1.CreateOptions{FieldManager: FieldManager}); err != nil {
-		return "", "", "", fmt.Errorf("create the drill's Secret: %w", err)
-	}
+	// The ConfigMap first: cleanup finds a drill by its ConfigMap, pod or policy and
+	// deletes its Secret by name (the operate role may not list Secrets).
 	if _, err := c.Clients.CoreV1().ConfigMaps(ns).Create(ctx, &corev1.ConfigMap{ObjectMeta: meta,
 		Data: map[string]string{DrillConfigKey: spec.Config}}, metav1.CreateOptions{FieldManager: FieldManager}); err != nil {
 		return "", "", "", fmt.Errorf("create the drill's ConfigMap: %w", err)
+	}
+	if _, err := c.Clients.CoreV1().Secrets(ns).Create(ctx, &corev1.Secret{ObjectMeta: meta, Type: corev1.SecretTypeTLS,
+		Data: map[string][]byte{corev1.TLSCertKey: spec.TLSCert, corev1.TLSPrivateKeyKey: spec.TLSKey}}, metav1.CreateOptions{FieldManager: FieldManager}); err != nil {
+		return "", "", "", fmt.Errorf("create the drill's Secret: %w", err)
 	}
 	// No egress: the restored copy holds production's leases and would revoke the ones
 	// expired by its clock against their real backends. Ingress only on the API port
 	// from the nodes it may run on: the agent reaches it through an SSH tunnel to its
 	// node (and NetworkPolicy never blocks a pod's own node). Both need a CNI that
 	// enforces NetworkPolicies.
+	from, err := c.nodeAddresses(ctx, spec.Nodes)
+	if err != nil {
+		return "", "", "", err
+	}
 	if _, err := c.Clients.NetworkingV1().NetworkPolicies(ns).Create(ctx, &networkingv1.NetworkPolicy{ObjectMeta: meta,
-		Spec: drillPolicy(spec.ID, c.nodeAddresses(ctx, spec.Nodes))}, metav1.CreateOptions{FieldManager: FieldManager}); err != nil {
+		Spec: drillPolicy(spec.ID, from)}, metav1.CreateOptions{FieldManager: FieldManager}); err != nil {
 		return "", "", "", fmt.Errorf("create the drill's NetworkPolicy: %w", err)
 	}
-	priority := c.drillPriorityClass(ctx)
+	priority, err := c.drillPriorityClass(ctx)
+	if err != nil {
+		return "", "", "", err
+	}
 	no, mode := false, int32(0o440)
 	sizeLimit := resource.MustParse("4Gi")
 	memReq := resource.MustParse("64Mi")
@@ -188,13 +198,17 @@ func drillPolicy(id string, from []string) networkingv1.NetworkPolicySpec {
 	return spec
 }
 
-// nodeAddresses are the InternalIP addresses of the named nodes (those the API knows).
-func (c *Cluster) nodeAddresses(ctx context.Context, nodes []string) []string {
+// nodeAddresses are the InternalIP addresses of the named nodes (a node the API does not
+// know has none; one it refuses to show is an error: the policy would be guessed).
+func (c *Cluster) nodeAddresses(ctx context.Context, nodes []string) ([]string, error) {
 	var out []string
 	for _, name := range nodes {
 		n, err := c.Clients.CoreV1().Nodes().Get(ctx, name, metav1.GetOptions{})
-		if err != nil {
+		if apierrors.IsNotFound(err) {
 			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read node %s (the drill pod admits its addresses): %w", name, err)
 		}
 		for _, a := range n.Status.Addresses {
 			if a.Type == corev1.NodeInternalIP {
@@ -202,7 +216,7 @@ func (c *Cluster) nodeAddresses(ctx context.Context, nodes []string) []string {
 			}
 		}
 	}
-	return out
+	return out, nil
 }
 
 // priorityClassLag bounds how long a pod create may be refused for a PriorityClass the
@@ -236,28 +250,39 @@ func priorityClassNotSeen(err error, class string) bool {
 
 func ptr[T any](v T) *T { return &v }
 
-// drillPriorityClass makes sure the drill's PriorityClass exists and returns its name,
-// or "" (default priority) when the kubeconfig may not create it.
-func (c *Cluster) drillPriorityClass(ctx context.Context) string {
+// drillPriorityClass returns the drill's PriorityClass when it exists (install makes
+// it), or "" (default priority, with a warning) when it does not yet.
+func (c *Cluster) drillPriorityClass(ctx context.Context) (string, error) {
+	_, err := c.Clients.SchedulingV1().PriorityClasses().Get(ctx, DrillPriorityClass, metav1.GetOptions{})
+	switch {
+	case apierrors.IsNotFound(err):
+		c.log.Warn("the drill pod runs at default priority: its PriorityClass does not exist yet (install creates it)", "priorityclass", DrillPriorityClass)
+		return "", nil
+	case err != nil:
+		return "", fmt.Errorf("read the drill's PriorityClass %s: %w", DrillPriorityClass, err)
+	}
+	return DrillPriorityClass, nil
+}
+
+// EnsureDrillPriorityClass creates the drill's PriorityClass (value -100, never
+// preempting: a drill yields, production pods do not) when it is missing.
+func (c *Cluster) EnsureDrillPriorityClass(ctx context.Context) error {
 	pcs := c.Clients.SchedulingV1().PriorityClasses()
 	_, err := pcs.Get(ctx, DrillPriorityClass, metav1.GetOptions{})
-	if apierrors.IsNotFound(err) {
-		never := corev1.PreemptNever
-		_, err = pcs.Create(ctx, &schedulingv1.PriorityClass{
-			ObjectMeta:       metav1.ObjectMeta{Name: DrillPriorityClass, Labels: map[string]string{"app.kubernetes.io/managed-by": FieldManager}},
-			Value:            -100,
-			PreemptionPolicy: &never,
-			Description:      "pve-vault-agent restore drills: below every workload, never preempting",
-		}, metav1.CreateOptions{FieldManager: FieldManager})
-		if apierrors.IsAlreadyExists(err) {
-			err = nil
-		}
+	if !apierrors.IsNotFound(err) {
+		return err
 	}
-	if err != nil {
-		c.log.Warn("the drill pod runs at default priority: cannot read or create its PriorityClass", "priorityclass", DrillPriorityClass, "err", err)
-		return ""
+	never := corev1.PreemptNever
+	_, err = pcs.Create(ctx, &schedulingv1.PriorityClass{
+		ObjectMeta:       metav1.ObjectMeta{Name: DrillPriorityClass, Labels: map[string]string{"app.kubernetes.io/managed-by": FieldManager}},
+		Value:            -100,
+		PreemptionPolicy: &never,
+		Description:      "pve-vault-agent restore drills: below every workload, never preempting",
+	}, metav1.CreateOptions{FieldManager: FieldManager})
+	if apierrors.IsAlreadyExists(err) {
+		return nil
 	}
-	return DrillPriorityClass
+	return err
 }
 
 // WaitDrill waits until the drill pod (name, uid) runs with an IP. It fails at once when
@@ -302,14 +327,43 @@ func (c *Cluster) WaitDrill(ctx context.Context, release, name, uid string, time
 
 // CleanupDrills deletes every drill object of the release and waits until no drill pod
 // is left (the pod's grace period is 5 s: the kubelet has stopped Vault when it is
-// gone); it returns what it deleted.
+// gone); it returns what it deleted. Drills are found by their pods, ConfigMaps and
+// NetworkPolicies; a drill's Secret (same name) goes first, by name: the operate role
+// may not list Secrets, and a Secret is never made without its ConfigMap before it.
 func (c *Cluster) CleanupDrills(ctx context.Context, release string, timeout time.Duration) ([]string, error) {
 	ns := c.cfg.Namespace
 	sel := metav1.ListOptions{LabelSelector: DrillSelector(release)}
-	var gone []string
 	pods, err := c.Clients.CoreV1().Pods(ns).List(ctx, sel)
 	if err != nil {
 		return nil, fmt.Errorf("list drill pods: %w", err)
+	}
+	cms, err := c.Clients.CoreV1().ConfigMaps(ns).List(ctx, sel)
+	if err != nil {
+		return nil, fmt.Errorf("list drill ConfigMaps: %w", err)
+	}
+	policies, err := c.Clients.NetworkingV1().NetworkPolicies(ns).List(ctx, sel)
+	if err != nil {
+		return nil, fmt.Errorf("list drill NetworkPolicies: %w", err)
+	}
+	drills := map[string]bool{}
+	for _, o := range pods.Items {
+		drills[o.Name] = true
+	}
+	for _, o := range cms.Items {
+		drills[o.Name] = true
+	}
+	for _, o := range policies.Items {
+		drills[o.Name] = true
+	}
+	var gone []string
+	for name := range drills {
+		err := c.Clients.CoreV1().Secrets(ns).Delete(ctx, name, metav1.DeleteOptions{})
+		switch {
+		case err == nil:
+			gone = append(gone, "secret/"+name)
+		case !apierrors.IsNotFound(err):
+			return gone, fmt.Errorf("delete drill Secret %s: %w", name, err)
+		}
 	}
 	for _, p := range pods.Items {
 		if err := c.Clients.CoreV1().Pods(ns).Delete(ctx, p.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
@@ -317,19 +371,11 @@ func (c *Cluster) CleanupDrills(ctx context.Context, release string, timeout tim
 		}
 		gone = append(gone, "pod/"+p.Name)
 	}
-	cms, err := c.Clients.CoreV1().ConfigMaps(ns).List(ctx, sel)
-	if err != nil {
-		return gone, fmt.Errorf("list drill ConfigMaps: %w", err)
-	}
 	for _, o := range cms.Items {
 		if err := c.Clients.CoreV1().ConfigMaps(ns).Delete(ctx, o.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
 			return gone, fmt.Errorf("delete drill ConfigMap %s: %w", o.Name, err)
 		}
 		gone = append(gone, "configmap/"+o.Name)
-	}
-	policies, err := c.Clients.NetworkingV1().NetworkPolicies(ns).List(ctx, sel)
-	if err != nil {
-		return gone, fmt.Errorf("list drill NetworkPolicies: %w", err)
 	}
 	for _, o := range policies.Items {
 		if err := c.Clients.NetworkingV1().NetworkPolicies(ns).Delete(ctx, o.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
@@ -337,16 +383,7 @@ func (c *Cluster) CleanupDrills(ctx context.Context, release string, timeout tim
 		}
 		gone = append(gone, "networkpolicy/"+o.Name)
 	}
-	secrets, err := c.Clients.CoreV1().Secrets(ns).List(ctx, sel)
-	if err != nil {
-		return gone, fmt.Errorf("list drill Secrets: %w", err)
-	}
-	for _, o := range secrets.Items {
-		if err := c.Clients.CoreV1().Secrets(ns).Delete(ctx, o.Name, metav1.DeleteOptions{}); err != nil && !apierrors.IsNotFound(err) {
-			return gone, fmt.Errorf("delete drill Secret %s: %w", o.Name, err)
-		}
-		gone = append(gone, "secret/"+o.Name)
-	}
+	sort.Strings(gone)
 	if len(pods.Items) == 0 {
 		return gone, nil
 	}

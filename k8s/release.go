@@ -13,6 +13,8 @@ import (
 	"helm.sh/helm/v3/pkg/chartutil"
 	"helm.sh/helm/v3/pkg/release"
 	"helm.sh/helm/v3/pkg/storage/driver"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
 )
 
@@ -118,7 +120,10 @@ func (c *Cluster) Install(ctx context.Context, spec InstallSpec) (*InstallResult
 		inst := action.NewInstall(cfg)
 		inst.ReleaseName = spec.Release
 		inst.Namespace = c.cfg.Namespace
-		inst.CreateNamespace = true
+		// Helm's CreateNamespace creates the namespace even when it exists (ignoring
+		// AlreadyExists), which the install account's Role, confined to the namespace,
+		// may not: create it only when it is missing.
+		inst.CreateNamespace = c.namespaceMissing(ctx)
 		inst.Timeout = spec.Timeout
 		inst.DryRun = spec.DryRun
 		if spec.DryRun {
@@ -150,6 +155,13 @@ func (c *Cluster) Install(ctx context.Context, spec InstallSpec) (*InstallResult
 	}
 	res.Changes = diffManifests(old, rel.Manifest)
 	return res, nil
+}
+
+// namespaceMissing reports whether the release's namespace does not exist (a refusal to
+// read it says it does: whoever made the agent's roles made it).
+func (c *Cluster) namespaceMissing(ctx context.Context) bool {
+	_, err := c.Clients.CoreV1().Namespaces().Get(ctx, c.cfg.Namespace, metav1.GetOptions{})
+	return apierrors.IsNotFound(err)
 }
 
 func (c *Cluster) releaseExists(cfg *action.Configuration, name string) bool {
@@ -258,6 +270,9 @@ type ReleaseInfo struct {
 	Revision     int    `json:"revision"`
 	Status       string `json:"status"`
 	ChartVersion string `json:"chart_version"`
+	// FromStatefulSet: read from the StatefulSet's labels, the account may not read
+	// Helm's records (the operate role reads no Secrets): no revision, no Helm status.
+	FromStatefulSet bool `json:"from_statefulset,omitempty"`
 }
 
 // Release reads the last revision of a release.
@@ -267,12 +282,30 @@ func (c *Cluster) Release(name string) (*ReleaseInfo, error) {
 		return nil, err
 	}
 	rel, err := cfg.Releases.Last(name)
+	if _, refused := ParseForbidden(err); refused {
+		return c.releaseFromStatefulSet(name)
+	}
 	if err != nil {
 		return nil, fmt.Errorf("release %s: %w", name, err)
 	}
 	info := &ReleaseInfo{Name: rel.Name, Namespace: rel.Namespace, Revision: rel.Version, Status: string(rel.Info.Status)}
 	if rel.Chart != nil && rel.Chart.Metadata != nil {
 		info.ChartVersion = rel.Chart.Metadata.Version
+	}
+	return info, nil
+}
+
+// releaseFromStatefulSet is what the release's StatefulSet says of it, for an account
+// that may not read Helm's records (they are Secrets: the operate role reads none): the
+// chart version from its helm.sh/chart label, no revision.
+func (c *Cluster) releaseFromStatefulSet(name string) (*ReleaseInfo, error) {
+	sts, err := c.Clients.AppsV1().StatefulSets(c.cfg.Namespace).Get(context.Background(), name, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("release %s: %w", name, err)
+	}
+	info := &ReleaseInfo{Name: name, Namespace: c.cfg.Namespace, Status: "unknown", FromStatefulSet: true}
+	if ch := sts.Labels["helm.sh/chart"]; ch != "" {
+		info.ChartVersion = ch[strings.LastIndexByte(ch, '-')+1:]
 	}
 	return info, nil
 }

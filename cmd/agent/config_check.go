@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -61,7 +62,7 @@ func runConfigCheck(ctx context.Context, opts *configCheckOptions, g *globalOpti
 		if err := writeJSON(g, view); err != nil {
 			return err
 		}
-		return checkUnitCredentials(ctx, g, cfg)
+		return errors.Join(checkUnitCredentials(ctx, g, cfg), checkKubernetesAccess(ctx, g))
 	}
 	out, err := yaml.Marshal(view)
 	if err != nil {
@@ -71,7 +72,39 @@ func runConfigCheck(ctx context.Context, opts *configCheckOptions, g *globalOpti
 	if _, err = g.stdout.Write(out); err != nil {
 		return err
 	}
-	return checkUnitCredentials(ctx, g, cfg)
+	return errors.Join(checkUnitCredentials(ctx, g, cfg), checkKubernetesAccess(ctx, g))
+}
+
+// checkKubernetesAccess asks the API server whether the configured kubeconfigs may do
+// what their roles need; a cluster that cannot be reached is a warning, a refused rule
+// an error.
+func checkKubernetesAccess(ctx context.Context, g *globalOptions) error {
+	env, err := g.environment()
+	if err != nil {
+		return err
+	}
+	defer env.Close()
+	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	rep, err := agent.CheckKubernetesAccess(ctx, env)
+	if err != nil {
+		fmt.Fprintf(g.stderr, "warning: could not check the Kubernetes accounts' access: %v\n", err)
+		return nil
+	}
+	n := 0
+	for _, role := range []string{"operate", "install"} {
+		for _, m := range rep.Missing[role] {
+			fmt.Fprintf(g.stderr, "error: the %s account may not: %s\n", role, m)
+			n++
+		}
+		if rep.Checked[role] && len(rep.Missing[role]) == 0 {
+			fmt.Fprintf(g.stderr, "the %s account may do everything its role needs\n", role)
+		}
+	}
+	if n > 0 {
+		return fmt.Errorf("%d rule(s) refused to the agent's Kubernetes accounts; apply the roles `pve-vault-agent rbac` prints, and use their kubeconfigs (`pve-vault-agent rbac kubeconfig`)", n)
+	}
+	return nil
 }
 
 // checkUnitCredentials prints what the service units must load; an installed unit that

@@ -7,11 +7,14 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"k8s.io/client-go/kubernetes"
 
 	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
 )
@@ -98,4 +101,41 @@ func tailLines(s string, n int) string {
 		lines = lines[len(lines)-n:]
 	}
 	return strings.Join(lines, "\n")
+}
+
+// useAgentAccounts sets up the agent's Kubernetes accounts for the configuration at
+// cfgPath as a cluster administrator would: the manifests `rbac` prints, applied with the
+// admin kubeconfig, and the kubeconfigs `rbac kubeconfig` prints written beside the
+// configuration, which is rewritten to use them.
+func useAgentAccounts(t *testing.T, cfgPath, adminKubeconfig string, cs kubernetes.Interface) {
+	t.Helper()
+	r := runBinary(t, nil, "rbac", "--config", cfgPath)
+	if r.code != 0 || !strings.Contains(r.stdout, "kind: ClusterRole") {
+		t.Fatalf("rbac: %d %s", r.code, r.stderr)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if err := lab.ApplyYAML(ctx, cs, r.stdout); err != nil {
+		t.Fatal(err)
+	}
+	body := mustRead(t, cfgPath)
+	for _, role := range []string{"operate", "install"} {
+		r := runBinary(t, nil, "rbac", "kubeconfig", role, "--admin-kubeconfig", adminKubeconfig, "--config", cfgPath)
+		if r.code != 0 {
+			t.Fatalf("rbac kubeconfig %s: %d %s", role, r.code, r.stderr)
+		}
+		p := filepath.Join(filepath.Dir(cfgPath), role+".kubeconfig")
+		os.WriteFile(p, []byte(r.stdout), 0o600)
+		key := map[string]string{"operate": "kubeconfig", "install": "install_kubeconfig"}[role]
+		line := fmt.Sprintf("  %s: {file: %s}\n", key, p)
+		if role == "operate" {
+			body = strings.Replace(body, fmt.Sprintf("  kubeconfig: {file: %s}\n", adminKubeconfig), line, 1)
+		} else {
+			body = strings.Replace(body, "kubernetes:\n", "kubernetes:\n"+line, 1)
+		}
+	}
+	if !strings.Contains(body, "operate.kubeconfig") || !strings.Contains(body, "install.kubeconfig") {
+		t.Fatalf("the configuration does not take the accounts' kubeconfigs:\n%s", body)
+	}
+	os.WriteFile(cfgPath, []byte(body), 0o600)
 }

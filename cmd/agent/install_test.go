@@ -79,6 +79,7 @@ chart:
   cache_dir: %s
   timeout: 1m
 `, node, hostPath, key, cp.Kubeconfig, chart, ns, il.values, filepath.Join(dir, "cache")), 0o600)
+	useAgentAccounts(t, il.config, cp.Kubeconfig, cs)
 	return il
 }
 
@@ -157,7 +158,7 @@ func TestInstallVerbErrors(t *testing.T) {
 		env  []string
 		want string
 	}{
-		{[]string{"PVA_KUBERNETES_KUBECONFIG_FILE=" + filepath.Join(il.dir, "absent")}, "kubernetes.kubeconfig"},
+		{[]string{"PVA_KUBERNETES_INSTALL_KUBECONFIG_FILE=" + filepath.Join(il.dir, "absent")}, "kubernetes.install_kubeconfig"},
 		{[]string{"PVA_CHART_PATH=" + filepath.Join(il.dir, "no-chart")}, "chart not available"},
 	} {
 		r := runBinary(t, tc.env, "install", "--config", il.config)
@@ -168,8 +169,39 @@ func TestInstallVerbErrors(t *testing.T) {
 	kc, _ := os.ReadFile(il.cp.Kubeconfig)
 	dead := filepath.Join(il.dir, "dead.kubeconfig")
 	os.WriteFile(dead, []byte(strings.Replace(string(kc), il.cp.Server, "https://127.0.0.1:1", 1)), 0o600)
-	r = runBinary(t, []string{"PVA_KUBERNETES_KUBECONFIG_FILE=" + dead}, "install", "--config", il.config)
+	r = runBinary(t, []string{"PVA_KUBERNETES_INSTALL_KUBECONFIG_FILE=" + dead}, "install", "--config", il.config)
 	if r.code != 1 || !strings.Contains(r.stderr, "unreachable at https://127.0.0.1:1") {
 		t.Fatalf("unreachable: exit %d\n%s", r.code, r.stderr)
+	}
+}
+
+// config check asks the API server what the configured accounts may do: everything
+// their roles need passes; a rule taken away is named, and it fails.
+func TestConfigCheckKubernetesAccess(t *testing.T) {
+	il := newInstallLab(t, "cli-access")
+	r := runBinary(t, nil, "config", "check", "--config", il.config)
+	if r.code != 0 || !strings.Contains(r.stderr, "the operate account may do everything its role needs") || !strings.Contains(r.stderr, "the install account may do everything its role needs") {
+		t.Fatalf("config check with the roles in place: %d\n%s", r.code, r.stderr)
+	}
+	// The administrator's roles lose "get,list pods" from operate.
+	manifests := runBinary(t, nil, "rbac", "--config", il.config).stdout
+	cut := strings.Replace(manifests, "  - \"\"\n  resources:\n  - pods\n  verbs:\n  - get\n  - list\n", "  - \"\"\n  resources:\n  - pods\n  verbs:\n  - create\n", 1)
+	if cut == manifests {
+		t.Fatal("the manifests have no get,list pods rule to take away")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	if err := lab.ApplyYAML(ctx, il.cs, cut); err != nil {
+		t.Fatal(err)
+	}
+	err := lab.WaitFor(ctx, 30*time.Second, "config check to see the missing rule", func(context.Context) error {
+		r = runBinary(t, nil, "config", "check", "--config", il.config)
+		if r.code != 1 || !strings.Contains(r.stderr, "error: the operate account may not: get,list pods (Role) (refused: get pods)") {
+			return fmt.Errorf("exit %d\n%s", r.code, r.stderr)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

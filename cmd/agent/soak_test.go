@@ -111,6 +111,7 @@ vault:
 	if err := os.WriteFile(cl.config, []byte(body), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	useAgentAccounts(t, cl.config, cp.Kubeconfig, cs)
 	for _, verb := range [][]string{{"provision"}, {"install"}, {"init"}} {
 		if r := runBinary(t, nil, append(verb, "--config", cl.config)...); r.code != 0 {
 			t.Fatalf("%s: exit %d\n%s", verb[0], r.code, r.stderr)

@@ -52,7 +52,9 @@ func printStatus(w io.Writer, st *agent.Status) {
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", n.Name, dash(n.VMStatus), dash(n.Address), n.HostPath, dash(n.Owner), dash(n.Mode))
 	}
 	tw.Flush()
-	if r := st.Release; r != nil {
+	if r := st.Release; r != nil && r.FromStatefulSet {
+		fmt.Fprintf(w, "\nrelease %s/%s: chart %s (from its StatefulSet: the operate account does not read Helm's records)\n", r.Namespace, r.Name, r.ChartVersion)
+	} else if r != nil {
 		fmt.Fprintf(w, "\nrelease %s/%s: revision %d, %s, chart %s\n", r.Namespace, r.Name, r.Revision, r.Status, r.ChartVersion)
 	}
 	fmt.Fprintln(w)

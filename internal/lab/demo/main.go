@@ -249,6 +249,9 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		{"write the agent's configuration for the lab (node = VMID 201, data in " + hostPath + ", the real hashicorp/vault chart 0.34.1, copies to S3)", func() error {
 			return writeConfig(dir, hostPath, chart, cp, node, pve, s3, identity, tokenID, tokenSecret)
 		}},
+		{"pve-vault-agent rbac: the Kubernetes accounts the agent needs (operate for the daemon, install for changing the release), applied once by the cluster's admin; the configuration takes their kubeconfigs (pve-vault-agent rbac kubeconfig)", func() error {
+			return d.useAgentAccounts(ctx, cfgPath, cp.Kubeconfig)
+		}},
 		{"pve-vault-agent version", func() error { return d.agentCmd(ctx, "version") }},
 		{"pve-vault-agent config check (validates, prints the effective config; secrets are references)", func() error {
 			return d.agentCmd(ctx, "config", "check", "--config", filepath.Join(dir, "config.yaml"))
@@ -595,6 +598,54 @@ func withRoot(ctx context.Context, pods *lab.VaultPods, keyfile string, f func(*
 	}
 	defer n.RevokeSelf(ctx, root)
 	return f(n, root)
+}
+
+// useAgentAccounts applies what `rbac` prints as the admin, writes the two accounts'
+// kubeconfigs and points the configuration at them.
+func (d *demo) useAgentAccounts(ctx context.Context, cfgPath, adminKubeconfig string) error {
+	var manifests strings.Builder
+	cmd := exec.CommandContext(ctx, d.agent, "rbac", "--config", cfgPath)
+	cmd.Stdout, cmd.Stderr = &manifests, d.out
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("rbac: %w", err)
+	}
+	cs, err := kubeClient(adminKubeconfig)
+	if err != nil {
+		return err
+	}
+	if err := lab.ApplyYAML(ctx, cs, manifests.String()); err != nil {
+		return err
+	}
+	d.say("applied %d objects as the admin (kubectl apply -f -); the roles, rule by rule:", strings.Count(manifests.String(), "\nkind: "))
+	for _, l := range strings.Split(manifests.String(), "\n") {
+		if strings.HasPrefix(l, "#   ") {
+			d.say("  %s", strings.TrimPrefix(l, "#   "))
+		}
+	}
+	b, err := os.ReadFile(cfgPath)
+	if err != nil {
+		return err
+	}
+	body := string(b)
+	for _, role := range []string{"operate", "install"} {
+		var kc strings.Builder
+		cmd := exec.CommandContext(ctx, d.agent, "rbac", "kubeconfig", role, "--admin-kubeconfig", adminKubeconfig, "--config", cfgPath)
+		cmd.Stdout, cmd.Stderr = &kc, d.out
+		if err := cmd.Run(); err != nil {
+			return fmt.Errorf("rbac kubeconfig %s: %w", role, err)
+		}
+		p := filepath.Join(filepath.Dir(cfgPath), role+".kubeconfig")
+		if err := os.WriteFile(p, []byte(kc.String()), 0o600); err != nil {
+			return err
+		}
+		if role == "operate" {
+			body = strings.Replace(body, "  kubeconfig: {file: "+adminKubeconfig+"}\n", "  kubeconfig: {file: "+p+"}\n", 1)
+		} else {
+			body = strings.Replace(body, "kubernetes:\n", "kubernetes:\n  install_kubeconfig: {file: "+p+"}\n", 1)
+		}
+		d.say("$ pve-vault-agent rbac kubeconfig %s --admin-kubeconfig admin.kubeconfig > %s", role, p)
+	}
+	return os.WriteFile(cfgPath, []byte(body), 0o600)
 }
 
 func kubeClient(kubeconfig string) (kubernetes.Interface, error) {
