@@ -27,7 +27,7 @@ done
 # the drop-in config check prints is in place (and not before).
 cp /usr/share/doc/pve-vault-agent/config.example.yaml /etc/pve-vault-agent/config.yaml
 if out=$(/usr/bin/pve-vault-agent config check 2>&1 >/dev/null); then fail "config check passed with units lacking the example's credentials"; fi
-grep -q "does not load ssh-key:/etc/pve-vault-agent/credentials/ssh-key.cred" <<<"$out" || fail "config check did not name the missing credential: $out"
+grep -q "does not load pve-token:/etc/pve-vault-agent/credentials/pve-token.cred" <<<"$out" || fail "config check did not name the missing credential: $out"
 sed -n '/^mkdir -p/,/^systemctl daemon-reload/p' <<<"$out" | grep -v '^systemctl ' | sh || fail "the printed drop-in did not install"
 /usr/bin/pve-vault-agent config check >/dev/null 2>&1 || fail "config check still fails with the drop-in it printed"
 rm -rf /etc/systemd/system/pve-vault-agent.service.d /etc/systemd/system/pve-vault-agent-backup.service.d
