@@ -57,6 +57,8 @@ type labOptions struct {
 	noInstall    bool
 	// other gives the IP of a pod that is not a server pod (a rogue one).
 	other func(*corev1.Pod) string
+	// valuesFiles come before the lab's own values file (injector off, TLS off).
+	valuesFiles []string
 }
 
 func newVaultLab(t *testing.T, nodes int) *vaultLab {
@@ -109,7 +111,7 @@ func newVaultLabWith(t *testing.T, o labOptions) *vaultLab {
 	cfg.Chart.Path = lab.Chart(o.chartVersion)
 	cfg.Chart.Release = release
 	cfg.Chart.Namespace = ns
-	cfg.Chart.ValuesFiles = []string{values}
+	cfg.Chart.ValuesFiles = append(append([]string(nil), o.valuesFiles...), values)
 	cfg.Chart.CacheDir = filepath.Join(dir, "charts")
 	cfg.Chart.Timeout = 90 * time.Second
 	cfg.Vault.Keyfile = filepath.Join(dir, "state", "unseal.cred")

@@ -137,14 +137,14 @@ func (s *initState) check(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	for _, p := range pods {
-		st, err := p.API.SealStatus(ctx)
-		if err != nil {
-			return "", err
-		}
-		if st.Initialized {
+	states, err := env.waitAnswering(ctx, pods)
+	if err != nil {
+		return "", err
+	}
+	for i, p := range pods {
+		if states[i].Initialized {
 			return "", withHint(fmt.Errorf("%w (pod %s) and the agent has no keyfile for it", ErrInitInitialised, p.Name),
-				"the unseal keys are wherever it was initialised; the agent will not touch it")
+				"the unseal keys are wherever it was initialised (`vault operator init` output, a password manager): to let the agent keep it unsealed and backed up, run `pve-vault-agent adopt` with them; init never touches it")
 		}
 	}
 	s.pods = pods

@@ -350,3 +350,18 @@ func dataSize(values map[string]any) string {
 	}
 	return "10Gi"
 }
+
+// ValuesWarnings are what the user's values files do that will hurt (not errors: the
+// agent works with them): a liveness probe that restarts a sealed Vault.
+func ValuesWarnings(cfg *configs.Config) []string {
+	files, err := k8s.ReadValuesFiles(cfg.Chart.ValuesFiles)
+	if err != nil {
+		return nil // config check and install report the file itself
+	}
+	if path, file := k8s.UserLivenessPath(files); path != "" {
+		if w := k8s.LivenessWarning(path); w != "" {
+			return []string{file + ": server.livenessProbe: " + w}
+		}
+	}
+	return nil
+}

@@ -143,6 +143,11 @@ func (sb *statusBuilder) release(ctx context.Context) {
 		} else if sb.st.Release.Status != "deployed" && !sb.st.Release.FromStatefulSet {
 			sb.attn("helm release %s is %s (run install)", sb.st.Release.Name, sb.st.Release.Status)
 		}
+		if path, err := cl.LivenessPath(ctx, cfg.Chart.Release); err == nil {
+			if w := k8s.LivenessWarning(path); w != "" {
+				sb.st.Warnings = append(sb.st.Warnings, "StatefulSet "+cfg.Chart.Release+": "+w)
+			}
+		}
 	}
 }
 

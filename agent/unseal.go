@@ -131,3 +131,35 @@ func (e *Env) waitActive(ctx context.Context, n *vault.Node) (vault.Health, erro
 	})
 	return h, err
 }
+
+// answerWait bounds how long a flow waits for pods to answer at all: a container a
+// liveness probe restarted answers again after the kubelet's back-off, which grows to
+// five minutes.
+const answerWait = 6 * time.Minute
+
+// waitAnswering waits until every pod answers sys/seal-status and returns what each
+// said. A pod that does not (its container restarting, in CrashLoopBackOff after a
+// liveness probe that fails while Vault is sealed or uninitialised) is waited for, with
+// a log line, rather than failing the flow.
+func (e *Env) waitAnswering(ctx context.Context, pods []vaultPod) ([]vault.SealState, error) {
+	out := make([]vault.SealState, len(pods))
+	for i, p := range pods {
+		said := false
+		err := poll(ctx, e.Clock, e.Waits.Poll, answerWait, p.Name+" to answer", func(ctx context.Context) error {
+			st, err := p.API.SealStatus(ctx)
+			if err != nil {
+				if !said {
+					e.Log.Warn("a pod does not answer; waiting (a liveness probe may be restarting its container)", "pod", p.Name, "err", err)
+					said = true
+				}
+				return err
+			}
+			out[i] = st
+			return nil
+		})
+		if err != nil {
+			return nil, err
+		}
+	}
+	return out, nil
+}

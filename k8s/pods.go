@@ -369,3 +369,18 @@ func (c *Cluster) WaitReplaced(ctx context.Context, release string, old Pod, tim
 		}
 	}
 }
+
+// LivenessPath is the HTTP path of the liveness probe of the release's vault
+// container, "" when it has none.
+func (c *Cluster) LivenessPath(ctx context.Context, release string) (string, error) {
+	sts, err := c.Clients.AppsV1().StatefulSets(c.cfg.Namespace).Get(ctx, release, metav1.GetOptions{})
+	if err != nil {
+		return "", fmt.Errorf("read StatefulSet %s: %w", release, err)
+	}
+	for _, ct := range sts.Spec.Template.Spec.Containers {
+		if ct.Name == "vault" && ct.LivenessProbe != nil && ct.LivenessProbe.HTTPGet != nil {
+			return ct.LivenessProbe.HTTPGet.Path, nil
+		}
+	}
+	return "", nil
+}

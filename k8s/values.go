@@ -2,9 +2,11 @@ package k8s
 
 import (
 	"fmt"
+	"net/url"
 	"os"
 	"reflect"
 	"sort"
+	"strconv"
 	"strings"
 
 	"helm.sh/helm/v3/pkg/chartutil"
@@ -203,4 +205,60 @@ func mergeMaps(dst, src map[string]any) map[string]any {
 		out[k] = v
 	}
 	return out
+}
+
+// ChartLivenessPath is the chart's own liveness probe path (server.livenessProbe.path).
+const ChartLivenessPath = "/v1/sys/health?standbyok=true"
+
+// LivenessRestartsSealed reports whether a liveness probe on path fails while Vault is
+// sealed or uninitialised, so the kubelet restarts a Vault that waits for its keys:
+// sys/health answers 503 sealed and 501 uninitialised unless sealedcode/uninitcode map
+// them to a success (2xx or 3xx, what the kubelet counts as alive).
+func LivenessRestartsSealed(path string) bool {
+	p, q, _ := strings.Cut(path, "?")
+	if !strings.HasSuffix(p, "/sys/health") {
+		return false // another endpoint: not Vault's health codes
+	}
+	values, err := url.ParseQuery(q)
+	if err != nil {
+		return true
+	}
+	ok := func(key, def string) bool {
+		v := values.Get(key)
+		if v == "" {
+			v = def
+		}
+		code, err := strconv.Atoi(v)
+		return err == nil && code >= 200 && code < 400
+	}
+	return !ok("sealedcode", "503") || !ok("uninitcode", "501")
+}
+
+// UserLivenessPath is the liveness probe the user's values enable (the last file that
+// says wins, as Helm merges them), or "" when none enables it.
+func UserLivenessPath(files []ValuesFile) (path, file string) {
+	enabled, path := false, ChartLivenessPath
+	for _, f := range files {
+		if v, ok := lookup(f.Values, []string{"server", "livenessProbe", "enabled"}); ok {
+			enabled, _ = v.(bool)
+			file = f.Name
+		}
+		if v, ok := lookup(f.Values, []string{"server", "livenessProbe", "path"}); ok {
+			if s, ok := v.(string); ok {
+				path = s
+			}
+		}
+	}
+	if !enabled {
+		return "", ""
+	}
+	return path, file
+}
+
+// LivenessWarning says why a liveness probe on path restarts a sealed Vault, or "".
+func LivenessWarning(path string) string {
+	if !LivenessRestartsSealed(path) {
+		return ""
+	}
+	return fmt.Sprintf("the liveness probe %s fails while Vault is sealed (503) or uninitialised (501): the kubelet restarts a pod that waits for its keys longer than the probe allows (the agent rides through it, but a pod waiting for init or a recover, or sealed while the agent is down, restarts in a loop); add &sealedcode=204&uninitcode=204 to its path so it fails only when Vault does not answer", path)
 }

@@ -48,3 +48,28 @@ func TestMergeValues(t *testing.T) {
 		}
 	}
 }
+
+// A liveness probe restarts a sealed Vault unless its sys/health codes map sealed and
+// uninitialised to a success; the user's files enable it as Helm merges them.
+func TestLivenessRestartsSealed(t *testing.T) {
+	for path, want := range map[string]bool{
+		"/v1/sys/health?standbyok=true":                               true, // the chart's and the write-up's
+		"/v1/sys/health?standbyok=true&sealedcode=204&uninitcode=204": false,
+		"/v1/sys/health?standbyok=true&sealedcode=204":                true, // uninitialised still restarts
+		"/v1/sys/health?sealedcode=299&uninitcode=200":                false,
+		"/v1/sys/health?sealedcode=503&uninitcode=204":                true,
+		"/healthz": false,
+	} {
+		if got := LivenessRestartsSealed(path); got != want {
+			t.Errorf("%s: %v, want %v", path, got, want)
+		}
+	}
+	files := []ValuesFile{{Name: "a", Values: map[string]any{"server": map[string]any{"livenessProbe": map[string]any{"enabled": true}}}}}
+	if p, f := UserLivenessPath(files); p != ChartLivenessPath || f != "a" {
+		t.Fatalf("enabled without a path: %q %q", p, f)
+	}
+	files = append(files, ValuesFile{Name: "b", Values: map[string]any{"server": map[string]any{"livenessProbe": map[string]any{"enabled": false}}}})
+	if p, _ := UserLivenessPath(files); p != "" {
+		t.Fatalf("disabled by a later file: %q", p)
+	}
+}

@@ -57,6 +57,9 @@ func runConfigCheck(ctx context.Context, opts *configCheckOptions, g *globalOpti
 	if cfg.Vault.TLSCAFile == "" {
 		fmt.Fprintln(g.stderr, "warning: vault.tls_ca_file is empty: Vault's listener has TLS off, unseal shares cross the pod network in clear text")
 	}
+	for _, w := range agent.ValuesWarnings(cfg) {
+		fmt.Fprintf(g.stderr, "warning: %s\n", w)
+	}
 	view := cfg.View()
 	if opts.output == "json" {
 		if err := writeJSON(g, view); err != nil {

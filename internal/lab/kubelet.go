@@ -77,6 +77,8 @@ type Kubelet struct {
 	errs    []error
 	// mountWaits records each pod that could not mount its volume, with why.
 	mountWaits []string
+	probers    map[string]*prober // pod UID → its prober (probe.go)
+	restarts   map[string]int     // pod name → container restarts after a failed liveness probe
 }
 
 // StartKubelet starts the loop.
@@ -87,10 +89,19 @@ func StartKubelet(cs kubernetes.Interface, ns string, hooks PodHooks) *Kubelet {
 	return k
 }
 
-// Stop ends the loop.
+// Stop ends the loop and the probes.
 func (k *Kubelet) Stop() {
 	k.cancel()
 	<-k.done
+	k.mu.Lock()
+	var uids []string
+	for uid := range k.probers {
+		uids = append(uids, uid)
+	}
+	k.mu.Unlock()
+	for _, uid := range uids {
+		k.stopProber(uid)
+	}
 }
 
 // Errors returns the errors the loop met (hooks failing, API errors).
@@ -146,6 +157,7 @@ func (k *Kubelet) sync(ctx context.Context) {
 	}
 	k.mu.Unlock()
 	for _, p := range vanished {
+		k.stopProber(string(p.UID))
 		if k.hooks.Stop != nil {
 			k.hooks.Stop(p)
 		}
@@ -154,6 +166,7 @@ func (k *Kubelet) sync(ctx context.Context) {
 		p := &pods.Items[i]
 		switch {
 		case p.DeletionTimestamp != nil:
+			k.stopProber(string(p.UID))
 			if k.hooks.Stop != nil {
 				k.hooks.Stop(p)
 			}
@@ -345,8 +358,12 @@ func (k *Kubelet) run(ctx context.Context, p *corev1.Pod) {
 			State: corev1.ContainerState{Running: &corev1.ContainerStateRunning{StartedAt: now}}})
 	}
 	p.Status.ContainerStatuses = statuses
-	if _, err := k.cs.CoreV1().Pods(k.ns).UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) && ctx.Err() == nil {
+	updated, err := k.cs.CoreV1().Pods(k.ns).UpdateStatus(ctx, p, metav1.UpdateOptions{})
+	if err != nil && !apierrors.IsConflict(err) && !apierrors.IsNotFound(err) && ctx.Err() == nil {
 		k.fail(fmt.Errorf("mark pod %s running: %w", p.Name, err))
+	}
+	if err == nil {
+		k.startProber(updated)
 	}
 }
 
@@ -415,6 +432,7 @@ func pastDeadline(p *corev1.Pod) bool {
 // (pkg/kubelet/active_deadline.go): its containers are killed and it fails with reason
 // DeadlineExceeded; the object stays until someone deletes it.
 func (k *Kubelet) deadlineExceeded(ctx context.Context, p *corev1.Pod) {
+	k.stopProber(string(p.UID))
 	if k.hooks.Stop != nil {
 		k.hooks.Stop(p)
 	}

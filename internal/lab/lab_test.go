@@ -13,6 +13,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -26,6 +28,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/cli-runtime/pkg/genericclioptions"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -604,4 +607,127 @@ func TestPVEFakeRefusesLikeProxmox(t *testing.T) {
 	if err := client.Get(ctx, "/cluster/resources?type=vm", &typed); err == nil {
 		t.Fatal("go-proxmox decoded maxcpu 0.5: the reason the resolver decodes cluster resources itself is gone")
 	}
+}
+
+// The lab kubelet probes as the kubelet does: readiness sets Ready; a liveness probe
+// failing failureThreshold times restarts the container in the same pod (same UID and
+// IP, restartCount + 1), the first restart at once, the next after a 10 s back-off shown
+// as CrashLoopBackOff.
+func TestKubeletProbes(t *testing.T) {
+	cp := SharedControlPlane(t)
+	ctx := testCtx(t, 2*time.Minute)
+	cs := kubeClient(t, cp)
+	ns := newNamespace(ctx, t, cs)
+	if err := RegisterNodes(ctx, cs, ns+"-n0"); err != nil {
+		t.Fatal(err)
+	}
+	var code atomic.Int32
+	code.Store(200)
+	var mu sync.Mutex
+	var srv *http.Server
+	starts := 0
+	ip := LoopbackBase()(0)
+	hooks := PodHooks{
+		Start: func(ctx context.Context, p *corev1.Pod) (string, error) {
+			l, err := net.Listen("tcp", net.JoinHostPort(ip, "18080"))
+			if err != nil {
+				return "", err
+			}
+			mu.Lock()
+			defer mu.Unlock()
+			starts++
+			srv = &http.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.RawQuery != "standbyok=true" {
+					w.WriteHeader(400) // the query must arrive as the probe wrote it
+					return
+				}
+				w.WriteHeader(int(code.Load()))
+			})}
+			go srv.Serve(l)
+			return ip, nil
+		},
+		Stop: func(*corev1.Pod) {
+			mu.Lock()
+			defer mu.Unlock()
+			if srv != nil {
+				srv.Close()
+			}
+		},
+	}
+	k := StartKubelet(cs, ns, hooks)
+	t.Cleanup(k.Stop)
+	probe := &corev1.Probe{ProbeHandler: corev1.ProbeHandler{HTTPGet: &corev1.HTTPGetAction{Path: "/v1/sys/health?standbyok=true", Port: intstr.FromString("http")}},
+		PeriodSeconds: 1, FailureThreshold: 2}
+	pod, err := cs.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "vault-0"}, Spec: corev1.PodSpec{
+		Containers: []corev1.Container{{Name: "vault", Image: "example.invalid/vault", Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 18080}},
+			LivenessProbe: probe, ReadinessProbe: probe}}}}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	state := func(ctx context.Context) (*corev1.Pod, error) {
+		p, err := cs.CoreV1().Pods(ns).Get(ctx, "vault-0", metav1.GetOptions{})
+		if err == nil && (p.UID != pod.UID || len(p.Status.ContainerStatuses) == 0) {
+			err = errors.New("not running yet")
+		}
+		return p, err
+	}
+	ready := func(p *corev1.Pod) bool {
+		for _, c := range p.Status.Conditions {
+			if c.Type == corev1.PodReady {
+				return c.Status == corev1.ConditionTrue
+			}
+		}
+		return false
+	}
+	if err := WaitFor(ctx, 30*time.Second, "Ready", func(ctx context.Context) error {
+		p, err := state(ctx)
+		if err != nil || !ready(p) {
+			return errors.New("not ready")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	code.Store(503)
+	var firstIP string
+	t0 := time.Now()
+	if err := WaitFor(ctx, 30*time.Second, "a restart after the liveness probe failed", func(ctx context.Context) error {
+		p, err := state(ctx)
+		if err != nil || p.Status.ContainerStatuses[0].RestartCount != 1 || ready(p) {
+			return errors.New("not restarted")
+		}
+		firstIP = p.Status.PodIP
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	first := time.Since(t0)
+	if err := WaitFor(ctx, 60*time.Second, "the second restart, after a back-off", func(ctx context.Context) error {
+		p, err := state(ctx)
+		if err != nil {
+			return err
+		}
+		if w := p.Status.ContainerStatuses[0].State.Waiting; w != nil && w.Reason == "CrashLoopBackOff" && p.Status.ContainerStatuses[0].RestartCount == 2 {
+			return nil
+		}
+		return errors.New("no back-off yet")
+	}); err != nil {
+		t.Fatal(err)
+	}
+	code.Store(200)
+	if err := WaitFor(ctx, 60*time.Second, "Ready again after the back-off", func(ctx context.Context) error {
+		p, err := state(ctx)
+		if err != nil || !ready(p) || p.Status.PodIP != firstIP || p.Status.ContainerStatuses[0].State.Running == nil {
+			return errors.New("not ready")
+		}
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if starts != 3 || k.Restarts("vault-0") != 2 {
+		t.Fatalf("%d starts, %d restarts: want 3 and 2", starts, k.Restarts("vault-0"))
+	}
+	t.Logf("first restart %s after the probe began failing (2 × 1 s), the second after a 10 s back-off", first.Round(100*time.Millisecond))
 }
