@@ -126,6 +126,33 @@ func Drill(ctx context.Context, env *Env, opts DrillOptions) (*DrillReport, erro
 	return s.rep, nil
 }
 
+// proveKeyset opens the snapshot at path in a throwaway drill pod with ks: adopt's
+// proof that shares typed or kept elsewhere are this Vault's, before anything is
+// written. The drill's steps from "leftovers" on; no canary to read back yet, and
+// nothing recorded (adopt records it in the first backup's manifest).
+func proveKeyset(ctx context.Context, env *Env, path string, ks vault.Keyset, index uint64) (*DrillReport, error) {
+	if env.Config.Vault.PodAccess == "static" {
+		return nil, hintf("adopt proves the shares in a throwaway pod in the cluster", "vault.pod_access is static: the agent has no Kubernetes cluster to run the drill pod in")
+	}
+	unlock, err := env.drillLock()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	s := &drillState{env: env, kf: &vault.Keyfile{Keyset: ks}, manifest: &snapshot.Manifest{RaftIndex: index},
+		rep: &DrillReport{Snapshot: path, Started: env.Clock.Now().UTC(), Checks: []DrillCheck{}, Cleaned: []string{}}}
+	runErr := runSteps(ctx, env, "adopt-drill", drillSteps[1:], s, &s.rep.Steps)
+	if s.podUID != "" {
+		s.cleanup(ctx)
+	}
+	s.rep.DurationSecs = env.Clock.Now().Sub(s.rep.Started).Seconds()
+	s.rep.Passed = runErr == nil
+	if runErr != nil {
+		s.rep.Reason = runErr.Error()
+	}
+	return s.rep, runErr
+}
+
 // CleanupDrills deletes every drill object of the release: what a killed drill left.
 func CleanupDrills(ctx context.Context, env *Env) ([]string, error) {
 	unlock, err := env.drillLock()
@@ -166,15 +193,19 @@ func (s *drillState) check(name string, ok bool, format string, a ...any) error 
 	c := DrillCheck{Name: name, OK: ok, Detail: fmt.Sprintf(format, a...)}
 	s.rep.Checks = append(s.rep.Checks, c)
 	if !ok {
-		return permanentCheck{c}
+		return permanentCheck{c: c}
 	}
 	return nil
 }
 
-// permanentCheck is a failed check as an error.
-type permanentCheck struct{ c DrillCheck }
+// permanentCheck is a failed check as an error, wrapping what failed it when known.
+type permanentCheck struct {
+	c     DrillCheck
+	cause error
+}
 
 func (e permanentCheck) Error() string { return e.c.Name + ": " + e.c.Detail }
+func (e permanentCheck) Unwrap() error { return e.cause }
 
 func (s *drillState) snapshot(ctx context.Context) (string, error) {
 	path, err := snapshotOrLatest(ctx, s.env, s.opts.Snapshot)
@@ -347,7 +378,7 @@ func (s *drillState) unseal(ctx context.Context) (string, error) {
 		return nil
 	})
 	if cerr := s.check("unseal", err == nil, "%s", verdict(err, "unsealed by the keyfile's shares")); cerr != nil {
-		return "", cerr
+		return "", permanentCheck{c: cerr.(permanentCheck).c, cause: err}
 	}
 	want := s.manifest.ClusterID
 	if err := s.check("cluster", want == "" || h.ClusterID == want, "cluster %s, manifest %s", h.ClusterID, want); err != nil {
@@ -365,7 +396,7 @@ func (s *drillState) checks(ctx context.Context) (string, error) {
 		return "", err
 	}
 	if s.kf.Canary == "" {
-		s.rep.Checks = append(s.rep.Checks, DrillCheck{Name: "canary", OK: true, Detail: "not checked: the keyfile predates canaries (init of an older agent)"})
+		s.rep.Checks = append(s.rep.Checks, DrillCheck{Name: "canary", OK: true, Detail: "not checked: no canary in this keyset's keyfile (an older agent's init, or adopt's proof before it writes one)"})
 		return "raft index ok; no canary", nil
 	}
 	tok, which, err := validOperatorToken(ctx, s.pod, s.kf)

@@ -130,7 +130,7 @@ func (n *Node) CreateAgentTokens(ctx context.Context, root Token, s Setup) (Agen
 			return AgentTokens{}, fmt.Errorf("%s: list mounts: %w", n.Name, err)
 		}
 		if _, ok := mounts[CanaryMount+"/"]; !ok {
-			if err := c.Sys().MountWithContext(ctx, CanaryMount, &api.MountInput{Type: "kv", Description: "pve-vault-agent: restore drill canary"}); err != nil {
+			if err := c.Sys().MountWithContext(ctx, CanaryMount, &api.MountInput{Type: "kv", Description: canaryDescription}); err != nil {
 				return AgentTokens{}, fmt.Errorf("%s: mount %s: %w", n.Name, CanaryMount, err)
 			}
 		}
@@ -154,6 +154,38 @@ func (n *Node) CreateAgentTokens(ctx context.Context, root Token, s Setup) (Agen
 			return AgentTokens{}, fmt.Errorf("%s: create the %s token: %w", n.Name, t.policy, err)
 		}
 		*t.dst = Token{sec.Auth.ClientToken}
+	}
+	return out, nil
+}
+
+// canaryDescription marks the canary mount as the agent's own.
+const canaryDescription = "pve-vault-agent: restore drill canary"
+
+// ForeignAgentObjects lists what already sits in Vault under the names
+// CreateAgentTokens writes and is not what it would write: a policy of the agent's name
+// with another body, a mount at CanaryMount the agent did not make. Adopting a Vault
+// the agent did not initialise must not overwrite them.
+func (n *Node) ForeignAgentObjects(ctx context.Context, tok Token) ([]string, error) {
+	c, err := n.withToken(tok)
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, p := range []struct{ name, body string }{{SnapshotPolicyName, SnapshotPolicy}, {OperatorPolicyName, OperatorPolicy}} {
+		got, err := c.Sys().GetPolicyWithContext(ctx, p.name)
+		if err != nil {
+			return nil, fmt.Errorf("%s: read policy %s: %w", n.Name, p.name, err)
+		}
+		if got != "" && got != p.body {
+			out = append(out, "policy "+p.name+" (another body)")
+		}
+	}
+	mounts, err := c.Sys().ListMountsWithContext(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("%s: list mounts: %w", n.Name, err)
+	}
+	if m, ok := mounts[CanaryMount+"/"]; ok && m.Description != canaryDescription {
+		out = append(out, fmt.Sprintf("mount %s/ (type %s, %q)", CanaryMount, m.Type, m.Description))
 	}
 	return out, nil
 }

@@ -155,7 +155,7 @@ Exit codes: 0 ok, 1 operation failed, 2 usage, 78 invalid configuration, 130 int
 	pf.StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn, error")
 
 	root.AddCommand(newVersionCommand(g), newConfigCommand(g), newProvisionCommand(g), newInstallCommand(g), newDrillCommand(g),
-		newUpgradeCommand(g), newInitCommand(g), newUnsealCommand(g), newKeyfileCommand(g), newRunCommand(g),
+		newUpgradeCommand(g), newInitCommand(g), newAdoptCommand(g), newUnsealCommand(g), newKeyfileCommand(g), newRunCommand(g),
 		newBackupNowCommand(g), newSnapshotsCommand(g), newRecoverCommand(g), newRestoreCommand(g),
 		newStatusCommand(g), newTokenCommand(g), newRBACCommand(g))
 	return root
