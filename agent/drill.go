@@ -69,6 +69,8 @@ type drillState struct {
 	pod       vaultPod
 	throwaway *vault.InitResult
 	cluster   string // the throwaway cluster's id
+	restored  string // the restored cluster's id
+	pair      bool   // an imported snapshot: pair it with the keyset when the drill passes
 }
 
 var drillSteps = []step[drillState]{
@@ -225,6 +227,11 @@ func (s *drillState) snapshot(ctx context.Context) (string, error) {
 		return "", err
 	}
 	fp := s.kf.Keyset.Fingerprint()
+	if m.Unpaired() {
+		s.pair = true
+		s.rep.Checks = append(s.rep.Checks, DrillCheck{Name: "keyset", OK: true, Detail: fmt.Sprintf("imported from %s, no keyset yet: paired with keyset %s if its shares open it", m.Imported.From, fp)})
+		return path, nil
+	}
 	if err := s.check("keyset", m.KeysetFingerprint == fp, "snapshot keyset %s, keyfile keyset %s", m.KeysetFingerprint, fp); err != nil {
 		return "", withHint(err, "the keyfile's shares cannot unseal it: a snapshot of another Vault, or from before a rekey")
 	}
@@ -384,6 +391,7 @@ func (s *drillState) unseal(ctx context.Context) (string, error) {
 	if err := s.check("cluster", want == "" || h.ClusterID == want, "cluster %s, manifest %s", h.ClusterID, want); err != nil {
 		return "", err
 	}
+	s.restored = h.ClusterID
 	return "unsealed, cluster " + h.ClusterID, nil
 }
 
@@ -398,6 +406,10 @@ func (s *drillState) checks(ctx context.Context) (string, error) {
 	if s.kf.Canary == "" {
 		s.rep.Checks = append(s.rep.Checks, DrillCheck{Name: "canary", OK: true, Detail: "not checked: no canary in this keyset's keyfile (an older agent's init, or adopt's proof before it writes one)"})
 		return "raft index ok; no canary", nil
+	}
+	if s.manifest.Imported != nil {
+		s.rep.Checks = append(s.rep.Checks, DrillCheck{Name: "canary", OK: true, Detail: "not checked: an imported snapshot may predate the agent's canary and tokens"})
+		return "raft index ok; imported, no canary", nil
 	}
 	tok, which, err := validOperatorToken(ctx, s.pod, s.kf)
 	if err != nil {
@@ -528,8 +540,17 @@ func (s *drillState) record() error {
 	if s.manifest == nil {
 		return nil
 	}
-	return snapshot.RecordDrill(s.rep.Snapshot, snapshot.DrillResult{At: s.rep.Started, Passed: s.rep.Passed, Reason: s.rep.Reason,
-		DurationSecs: s.rep.DurationSecs})
+	if err := snapshot.RecordDrill(s.rep.Snapshot, snapshot.DrillResult{At: s.rep.Started, Passed: s.rep.Passed, Reason: s.rep.Reason,
+		DurationSecs: s.rep.DurationSecs}); err != nil {
+		return err
+	}
+	if s.pair && s.rep.Passed {
+		if err := snapshot.Pair(s.rep.Snapshot, s.kf.Keyset.Fingerprint(), s.restored); err != nil {
+			return fmt.Errorf("pair the imported snapshot with the keyset: %w", err)
+		}
+		s.env.Log.Info("imported snapshot paired with the keyfile's keyset", "snapshot", s.rep.Snapshot, "keyset", s.kf.Keyset.Fingerprint())
+	}
+	return nil
 }
 
 // writeJSONAtomic writes v to path through a synced temporary file and a rename.

@@ -250,7 +250,8 @@ func missingCopies(ctx context.Context, env *Env, t offsite.Target, local []snap
 	}
 	var todo []snapshot.Entry
 	for _, e := range local {
-		if e.Verified && e.Time.After(newest) && !offsite.HasCopy(copies, e.Path) {
+		// An imported snapshot no drill has paired has no keys a recover could use.
+		if e.Verified && !e.Manifest.Unpaired() && e.Time.After(newest) && !offsite.HasCopy(copies, e.Path) {
 			todo = append(todo, e)
 		}
 	}

@@ -99,9 +99,8 @@ func (s *recoverState) check(ctx context.Context) (string, error) {
 	if s.kf, err = s.env.Keyfile.Read(ctx); err != nil {
 		return "", err
 	}
-	if fp := s.kf.Keyset.Fingerprint(); fp != m.KeysetFingerprint {
-		return "", withHint(fmt.Errorf("%w: snapshot %s was taken under keyset %s, the keyfile holds %s", ErrUnknownKeyset, path, m.KeysetFingerprint, fp),
-			"use a snapshot of this keyset, or the keyfile it belongs to (the offline recovery copy)")
+	if err := checkKeyset(s.env, path, m, s.kf); err != nil {
+		return "", err
 	}
 	if age := s.env.Clock.Now().Sub(m.Created); age > s.env.Config.Vault.TokenPeriod {
 		s.env.Log.Warn("the snapshot is older than the agent tokens' period: the tokens it brings back are expired; Vault will be restored and unsealed, but minting new tokens under Vault 2.x needs a valid token (see token rotate --auth-token-file)",

@@ -70,8 +70,8 @@ func (s *restoreState) check(ctx context.Context) (string, error) {
 	if s.kf, err = s.env.Keyfile.Read(ctx); err != nil {
 		return "", err
 	}
-	if fp := s.kf.Keyset.Fingerprint(); fp != m.KeysetFingerprint {
-		return "", fmt.Errorf("%w: snapshot keyset %s, keyfile keyset %s", ErrUnknownKeyset, m.KeysetFingerprint, fp)
+	if err := checkKeyset(s.env, path, m, s.kf); err != nil {
+		return "", err
 	}
 	if s.active, s.health, err = findActive(ctx, s.env); err != nil {
 		return "", err

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/pve-vault-agent/pve-vault-agent/vault"
 	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
 )
 
@@ -101,10 +102,30 @@ func snapshotOrLatest(ctx context.Context, env *Env, file string) (string, error
 	if err != nil {
 		return "", err
 	}
-	if e, ok := newestVerified(es); ok {
-		return e.Path, nil
+	for i := len(es) - 1; i >= 0; i-- {
+		if es[i].Verified && !es[i].Manifest.Unpaired() {
+			return es[i].Path, nil
+		}
 	}
 	return "", withHint(fmt.Errorf("%w in %s", ErrNoSnapshot, store.Dir), "give one with --snapshot FILE")
+}
+
+// checkKeyset refuses a snapshot the keyfile's shares are not known to open.
+// An imported snapshot it takes may predate the agent's tokens: that is said up front.
+func checkKeyset(env *Env, path string, m *snapshot.Manifest, kf *vault.Keyfile) error {
+	if m.Unpaired() {
+		return withHint(fmt.Errorf("%w: %s was imported (from %s) and no drill has opened it with this keyfile yet", ErrUnknownKeyset, path, m.Imported.From),
+			"run `pve-vault-agent drill --snapshot %s` first: when the keyfile's shares open it, the drill pairs it with their keyset", path)
+	}
+	if fp := kf.Keyset.Fingerprint(); fp != m.KeysetFingerprint {
+		return withHint(fmt.Errorf("%w: snapshot %s was taken under keyset %s, the keyfile holds %s", ErrUnknownKeyset, path, m.KeysetFingerprint, fp),
+			"use a snapshot of this keyset, or the keyfile it belongs to (the offline recovery copy)")
+	}
+	if m.Imported != nil {
+		env.Log.Warn("an imported snapshot may predate the agent's policies and tokens: Vault will be restored and unsealed, and if the tokens step then fails, run `pve-vault-agent token rotate --auth-token-file F` with a token valid in that snapshot (the root token of that time)",
+			"snapshot", path, "imported_from", m.Imported.From)
+	}
+	return nil
 }
 
 // readManifest reads the manifest the agent needs to know a snapshot's keys.

@@ -64,6 +64,11 @@ func runSnapshotsList(ctx context.Context, opts *snapshotsListOptions, env *agen
 			idx, ks := "-", "-"
 			if e.Manifest != nil {
 				idx, ks = fmt.Sprint(e.Manifest.RaftIndex), e.Manifest.KeysetFingerprint
+				if e.Manifest.Unpaired() {
+					ks = "imported, not drilled"
+				} else if e.Manifest.Imported != nil {
+					ks += " (imported)"
+				}
 			}
 			fmt.Fprintf(tw, "%s\t%s\t%v\t%s\t%s\t%s\n", e.Time.Format(time.RFC3339), humanBytes(e.Size), e.Verified, idx, ks, e.Path)
 		}

@@ -390,3 +390,35 @@ func TestDiskFull(t *testing.T) {
 		t.Fatalf("free-space check: %v", err)
 	}
 }
+
+// An imported snapshot is unpaired until Pair records the keyset a drill opened it
+// with; a second snapshot of the same millisecond never replaces the first.
+func TestImportedPairAndNoReplace(t *testing.T) {
+	snap := realSnapshot(t)
+	s := &Store{Dir: filepath.Join(t.TempDir(), "snaps")}
+	at := time.Date(2026, 11, 15, 2, 0, 0, 0, time.UTC)
+	fill := func(w io.Writer) error { _, err := w.Write(snap); return err }
+	e, err := s.Save(context.Background(), at, Manifest{Source: "import", Imported: &Import{From: "manual.snap", At: at}}, fill)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !e.Manifest.Unpaired() {
+		t.Fatal("an import without a keyset is not unpaired")
+	}
+	if _, err := s.Save(context.Background(), at, Manifest{KeysetFingerprint: "sha256:other"}, fill); err == nil || !strings.Contains(err.Error(), "is not replaced") {
+		t.Fatalf("same millisecond: %v", err)
+	}
+	if err := Pair(e.Path, "sha256:abc", "cluster-1"); err != nil {
+		t.Fatal(err)
+	}
+	m, err := ReadManifest(e.Path)
+	if err != nil || m.Unpaired() || m.KeysetFingerprint != "sha256:abc" || m.ClusterID != "cluster-1" || m.Imported == nil {
+		t.Fatalf("after Pair: %+v %v", m, err)
+	}
+	if _, err := CheckFile(e.Path); err != nil {
+		t.Fatalf("a paired manifest still checks: %v", err)
+	}
+	if (*Manifest)(nil).Unpaired() {
+		t.Fatal("no manifest is not an unpaired import")
+	}
+}

@@ -48,7 +48,21 @@ type Manifest struct {
 	Source            string    `json:"source"`
 	// Drill is the last restore drill of this snapshot.
 	Drill *DrillResult `json:"drill,omitempty"`
+	// Imported is set on a snapshot taken by hand (`vault operator raft snapshot save`)
+	// and brought in with `snapshots import`. Its KeysetFingerprint stays empty until a
+	// drill opens it with the keyfile's shares (Pair).
+	Imported *Import `json:"imported,omitempty"`
 }
+
+// Import says where an imported snapshot came from.
+type Import struct {
+	From string    `json:"from"` // the file's base name
+	At   time.Time `json:"at"`
+}
+
+// Unpaired reports an imported snapshot no drill has paired with a keyset yet: restore
+// and recover cannot know its keys.
+func (m *Manifest) Unpaired() bool { return m != nil && m.Imported != nil && m.KeysetFingerprint == "" }
 
 // DrillResult is a restore drill's outcome, recorded in the drilled snapshot's manifest.
 type DrillResult struct {
@@ -185,6 +199,9 @@ func (s *Store) Save(ctx context.Context, now time.Time, m Manifest, fill func(w
 	}
 	name := "vault-" + now.UTC().Format(timeLayout) + ext
 	final := filepath.Join(s.Dir, name)
+	if _, err := os.Lstat(final); err == nil {
+		return Entry{}, fmt.Errorf("%s exists already: a snapshot of the same millisecond is not replaced", final)
+	}
 	m.File, m.SHA256, m.Size = name, hex.EncodeToString(hash.Sum(nil)), counter.n
 	m.RaftIndex, m.RaftTerm, m.Created = vr.info.Index, vr.info.Term, now.UTC()
 	if err := writeJSONAtomic(filepath.Join(s.Dir, name+".json.tmp"), &m); err != nil {
@@ -374,11 +391,26 @@ func CheckFile(path string) (Info, error) {
 // RecordDrill writes a drill's result into the snapshot's manifest (a temporary file
 // renamed over it: a crash leaves the old manifest or the new one).
 func RecordDrill(snapshot string, r DrillResult) error {
+	return updateManifest(snapshot, func(m *Manifest) { m.Drill = &r })
+}
+
+// Pair records the keyset (and cluster) a drill opened an imported snapshot with.
+func Pair(snapshot, keysetFingerprint, clusterID string) error {
+	return updateManifest(snapshot, func(m *Manifest) {
+		m.KeysetFingerprint = keysetFingerprint
+		if m.ClusterID == "" {
+			m.ClusterID = clusterID
+		}
+	})
+}
+
+// updateManifest rewrites a snapshot's manifest atomically with change applied.
+func updateManifest(snapshot string, change func(*Manifest)) error {
 	m, err := ReadManifest(snapshot)
 	if err != nil {
 		return err
 	}
-	m.Drill = &r
+	change(m)
 	tmp := snapshot + ".json.tmp"
 	if err := writeJSONAtomic(tmp, m); err != nil {
 		os.Remove(tmp)
