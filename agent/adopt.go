@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -65,6 +66,9 @@ type adoptState struct {
 	index     uint64
 	kf        *vault.Keyfile
 	minted    []vault.Token // revoked again when adopt fails after minting them
+	// pins are the nodes of pods on hostPath volumes without node affinity (the
+	// operator's), recorded with the keyfile.
+	pins map[string]string
 }
 
 // adoptSteps take over a Vault initialised by hand. Nothing is written before "prove"
@@ -75,7 +79,7 @@ var adoptSteps = []step[adoptState]{
 	{"snapshot", "take a Raft snapshot from the active pod with the given token, verified, into a private temporary file", (*adoptState).snapshot},
 	{"prove", "open that snapshot in a throwaway drill pod with the shares (production untouched): the shares unseal it and its Raft index is whole", (*adoptState).prove},
 	{"tokens", "write the agent's policies and canary, mint its periodic tokens", (*adoptState).tokens},
-	{"keyfile", "seal the shares and tokens into the keyfile (and the offline recovery copy)", (*adoptState).keyfile},
+	{"keyfile", "record the node of each pod on a hostPath volume without node affinity; seal the shares and tokens into the keyfile (and the offline recovery copy)", (*adoptState).keyfile},
 	{"first-backup", "store the proven snapshot as the first backup, its drill recorded", (*adoptState).firstBackup},
 	{"unseal", "unseal every sealed pod with the keyfile (a follower that never joined joins through retry_join)", (*adoptState).unseal},
 }
@@ -151,6 +155,9 @@ func (s *adoptState) check(ctx context.Context) (string, error) {
 	if err := probeSealer(ctx, env, path); err != nil {
 		return "", fmt.Errorf("the keyfile could not be written, so nothing was changed: %w", err)
 	}
+	if err := s.volumeNodes(ctx); err != nil {
+		return "", err
+	}
 	pods, err := env.openPods(ctx)
 	if err != nil {
 		return "", err
@@ -197,6 +204,29 @@ func (s *adoptState) check(ctx context.Context) (string, error) {
 	}
 	s.rep.Pod = s.active.Name
 	return fmt.Sprintf("%d of %d pod(s) initialised, %s active, threshold %d, %d share(s) given", initialised, len(pods), s.active.Name, threshold, len(ks.Keys)), nil
+}
+
+// volumeNodes finds the pods whose hostPath volumes (the operator's) have no node
+// affinity and the nodes they run on now: where their data is. The pod list trusts them
+// from here on; the keyfile step records them.
+func (s *adoptState) volumeNodes(ctx context.Context) error {
+	if s.env.Config.Vault.PodAccess == "static" {
+		return nil
+	}
+	cl, err := s.env.Cluster(ctx)
+	if err != nil {
+		return err
+	}
+	found, err := cl.VolumeNodes(ctx, s.env.Config.Chart.Release)
+	if err != nil {
+		return err
+	}
+	for pod, node := range found {
+		s.env.Log.Info("a hostPath volume without node affinity: its pod's data is on the node it runs on now", "pod", pod, "node", node)
+		cl.Pins[pod] = node
+	}
+	s.pins = found
+	return nil
 }
 
 func (s *adoptState) snapshot(ctx context.Context) (string, error) {
@@ -257,6 +287,9 @@ func (s *adoptState) tokens(ctx context.Context) (string, error) {
 }
 
 func (s *adoptState) keyfile(ctx context.Context) (string, error) {
+	if err := s.recordPins(); err != nil {
+		return "", fmt.Errorf("record the nodes of the hostPath volumes: %w", err)
+	}
 	if err := s.env.writeKeyfileFor(ctx, s.kf, true, s.recipient); err != nil {
 		if errors.Is(err, errRecoveryBehind) {
 			s.minted = nil // the keyfile holds them
@@ -273,6 +306,19 @@ func (s *adoptState) keyfile(ctx context.Context) (string, error) {
 	}
 	s.env.Log.Info("adopted; keyfile written", "keyfile", s.env.Config.Vault.Keyfile, "shares", len(s.kf.Keyset.Keys), "threshold", s.kf.Keyset.Threshold, "cluster", s.kf.ClusterID)
 	return fmt.Sprintf("%s: %d shares, threshold %d, keyset %s", s.env.Config.Vault.Keyfile, len(s.kf.Keyset.Keys), s.kf.Keyset.Threshold, s.kf.Keyset.Fingerprint()), nil
+}
+
+// recordPins adds the nodes found to the recorded ones.
+func (s *adoptState) recordPins() error {
+	if len(s.pins) == 0 {
+		return nil
+	}
+	pins, err := s.env.volumePins()
+	if err != nil {
+		return err
+	}
+	maps.Copy(pins, s.pins)
+	return writeJSONAtomic(s.env.volumePinsPath(), pins)
 }
 
 // firstBackup stores the snapshot the drill opened: the first backup is verified and

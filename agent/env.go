@@ -2,8 +2,12 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"fmt"
 	"log/slog"
+	"os"
+	"path/filepath"
 	"sync"
 
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
@@ -105,8 +109,37 @@ func (e *Env) connect(ctx context.Context, key string, ref configs.SecretRef) (*
 	if err != nil {
 		return nil, withHint(fmt.Errorf("%s: %w", key, err), "write the kubeconfig `pve-vault-agent rbac kubeconfig` prints (or an admin's) to a root-owned 0600 file, or seal it as a credential, and point %s at it", key)
 	}
-	return k8s.Connect(ctx, k8s.ClusterConfig{Kubeconfig: sec.Bytes(), Source: ref.String(),
+	c, err := k8s.Connect(ctx, k8s.ClusterConfig{Kubeconfig: sec.Bytes(), Source: ref.String(),
 		Context: e.Config.Kubernetes.Context, Namespace: e.Config.Chart.Namespace}, e.Log)
+	if err != nil {
+		return nil, err
+	}
+	if c.Pins, err = e.volumePins(); err != nil {
+		return nil, err
+	}
+	return c, nil
+}
+
+// volumePinsPath records the nodes of pods whose hostPath volumes (written by the
+// operator) have no node affinity, as adopt found them.
+func (e *Env) volumePinsPath() string {
+	return filepath.Join(filepath.Dir(e.Config.Vault.Keyfile), "volume-pins.json")
+}
+
+// volumePins reads what adopt recorded (none: an empty map).
+func (e *Env) volumePins() (map[string]string, error) {
+	pins := map[string]string{}
+	b, err := os.ReadFile(e.volumePinsPath())
+	if errors.Is(err, os.ErrNotExist) {
+		return pins, nil
+	}
+	if err == nil {
+		err = json.Unmarshal(b, &pins)
+	}
+	if err != nil {
+		return nil, withHint(fmt.Errorf("read %s: %w", e.volumePinsPath(), err), "it records which node holds the data of a hostPath volume without node affinity: restore it from a backup of the host, or run adopt again")
+	}
+	return pins, nil
 }
 
 // needsProxmox reports whether any node is a Proxmox VM.

@@ -43,6 +43,9 @@ type Cluster struct {
 	rest    *rest.Config
 	Clients kubernetes.Interface
 	log     *slog.Logger
+	// Pins are the nodes adopt recorded for pods on hostPath volumes without node
+	// affinity (pod name → node).
+	Pins map[string]string
 }
 
 // Connect parses the kubeconfig and checks that the API server answers.

@@ -73,7 +73,7 @@ func (c *Cluster) ServerPods(ctx context.Context, release string) ([]Pod, []Reje
 	if err != nil {
 		return nil, nil, fmt.Errorf("list vault pods: %w", err)
 	}
-	pins := map[int]string{}
+	pins := map[int]volumePin{}
 	var out []Pod
 	var rejected []Rejected
 	for i := range list.Items {
@@ -93,18 +93,22 @@ func (c *Cluster) ServerPods(ctx context.Context, release string) ([]Pod, []Reje
 		}
 		pin, ok := pins[ord]
 		if !ok {
-			pin, err = c.pinnedNode(ctx, release, ord)
+			pin, err = c.volumePin(ctx, release, ord)
 			if err != nil {
 				return nil, nil, err
 			}
 			pins[ord] = pin
 		}
 		switch {
-		case pin == "" && p.Spec.NodeName != "":
-			reject("it runs on node %s, but no volume of the agent pins %s there (run install)", p.Spec.NodeName, p.Name)
+		case p.Spec.NodeName == "" || pin.anywhere:
+		case pin.reject != "":
+			reject("%s", pin.reject)
 			continue
-		case p.Spec.NodeName != "" && p.Spec.NodeName != pin:
-			reject("runs on node %s, but its volume is on %s", p.Spec.NodeName, pin)
+		case pin.node == "":
+			reject("it runs on node %s, but no volume pins %s there (run install, or adopt for a volume you wrote)", p.Spec.NodeName, p.Name)
+			continue
+		case p.Spec.NodeName != pin.node:
+			reject("runs on node %s, but its volume %s is on %s", p.Spec.NodeName, pin.volume, pin.node)
 			continue
 		}
 		out = append(out, toPod(release, p))
@@ -113,28 +117,101 @@ func (c *Cluster) ServerPods(ctx context.Context, release string) ([]Pod, []Reje
 	return out, rejected, nil
 }
 
-// pinnedNode is the node the agent's PersistentVolume for ordinal i requires, or "".
-func (c *Cluster) pinnedNode(ctx context.Context, release string, i int) (string, error) {
-	pv, err := c.Clients.CoreV1().PersistentVolumes().Get(ctx, PVName(c.cfg.Namespace, release, i), metav1.GetOptions{})
+// volumePin is where a server pod may run: the node its volume's data is on.
+type volumePin struct {
+	volume string
+	node   string
+	// anywhere: network storage (the data follows the pod to any node).
+	anywhere bool
+	// reject says why no pod of the ordinal can be trusted with the shares.
+	reject string
+}
+
+// volumePin finds the PersistentVolume pod ordinal i's claim is bound to (the agent's,
+// or one the operator wrote) and the node it pins: the node of its required node
+// affinity; for a hostPath volume without one, the node recorded when the agent adopted
+// it (Pins); network storage pins nothing. Before the claim is bound, the agent's
+// volume of that ordinal, if any, is the one.
+func (c *Cluster) volumePin(ctx context.Context, release string, i int) (volumePin, error) {
+	name := PVName(c.cfg.Namespace, release, i)
+	claim := ClaimName(release, i)
+	pvc, err := c.Clients.CoreV1().PersistentVolumeClaims(c.cfg.Namespace).Get(ctx, claim, metav1.GetOptions{})
+	switch {
+	case err == nil && pvc.Spec.VolumeName != "":
+		name = pvc.Spec.VolumeName
+	case err != nil && !apierrors.IsNotFound(err):
+		return volumePin{}, fmt.Errorf("read PersistentVolumeClaim %s: %w", claim, err)
+	}
+	pv, err := c.Clients.CoreV1().PersistentVolumes().Get(ctx, name, metav1.GetOptions{})
 	if apierrors.IsNotFound(err) {
-		return "", nil
+		return volumePin{volume: name}, nil
 	}
 	if err != nil {
-		return "", fmt.Errorf("read PersistentVolume %s: %w", PVName(c.cfg.Namespace, release, i), err)
+		return volumePin{}, fmt.Errorf("read PersistentVolume %s: %w", name, err)
 	}
-	if pv.Labels["app.kubernetes.io/managed-by"] != FieldManager {
-		return "", nil
+	pin := volumePin{volume: name, node: hostnameAffinity(pv)}
+	switch {
+	case pin.node != "":
+	case pv.Spec.HostPath != nil:
+		pod := fmt.Sprintf("%s-%d", release, i)
+		if pin.node = c.Pins[pod]; pin.node == "" {
+			pin.reject = fmt.Sprintf("its volume %s is a hostPath with no node affinity, and no node was recorded for it: run adopt on this host (it records the node %s's data is on) or give the volume a node affinity", name, pod)
+		}
+	case pv.Spec.Local == nil && pv.Labels["app.kubernetes.io/managed-by"] != FieldManager:
+		pin.anywhere = true
 	}
+	return pin, nil
+}
+
+// hostnameAffinity is the one node a PersistentVolume's required node affinity names
+// by kubernetes.io/hostname, or "".
+func hostnameAffinity(pv *corev1.PersistentVolume) string {
 	if na := pv.Spec.NodeAffinity; na != nil && na.Required != nil {
 		for _, term := range na.Required.NodeSelectorTerms {
 			for _, e := range term.MatchExpressions {
 				if e.Key == "kubernetes.io/hostname" && e.Operator == corev1.NodeSelectorOpIn && len(e.Values) == 1 {
-					return e.Values[0], nil
+					return e.Values[0]
 				}
 			}
 		}
 	}
-	return "", nil
+	return ""
+}
+
+// VolumeNodes reports, for each pod of the release's StatefulSet that runs on a
+// hostPath volume without node affinity, the node it runs on now (pod name → node):
+// what adopt records as Pins, where the operator's data is today.
+func (c *Cluster) VolumeNodes(ctx context.Context, release string) (map[string]string, error) {
+	sts, err := c.Clients.AppsV1().StatefulSets(c.cfg.Namespace).Get(ctx, release, metav1.GetOptions{})
+	if err != nil {
+		return nil, fmt.Errorf("read StatefulSet %s: %w", release, err)
+	}
+	replicas := 1
+	if sts.Spec.Replicas != nil {
+		replicas = int(*sts.Spec.Replicas)
+	}
+	out := map[string]string{}
+	for i := 0; i < replicas; i++ {
+		name := fmt.Sprintf("%s-%d", release, i)
+		p, err := c.Clients.CoreV1().Pods(c.cfg.Namespace).Get(ctx, name, metav1.GetOptions{})
+		if apierrors.IsNotFound(err) {
+			continue
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read pod %s: %w", name, err)
+		}
+		if owner := metav1.GetControllerOf(p); owner == nil || owner.UID != sts.UID || p.Spec.NodeName == "" {
+			continue
+		}
+		pin, err := c.volumePin(ctx, release, i)
+		if err != nil {
+			return nil, err
+		}
+		if pin.node == "" && pin.reject != "" {
+			out[name] = p.Spec.NodeName
+		}
+	}
+	return out, nil
 }
 
 func toPod(release string, p *corev1.Pod) Pod {

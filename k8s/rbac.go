@@ -67,16 +67,18 @@ var (
 
 // Rules are a role's rules for spec.
 func Rules(role string, spec RBACSpec) []Rule {
-	var pvs []string
+	var pvs, claims []string
 	for i := 0; i < spec.Replicas; i++ {
 		pvs = append(pvs, PVName(spec.Namespace, spec.Release, i))
+		claims = append(claims, ClaimName(spec.Release, i))
 	}
 	sts := []string{spec.Release}
 	if role == RoleOperate {
 		return []Rule{
 			rule(false, apps, []string{"statefulsets"}, sts, []string{"get"}, "unseal", "the release's StatefulSet: its UID proves a pod is the release's, its replicas which ordinals count; a drill runs its image"),
 			rule(false, core, []string{"pods"}, nil, []string{"get", "list"}, "unseal", "find the Vault server pods (and a drill's pod)"),
-			rule(true, core, []string{"persistentvolumes"}, pvs, []string{"get"}, "unseal", "the node a pod's volume pins it to"),
+			rule(false, core, []string{"persistentvolumeclaims"}, claims, []string{"get"}, "unseal", "which PersistentVolume each pod's claim is bound to"),
+			rule(true, core, []string{"persistentvolumes"}, nil, []string{"get"}, "unseal", "the node a pod's volume pins it to; every name, because the claim may be bound to a volume the operator wrote (PersistentVolumes hold no secrets)"),
 			rule(false, core, []string{"pods"}, nil, []string{"create", "delete"}, "drill", "the restore drill's throwaway pod"),
 			rule(false, core, []string{"configmaps"}, nil, []string{"create", "list", "delete"}, "drill", "the drill's Vault config; list finds what a killed drill left"),
 			rule(false, core, []string{"secrets"}, nil, []string{"create", "delete"}, "drill", "the drill's one-off TLS pair (never read: no get or list)"),
@@ -95,7 +97,7 @@ func Rules(role string, spec RBACSpec) []Rule {
 		rule(false, rbac, []string{"roles", "rolebindings"}, nil, managed, "install", "the chart's service-discovery Role and its binding"),
 		rule(false, core, []string{"pods"}, nil, []string{"get", "list", "watch", "update", "patch", "delete"}, "install",
 			"wait for and roll the pods; watch, update and patch only because the chart's discovery Role grants them, and RBAC lets the installer grant only what it holds"),
-		rule(false, core, []string{"persistentvolumeclaims"}, nil, []string{"get", "patch"}, "reclaim", "give a claim recreated after a rebuild its Released volume back (patch: have the binder look at it now)"),
+		rule(false, core, []string{"persistentvolumeclaims"}, claims, []string{"patch"}, "reclaim", "have the binder give a claim recreated after a rebuild its Released volume now, not at its periodic resync (get comes with the operate role)"),
 		rule(true, []string{"storage.k8s.io"}, []string{"storageclasses"}, nil, []string{"create"}, "install", "the release's no-provisioner StorageClass (create cannot be narrowed to a name)"),
 		rule(true, []string{"storage.k8s.io"}, []string{"storageclasses"}, sc, []string{"get", "patch"}, "install", "apply the release's StorageClass"),
 		rule(true, core, []string{"persistentvolumes"}, nil, []string{"create"}, "install", "one local PersistentVolume per node (create cannot be narrowed to a name)"),

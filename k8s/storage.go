@@ -124,7 +124,12 @@ func (c *Cluster) releaseStaleClaim(ctx context.Context, pvName, claim string) e
 	// (15 s by default): touch the claim so it binds now.
 	if err == nil {
 		touch := []byte(fmt.Sprintf(`{"metadata":{"annotations":{"pva.io/volume-released":%q}}}`, pvName+"@"+pv.ResourceVersion))
-		if _, err := c.Clients.CoreV1().PersistentVolumeClaims(c.cfg.Namespace).Patch(ctx, claim, types.MergePatchType, touch, metav1.PatchOptions{}); err != nil && !apierrors.IsNotFound(err) {
+		_, err := c.Clients.CoreV1().PersistentVolumeClaims(c.cfg.Namespace).Patch(ctx, claim, types.MergePatchType, touch, metav1.PatchOptions{})
+		switch {
+		case apierrors.IsForbidden(err):
+			// A missing permission is said, not waited out at every rebuild.
+			return fmt.Errorf("touch PersistentVolumeClaim %s so the binder binds it now: %w", claim, err)
+		case err != nil && !apierrors.IsNotFound(err):
 			c.log.Debug("touch claim", "claim", claim, "err", err)
 		}
 	}

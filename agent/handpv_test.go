@@ -1,0 +1,118 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
+	"github.com/pve-vault-agent/pve-vault-agent/k8s"
+	"github.com/pve-vault-agent/pve-vault-agent/vault"
+)
+
+// The write-up's storage: a hand-written hostPath PersistentVolume without node
+// affinity and a claim bound to it, the chart installed with Helm by the operator (the
+// agent's chart and values, none of its storage). Before adopt the agent trusts no pod
+// on it (nothing says which node holds the data) and says why; adopt records the node
+// the pod runs on, and from then on every agent process finds the pod, unseals it after
+// a restart and backs it up.
+func TestAdoptOnAHandWrittenHostPathVolume(t *testing.T) {
+	vl := newVaultLabWith(t, labOptions{nodes: 1, noInstall: true})
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	ns, release := vl.cfg.Chart.Namespace, vl.release
+	if _, err := Provision(ctx, vl.env, ProvisionOptions{}); err != nil {
+		t.Fatalf("provision: %v", err)
+	}
+	pvName := "vault-data-" + ns
+	size := resource.MustParse("1Gi")
+	pv := &corev1.PersistentVolume{ObjectMeta: metav1.ObjectMeta{Name: pvName},
+		Spec: corev1.PersistentVolumeSpec{StorageClassName: "manual", Capacity: corev1.ResourceList{corev1.ResourceStorage: size},
+			AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce}, PersistentVolumeReclaimPolicy: corev1.PersistentVolumeReclaimRetain,
+			PersistentVolumeSource: corev1.PersistentVolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: vl.cfg.Nodes[0].HostPath}}}}
+	if _, err := vl.cs.CoreV1().PersistentVolumes().Create(ctx, pv, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = vl.cs.CoreV1().PersistentVolumes().Delete(context.Background(), pvName, metav1.DeleteOptions{})
+	})
+	sc := "manual"
+	pvc := &corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Name: k8s.ClaimName(release, 0), Namespace: ns},
+		Spec: corev1.PersistentVolumeClaimSpec{StorageClassName: &sc, VolumeName: pvName, AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: size}}}}
+	if _, err := vl.cs.CoreV1().PersistentVolumeClaims(ns).Create(ctx, pvc, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// helm install, as the operator ran it: no StorageClass or volume of the agent's.
+	is := &installState{env: vl.env, rep: &InstallReport{}}
+	var steps []StepResult
+	helm := []step[installState]{installSteps[0], installSteps[1], installSteps[2], installSteps[6]}
+	if helm[3].name != "release" {
+		t.Fatalf("install's steps moved: %s", helm[3].name)
+	}
+	if err := runSteps(ctx, vl.env, "operator-helm", helm, is, &steps); err != nil {
+		t.Fatal(err)
+	}
+	pod := vl.pod(0)
+	if err := lab.WaitFor(ctx, 90*time.Second, pod+" running", func(ctx context.Context) error {
+		p, err := vl.cs.CoreV1().Pods(ns).Get(ctx, pod, metav1.GetOptions{})
+		if err == nil && (p.Status.Phase != corev1.PodRunning || vl.pods.Vault(pod) == nil) {
+			err = errors.New(string(p.Status.Phase))
+		}
+		return err
+	}); err != nil {
+		t.Fatal(err)
+	}
+	cl, err := vl.env.Cluster(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pods, rejected, err := cl.ServerPods(ctx, release); err != nil || len(pods) != 0 || len(rejected) != 1 || !strings.Contains(rejected[0].Reason, "hostPath with no node affinity") {
+		t.Fatalf("before adopt: pods %+v rejected %+v %v", pods, rejected, err)
+	}
+	if _, err := Unseal(ctx, vl.env); err == nil {
+		t.Fatal("unseal found a pod it cannot place")
+	}
+
+	out, _, root := handInit(t, ctx, vl.pods.Vault(pod).Addr, 3, 2, true)
+	ks, err := ReadShares(operatorFile(t, t.TempDir(), "init.json", out), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep, err := Adopt(ctx, vl.env, AdoptOptions{Keyset: ks, AuthToken: vault.NewToken(root)}); err != nil || !rep.Adopted {
+		t.Fatalf("adopt: %v\n%s", err, tail(vl.logs.String(), 30))
+	}
+	b, err := os.ReadFile(vl.env.volumePinsPath())
+	var pins map[string]string
+	if err == nil {
+		err = json.Unmarshal(b, &pins)
+	}
+	p, _ := vl.cs.CoreV1().Pods(ns).Get(ctx, pod, metav1.GetOptions{})
+	if err != nil || pins[pod] != p.Spec.NodeName {
+		t.Fatalf("recorded pins %v (%v), pod on %s", pins, err, p.Spec.NodeName)
+	}
+
+	// A fresh agent process (the daemon after a host reboot) reads the pins: the
+	// restarted Vault is unsealed and backed up.
+	env := vl.newEnv()
+	defer env.Close()
+	v := vl.pods.Vault(pod)
+	v.Kill()
+	if err := v.Start(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if res, err := Unseal(ctx, env); err != nil || len(res) != 1 || res[0].Sealed {
+		t.Fatalf("unseal after a restart: %+v %v", res, err)
+	}
+	if _, err := BackupNow(ctx, env, BackupOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
