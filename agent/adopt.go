@@ -223,8 +223,8 @@ func (s *adoptState) volumeNodes(ctx context.Context) error {
 	}
 	for pod, node := range found {
 		s.env.Log.Info("a hostPath volume without node affinity: its pod's data is on the node it runs on now", "pod", pod, "node", node)
-		cl.Pins[pod] = node
 	}
+	s.env.addPins(found)
 	s.pins = found
 	return nil
 }
@@ -396,4 +396,26 @@ func ReadShares(path string, stdin io.Reader) (vault.Keyset, error) {
 	}
 	defer clear(b)
 	return vault.ParseInitOutput(b)
+}
+
+// AdoptInputs reads what the operator hands adopt: the shares from sharesFile ("-":
+// stdin) or, when it is empty, the typed ones; the token from tokenFile. Errors name
+// the flag, never a value.
+func AdoptInputs(sharesFile string, stdin io.Reader, typed []string, tokenFile string) (AdoptOptions, error) {
+	var o AdoptOptions
+	var err error
+	if sharesFile != "" {
+		if o.Keyset, err = ReadShares(sharesFile, stdin); err != nil {
+			return o, fmt.Errorf("--init-output: %w", err)
+		}
+	} else if o.Keyset, err = vault.KeysetFromShares(0, typed); err != nil {
+		return o, err
+	}
+	b, err := safefile.ReadSecret(tokenFile, 4096)
+	if err != nil {
+		return o, fmt.Errorf("--auth-token-file: %w", err)
+	}
+	o.AuthToken = vault.NewToken(strings.TrimSpace(string(b)))
+	clear(b)
+	return o, nil
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"sync"
@@ -118,6 +119,18 @@ func (e *Env) connect(ctx context.Context, key string, ref configs.SecretRef) (*
 		return nil, err
 	}
 	return c, nil
+}
+
+// addPins tells every connection made so far where the pods found on hostPath volumes
+// without node affinity are (adopt, before it records them).
+func (e *Env) addPins(pins map[string]string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for _, c := range []*k8s.Cluster{e.cluster, e.install} {
+		if c != nil {
+			maps.Copy(c.Pins, pins)
+		}
+	}
 }
 
 // volumePinsPath records the nodes of pods whose hostPath volumes (written by the

@@ -54,9 +54,13 @@ func TestAdoptOnAHandWrittenHostPathVolume(t *testing.T) {
 	// helm install, as the operator ran it: no StorageClass or volume of the agent's.
 	is := &installState{env: vl.env, rep: &InstallReport{}}
 	var steps []StepResult
-	helm := []step[installState]{installSteps[0], installSteps[1], installSteps[2], installSteps[6]}
-	if helm[3].name != "release" {
-		t.Fatalf("install's steps moved: %s", helm[3].name)
+	theirs := step[installState]{"their-values", "the operator's claim template: their StorageClass", func(s *installState, _ context.Context) (string, error) {
+		s.values["server"].(map[string]any)["dataStorage"].(map[string]any)["storageClass"] = sc
+		return sc, nil
+	}}
+	helm := []step[installState]{installSteps[0], installSteps[1], installSteps[2], theirs, installSteps[6]}
+	if helm[4].name != "release" {
+		t.Fatalf("install's steps moved: %s", helm[4].name)
 	}
 	if err := runSteps(ctx, vl.env, "operator-helm", helm, is, &steps); err != nil {
 		t.Fatal(err)
@@ -98,6 +102,25 @@ func TestAdoptOnAHandWrittenHostPathVolume(t *testing.T) {
 	p, _ := vl.cs.CoreV1().Pods(ns).Get(ctx, pod, metav1.GetOptions{})
 	if err != nil || pins[pod] != p.Spec.NodeName {
 		t.Fatalf("recorded pins %v (%v), pod on %s", pins, err, p.Spec.NodeName)
+	}
+
+	// install over it would have to change the claim template (the agent's own
+	// StorageClass for the operator's "manual"): refused before anything is applied.
+	if _, err := Install(ctx, vl.env, InstallOptions{}); !errors.Is(err, ErrImmutable) || !strings.Contains(err.Error(), `volumeClaimTemplates[data].storageClassName: live "manual"`) {
+		t.Fatalf("install over the operator's release: %v", err)
+	}
+	if _, err := vl.cs.StorageV1().StorageClasses().Get(ctx, k8s.StorageClassName(ns, release), metav1.GetOptions{}); err == nil {
+		t.Fatal("the refused install applied the agent's StorageClass")
+	}
+	if _, err := vl.cs.CoreV1().PersistentVolumes().Get(ctx, k8s.PVName(ns, release, 0), metav1.GetOptions{}); err == nil {
+		t.Fatal("the refused install applied the agent's PersistentVolume")
+	}
+	icl, err := vl.env.InstallCluster(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if info, err := icl.Release(release); err != nil || info.Revision != 1 {
+		t.Fatalf("the release after the refused install: %+v %v", info, err)
 	}
 
 	// A fresh agent process (the daemon after a host reboot) reads the pins: the

@@ -51,6 +51,10 @@ type installState struct {
 	rep      *InstallReport
 }
 
+// ErrImmutable means install would have to change a field of the live StatefulSet that
+// Kubernetes forbids changing.
+var ErrImmutable = errors.New("refusing to install: immutable fields would change")
+
 // installSteps are install's steps. An install over an existing release that changes
 // the pods is an upgrade, done the way Vault's documentation asks: snapshot and verify
 // first, then standbys one at a time, the active node last (roll.go).
@@ -147,6 +151,11 @@ func (s *installState) plan(ctx context.Context) (string, error) {
 	}
 	if s.opts.DryRun {
 		s.rep.InstallResult = *res
+	}
+	if len(res.Immutable) > 0 {
+		return "", withHint(fmt.Errorf("%w: the StatefulSet %s exists and these values would change fields Kubernetes does not let change (nothing was applied): %s",
+			ErrImmutable, env.Config.Chart.Release, strings.Join(res.Immutable, "; ")),
+			"the release was installed another way, on volumes of its own: keep upgrading it that way (helm, Flux); adopt, unseal, backups and drills need no install. To move it onto the agent's volumes instead: backup-now, delete the StatefulSet and its claims, install, and restore the backup")
 	}
 	if !s.existing || res.Action == k8s.Unchanged {
 		return string(res.Action), nil

@@ -59,6 +59,9 @@ type InstallResult struct {
 	DryRun       bool           `json:"dry_run,omitempty"`
 	Recovered    string         `json:"recovered,omitempty"`
 	Changes      []ObjectChange `json:"changes,omitempty"`
+	// Immutable lists, on a dry run over a live StatefulSet, the fields the rendered one
+	// would change that Kubernetes forbids changing (ImmutableChanges).
+	Immutable []string `json:"immutable_changes,omitempty"`
 }
 
 // Install is Helm's upgrade --install through the SDK. Same chart version and values
@@ -154,6 +157,11 @@ func (c *Cluster) Install(ctx context.Context, spec InstallSpec) (*InstallResult
 		old = last.Manifest
 	}
 	res.Changes = diffManifests(old, rel.Manifest)
+	if spec.DryRun {
+		if res.Immutable, err = c.ImmutableChanges(ctx, spec.Release, rel.Manifest); err != nil {
+			return nil, err
+		}
+	}
 	return res, nil
 }
 

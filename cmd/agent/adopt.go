@@ -12,8 +12,6 @@ import (
 	"golang.org/x/term"
 
 	"github.com/pve-vault-agent/pve-vault-agent/agent"
-	"github.com/pve-vault-agent/pve-vault-agent/internal/safefile"
-	"github.com/pve-vault-agent/pve-vault-agent/vault"
 )
 
 type adoptOptions struct {
@@ -71,32 +69,29 @@ func runAdopt(ctx context.Context, opts *adoptOptions, env *agent.Env, g *global
 		return usageErrorf("--init-output - reads the shares from standard input, so nothing is left to answer a question on: add --yes")
 	}
 	printPlan(g.stderr, "adopt plan:", agent.AdoptPlan())
-	var ks vault.Keyset
-	var err error
-	if opts.initOutput != "" {
-		ks, err = agent.ReadShares(opts.initOutput, g.stdin)
-		if err != nil {
-			return fmt.Errorf("--init-output: %w", err)
+	var typed []string
+	if opts.initOutput == "" {
+		var err error
+		if typed, err = promptShares(g); err != nil {
+			return err
 		}
-	} else if ks, err = promptShares(g); err != nil {
+		defer clear(typed)
+	}
+	in, err := agent.AdoptInputs(opts.initOutput, g.stdin, typed, opts.authTokenFile)
+	if err != nil {
 		return err
 	}
 	// Asked after the shares are typed: the prompt reads its lines unbuffered.
 	if err := confirm(g, opts.yes, "adopt this Vault (writes the agent's policies, canary and tokens into it, and the keyfile here)?"); err != nil {
 		return err
 	}
-	b, err := safefile.ReadSecret(opts.authTokenFile, 4096)
-	if err != nil {
-		return fmt.Errorf("--auth-token-file: %w", err)
-	}
-	tok := vault.NewToken(strings.TrimSpace(string(b)))
-	clear(b)
+	in.RecoveryRecipient = opts.recoveryRecipient
 	unlock, err := env.Lock("adopt")
 	if err != nil {
 		return err
 	}
 	defer unlock()
-	rep, err := agent.Adopt(ctx, env, agent.AdoptOptions{Keyset: ks, AuthToken: tok, RecoveryRecipient: opts.recoveryRecipient})
+	rep, err := agent.Adopt(ctx, env, in)
 	if err != nil {
 		err = fmt.Errorf("adopt: %w", err)
 	}
@@ -130,18 +125,18 @@ func runAdopt(ctx context.Context, opts *adoptOptions, env *agent.Env, g *global
 
 // promptShares reads shares one per line until an empty line: without echo on a
 // terminal, plainly from a reader a test hands in.
-func promptShares(g *globalOptions) (vault.Keyset, error) {
+func promptShares(g *globalOptions) ([]string, error) {
 	if !g.interactive() {
-		return vault.Keyset{}, usageErrorf("no --init-output and not a terminal to type the shares on: give --init-output FILE (or - with --yes)")
+		return nil, usageErrorf("no --init-output and not a terminal to type the shares on: give --init-output FILE (or - with --yes)")
 	}
 	fmt.Fprintln(g.stderr, "type the unseal shares (base64 or hex), one per line, at least the threshold; an empty line ends")
 	var shares []string
-	defer clear(shares)
 	for i := 1; ; i++ {
 		fmt.Fprintf(g.stderr, "share %d: ", i)
 		line, err := readShareLine(g)
 		if err != nil {
-			return vault.Keyset{}, fmt.Errorf("read a share: %w", err)
+			clear(shares)
+			return nil, fmt.Errorf("read a share: %w", err)
 		}
 		if line == "" {
 			break
@@ -149,9 +144,9 @@ func promptShares(g *globalOptions) (vault.Keyset, error) {
 		shares = append(shares, line)
 	}
 	if len(shares) == 0 {
-		return vault.Keyset{}, errors.New("no share typed: nothing changed")
+		return nil, errors.New("no share typed: nothing changed")
 	}
-	return vault.KeysetFromShares(0, shares)
+	return shares, nil
 }
 
 // readShareLine reads one line: without echo on a terminal; else byte by byte, so a
