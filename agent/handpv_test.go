@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"os"
+	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -25,19 +27,25 @@ import (
 // the pod runs on, and from then on every agent process finds the pod, unseals it after
 // a restart and backs it up.
 func TestAdoptOnAHandWrittenHostPathVolume(t *testing.T) {
-	vl := newVaultLabWith(t, labOptions{nodes: 1, noInstall: true})
+	// The operator's directory, not the configured host_path: made by hand, root's,
+	// open to all (so Vault could write it).
+	theirs := filepath.Join(lab.TestDataDir(t), "srv", "vault-data")
+	if err := os.MkdirAll(theirs, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Chmod(theirs, 0o777); err != nil {
+		t.Fatal(err)
+	}
+	vl := newVaultLabWith(t, labOptions{nodes: 1, noInstall: true, podData: map[int]string{0: theirs}})
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	ns, release := vl.cfg.Chart.Namespace, vl.release
-	if _, err := Provision(ctx, vl.env, ProvisionOptions{}); err != nil {
-		t.Fatalf("provision: %v", err)
-	}
 	pvName := "vault-data-" + ns
 	size := resource.MustParse("1Gi")
 	pv := &corev1.PersistentVolume{ObjectMeta: metav1.ObjectMeta{Name: pvName},
 		Spec: corev1.PersistentVolumeSpec{StorageClassName: "manual", Capacity: corev1.ResourceList{corev1.ResourceStorage: size},
 			AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce}, PersistentVolumeReclaimPolicy: corev1.PersistentVolumeReclaimRetain,
-			PersistentVolumeSource: corev1.PersistentVolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: vl.cfg.Nodes[0].HostPath}}}}
+			PersistentVolumeSource: corev1.PersistentVolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: theirs}}}}
 	if _, err := vl.cs.CoreV1().PersistentVolumes().Create(ctx, pv, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -54,11 +62,11 @@ func TestAdoptOnAHandWrittenHostPathVolume(t *testing.T) {
 	// helm install, as the operator ran it: no StorageClass or volume of the agent's.
 	is := &installState{env: vl.env, rep: &InstallReport{}}
 	var steps []StepResult
-	theirs := step[installState]{"their-values", "the operator's claim template: their StorageClass", func(s *installState, _ context.Context) (string, error) {
+	theirValues := step[installState]{"their-values", "the operator's claim template: their StorageClass", func(s *installState, _ context.Context) (string, error) {
 		s.values["server"].(map[string]any)["dataStorage"].(map[string]any)["storageClass"] = sc
 		return sc, nil
 	}}
-	helm := []step[installState]{installSteps[0], installSteps[1], installSteps[2], theirs, installSteps[6]}
+	helm := []step[installState]{installSteps[0], installSteps[1], installSteps[2], theirValues, installSteps[6]}
 	if helm[4].name != "release" {
 		t.Fatalf("install's steps moved: %s", helm[4].name)
 	}
@@ -74,6 +82,15 @@ func TestAdoptOnAHandWrittenHostPathVolume(t *testing.T) {
 		return err
 	}); err != nil {
 		t.Fatal(err)
+	}
+	// provision finds the directory the operator's volume names and makes it the
+	// container's, tight, as it does the configured host_path.
+	res, err := Provision(ctx, vl.env, ProvisionOptions{})
+	if err != nil || len(res) != 1 || res[0].Prepared.Path != theirs {
+		t.Fatalf("provision: %+v %v", res, err)
+	}
+	if fi, err := os.Stat(theirs); err != nil || fi.Mode().Perm() != 0o700 || fi.Sys().(*syscall.Stat_t).Uid != 100 || fi.Sys().(*syscall.Stat_t).Gid != 100 {
+		t.Fatalf("the operator's directory after provision: %v %v", fi.Mode(), err)
 	}
 	cl, err := vl.env.Cluster(ctx)
 	if err != nil {

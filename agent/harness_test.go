@@ -59,6 +59,9 @@ type labOptions struct {
 	other func(*corev1.Pod) string
 	// valuesFiles come before the lab's own values file (injector off, TLS off).
 	valuesFiles []string
+	// podData, by ordinal, is where a pod's Vault keeps its data when not on the
+	// configured host_path (a volume the operator wrote elsewhere).
+	podData map[int]string
 }
 
 func newVaultLab(t *testing.T, nodes int) *vaultLab {
@@ -128,6 +131,9 @@ func newVaultLabWith(t *testing.T, o labOptions) *vaultLab {
 		names = append(names, name)
 		cfg.Nodes = append(cfg.Nodes, configs.Node{Name: name, Address: "127.0.0.1", HostPath: filepath.Join(data, fmt.Sprintf("node%d", i), "vault")})
 		dataDirs[fmt.Sprintf("%s-%d", release, i)] = cfg.Nodes[i].HostPath
+		if d, ok := o.podData[i]; ok {
+			dataDirs[fmt.Sprintf("%s-%d", release, i)] = d
+		}
 	}
 	if err := lab.RegisterNodes(ctx, cs, names...); err != nil {
 		t.Fatal(err)

@@ -47,12 +47,18 @@ func Provision(ctx context.Context, env *Env, opts ProvisionOptions) ([]NodeResu
 	if err != nil {
 		return nil, err
 	}
+	theirs := env.operatorVolumes(ctx)
 	var results []NodeResult
 	var errs []error
 	for _, n := range nodes {
 		t0 := env.Clock.Now()
 		res := NodeResult{Node: n.Name}
-		err := provisionNode(ctx, env, n, sshCfg, &res)
+		want := env.want(n)
+		if p, ok := theirs[n.Name]; ok && p != want.Path {
+			log.Warn("the release's volume on this node is one you wrote, at another path than the configuration's: preparing the volume's", "node", n.Name, "volume_path", p, "host_path", want.Path)
+			want.Path = p
+		}
+		err := provisionNode(ctx, env, n, sshCfg, want, &res)
 		res.Duration = env.Clock.Now().Sub(t0)
 		if err != nil {
 			res.Err = fmt.Errorf("node %s: %w", n.Name, err)
@@ -72,7 +78,7 @@ func Provision(ctx context.Context, env *Env, opts ProvisionOptions) ([]NodeResu
 }
 
 // provisionNode runs the steps for one node: resolve → connect → prepare.
-func provisionNode(ctx context.Context, env *Env, n configs.Node, sshCfg provision.SSHConfig, res *NodeResult) error {
+func provisionNode(ctx context.Context, env *Env, n configs.Node, sshCfg provision.SSHConfig, want provision.Want, res *NodeResult) error {
 	loc, err := env.resolve(ctx, n)
 	if err != nil {
 		return fmt.Errorf("resolve: %w", err)
@@ -84,11 +90,31 @@ func provisionNode(ctx context.Context, env *Env, n configs.Node, sshCfg provisi
 	}
 	defer conn.Close()
 	res.PinnedHostKey = conn.PinnedKey
-	p, err := conn.Prepare(ctx, env.want(n))
+	p, err := conn.Prepare(ctx, want)
 	if err != nil {
 		return fmt.Errorf("prepare: %w", err)
 	}
 	res.Prepared = &p
+	return nil
+}
+
+// operatorVolumes are the directories of the hostPath and local volumes the operator
+// wrote for the release, by node (none when the cluster or the release is not there
+// yet: provision then prepares the configured host_path, as before an install).
+func (e *Env) operatorVolumes(ctx context.Context) map[string]string {
+	if e.Config.Vault.PodAccess == "static" {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+	defer cancel()
+	cl, err := e.Cluster(ctx)
+	if err == nil {
+		var out map[string]string
+		if out, err = cl.OperatorVolumes(ctx, e.Config.Chart.Release); err == nil {
+			return out
+		}
+	}
+	e.Log.Debug("provision: the release's volumes could not be read; preparing the configured host_path", "err", err)
 	return nil
 }
 

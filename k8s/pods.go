@@ -125,6 +125,9 @@ type volumePin struct {
 	anywhere bool
 	// reject says why no pod of the ordinal can be trusted with the shares.
 	reject string
+	// path is a hostPath or local volume's directory on node; ours: the agent made it.
+	path string
+	ours bool
 }
 
 // volumePin finds the PersistentVolume pod ordinal i's claim is bound to (the agent's,
@@ -149,7 +152,13 @@ func (c *Cluster) volumePin(ctx context.Context, release string, i int) (volumeP
 	if err != nil {
 		return volumePin{}, fmt.Errorf("read PersistentVolume %s: %w", name, err)
 	}
-	pin := volumePin{volume: name, node: hostnameAffinity(pv)}
+	pin := volumePin{volume: name, node: hostnameAffinity(pv), ours: pv.Labels["app.kubernetes.io/managed-by"] == FieldManager}
+	switch {
+	case pv.Spec.HostPath != nil:
+		pin.path = pv.Spec.HostPath.Path
+	case pv.Spec.Local != nil:
+		pin.path = pv.Spec.Local.Path
+	}
 	switch {
 	case pin.node != "":
 	case pv.Spec.HostPath != nil:
@@ -157,7 +166,7 @@ func (c *Cluster) volumePin(ctx context.Context, release string, i int) (volumeP
 		if pin.node = c.Pins[pod]; pin.node == "" {
 			pin.reject = fmt.Sprintf("its volume %s is a hostPath with no node affinity, and no node was recorded for it: run adopt on this host (it records the node %s's data is on) or give the volume a node affinity", name, pod)
 		}
-	case pv.Spec.Local == nil && pv.Labels["app.kubernetes.io/managed-by"] != FieldManager:
+	case pv.Spec.Local == nil && !pin.ours:
 		pin.anywhere = true
 	}
 	return pin, nil
@@ -209,6 +218,47 @@ func (c *Cluster) VolumeNodes(ctx context.Context, release string) (map[string]s
 		}
 		if pin.node == "" && pin.reject != "" {
 			out[name] = p.Spec.NodeName
+		}
+	}
+	return out, nil
+}
+
+// OperatorVolumes maps each node to the directory of the hostPath or local volume, not
+// made by the agent, that a claim of the release is bound to and that is pinned to that
+// node (by node affinity, or Pins, or else where the release's pod runs now): where
+// provision must prepare the operator's data directory. Empty when the release has no StatefulSet yet.
+func (c *Cluster) OperatorVolumes(ctx context.Context, release string) (map[string]string, error) {
+	sts, err := c.Clients.AppsV1().StatefulSets(c.cfg.Namespace).Get(ctx, release, metav1.GetOptions{})
+	if apierrors.IsNotFound(err) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read StatefulSet %s: %w", release, err)
+	}
+	replicas := 1
+	if sts.Spec.Replicas != nil {
+		replicas = int(*sts.Spec.Replicas)
+	}
+	out := map[string]string{}
+	for i := 0; i < replicas; i++ {
+		pin, err := c.volumePin(ctx, release, i)
+		if err != nil {
+			return nil, err
+		}
+		if pin.ours || pin.path == "" {
+			continue
+		}
+		if pin.node == "" { // a hostPath without affinity, no node recorded: where its pod runs now
+			p, err := c.Clients.CoreV1().Pods(c.cfg.Namespace).Get(ctx, fmt.Sprintf("%s-%d", release, i), metav1.GetOptions{})
+			if err != nil && !apierrors.IsNotFound(err) {
+				return nil, fmt.Errorf("read pod %s-%d: %w", release, i, err)
+			}
+			if owner := metav1.GetControllerOf(p); err == nil && owner != nil && owner.UID == sts.UID {
+				pin.node = p.Spec.NodeName
+			}
+		}
+		if pin.node != "" {
+			out[pin.node] = pin.path
 		}
 	}
 	return out, nil
