@@ -155,4 +155,25 @@ func TestAdoptOnAHandWrittenHostPathVolume(t *testing.T) {
 	if _, err := BackupNow(ctx, env, BackupOptions{}); err != nil {
 		t.Fatal(err)
 	}
+
+	// The node is rebuilt: the data gone, the pod deleted; the operator's claim and
+	// volume stay. recover brings it back, leaving the release as the operator installed
+	// it, and prepares the volume's directory again.
+	vl.pods.Vault(pod).Kill()
+	if err := os.RemoveAll(theirs); err != nil {
+		t.Fatal(err)
+	}
+	if err := vl.cs.CoreV1().Pods(ns).Delete(ctx, pod, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	rep, err := Recover(ctx, env, RecoverOptions{})
+	if err != nil || !rep.Restored {
+		t.Fatalf("recover on the operator's volume: %v %+v\n%s", err, rep, tail(vl.logs.String(), 30))
+	}
+	if sealed, _ := vl.sealed(t, pod); sealed {
+		t.Fatal("sealed after recover")
+	}
+	if info, err := icl.Release(release); err != nil || info.Revision != 1 {
+		t.Fatalf("recover changed the operator's release: %+v %v", info, err)
+	}
 }

@@ -24,6 +24,10 @@ type RecoverOptions struct {
 	Snapshot string
 	// DryRun checks the snapshot and keys and returns the plan; changes nothing.
 	DryRun bool
+	// AuthTokenFile authorises minting the agent's tokens when the snapshot brings back
+	// none that is valid (one older than the tokens' period, or imported from before
+	// adopt): a token valid in that snapshot.
+	AuthTokenFile string
 }
 
 // RecoverReport is the plan and the steps taken.
@@ -119,14 +123,30 @@ func (s *recoverState) provision(ctx context.Context) (string, error) {
 
 func (s *recoverState) install(ctx context.Context) (string, error) {
 	r, err := Install(ctx, s.env, InstallOptions{NoSnapshot: true})
-	if err != nil {
+	installed := ""
+	switch {
+	case errors.Is(err, ErrImmutable):
+		// A release installed another way, on the operator's volumes (adopted): it stays
+		// as it is; the StatefulSet brings the pods back by itself.
+		s.env.Log.Info("the release was installed another way: recover leaves it as it is and waits for its pods", "release", s.env.Config.Chart.Release)
+		cl, err := s.env.InstallCluster(ctx)
+		if err != nil {
+			return "", err
+		}
+		if _, err := cl.WaitRunning(ctx, s.env.Config.Chart.Release, len(s.env.Config.Nodes), s.env.Config.Chart.Timeout); err != nil {
+			return "", err
+		}
+		installed = "release installed another way, left as it is"
+	case err != nil:
 		return "", err
+	default:
+		installed = fmt.Sprintf("release %s revision %d", r.Action, r.Revision)
 	}
 	if s.pods, err = s.env.openPods(ctx); err != nil {
 		return "", err
 	}
 	s.first = s.pods[0]
-	return fmt.Sprintf("release %s revision %d, %d pod(s) running", r.Action, r.Revision, len(s.pods)), nil
+	return fmt.Sprintf("%s, %d pod(s) running", installed, len(s.pods)), nil
 }
 
 // facts reads what decideOpen needs.
@@ -509,7 +529,7 @@ func (s *recoverState) tokens(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return ensureTokens(ctx, s.env, leader, s.kf)
+	return ensureTokens(ctx, s.env, leader, s.kf, s.opts.AuthTokenFile)
 }
 
 func (s *recoverState) verify(ctx context.Context) (string, error) {

@@ -15,6 +15,8 @@ type RestoreOptions struct {
 	// Force restores a snapshot of another cluster (snapshot-force); the keyfile must
 	// hold that snapshot's keys.
 	Force bool
+	// AuthTokenFile: as RecoverOptions.AuthTokenFile.
+	AuthTokenFile string
 }
 
 // RestoreReport says what restore did.
@@ -161,5 +163,5 @@ func (s *restoreState) tokens(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return ensureTokens(ctx, s.env, leader, s.kf)
+	return ensureTokens(ctx, s.env, leader, s.kf, s.opts.AuthTokenFile)
 }

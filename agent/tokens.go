@@ -278,14 +278,14 @@ func revokeRoot(ctx context.Context, env *Env, n *vault.Node, t vault.Token) {
 // ensureTokens checks the agent's tokens on the active node after a restore: valid ones
 // are renewed (a snapshot brings back the expiry it had), and when one is refused, fresh
 // ones are minted with whichever operator token the restored data still knows.
-func ensureTokens(ctx context.Context, env *Env, p vaultPod, kf *vault.Keyfile) (string, error) {
+func ensureTokens(ctx context.Context, env *Env, p vaultPod, kf *vault.Keyfile, authTokenFile string) (string, error) {
 	snap := renewToken(ctx, env, p.API, "snapshot", kf.SnapshotToken)
 	op := renewToken(ctx, env, p.API, "operator", kf.OperatorToken)
 	if snap.Error == "" && op.Error == "" {
 		return fmt.Sprintf("both tokens valid, renewed (%s, %s left)", snap.TTL.Round(time.Second), op.TTL.Round(time.Second)), nil
 	}
 	env.Log.Warn("the restored data refuses an agent token: minting fresh ones", "snapshot", snap.Error, "operator", op.Error)
-	rep, err := RotateTokens(ctx, env, TokenRotateOptions{})
+	rep, err := RotateTokens(ctx, env, TokenRotateOptions{AuthTokenFile: authTokenFile})
 	if err != nil {
 		return "", err
 	}

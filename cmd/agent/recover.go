@@ -21,6 +21,7 @@ type recoverOptions struct {
 	dryRun   bool
 	yes      bool
 	output   string
+	authFile string
 }
 
 func newRecoverCommand(g *globalOptions) *cobra.Command {
@@ -82,6 +83,7 @@ it found and asks, --yes or not, before it fetches anything.`,
 	f.StringVar(&opts.identity, "identity", "", "with --from: the operator's offline age identity file")
 	f.StringVar(&opts.manifest, "manifest-key", "", "with --from: the manifest key fingerprint init printed (sha256:…); recovery copies under another key are refused")
 	f.BoolVar(&opts.force, "force", false, "with --from: recover from the newest authentic copy despite swapped, edited or rolled-back copies")
+	f.StringVar(&opts.authFile, "auth-token-file", "", "a 0600 file with a token valid in the snapshot, for minting the agent's tokens when the snapshot brings none back (imported from before adopt, or older than vault.token_period)")
 	f.BoolVar(&opts.dryRun, "dry-run", false, "check the snapshot and keys, print the plan, change nothing")
 	f.BoolVar(&opts.yes, "yes", false, "do not ask")
 	f.StringVarP(&opts.output, "output", "o", "text", "output format: text or json")
@@ -103,7 +105,7 @@ func runRecover(ctx context.Context, opts *recoverOptions, env *agent.Env, g *gl
 	if opts.from != "" {
 		return runRecoverFrom(ctx, opts, env, g)
 	}
-	rep, err := agent.Recover(ctx, env, agent.RecoverOptions{Snapshot: opts.snapshot, DryRun: opts.dryRun})
+	rep, err := agent.Recover(ctx, env, agent.RecoverOptions{Snapshot: opts.snapshot, DryRun: opts.dryRun, AuthTokenFile: opts.authFile})
 	if err != nil && !agent.Refused(err) {
 		err = withRerun(err)
 	}

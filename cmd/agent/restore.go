@@ -13,6 +13,7 @@ import (
 type restoreOptions struct {
 	force, yes bool
 	output     string
+	authFile   string
 }
 
 func newRestoreCommand(g *globalOptions) *cobra.Command {
@@ -42,6 +43,7 @@ Changes: all of Vault's data, replaced by the snapshot's.`,
 		},
 	}
 	cmd.Flags().BoolVar(&opts.force, "force", false, "restore a snapshot of another cluster")
+	cmd.Flags().StringVar(&opts.authFile, "auth-token-file", "", "a 0600 file with a token valid in the snapshot, for minting the agent's tokens when the snapshot brings none back (imported from before adopt, or older than vault.token_period)")
 	cmd.Flags().BoolVar(&opts.yes, "yes", false, "do not ask")
 	cmd.Flags().StringVarP(&opts.output, "output", "o", "text", "output format: text or json")
 	return cmd
@@ -56,7 +58,7 @@ func runRestore(ctx context.Context, opts *restoreOptions, env *agent.Env, g *gl
 		return err
 	}
 	defer unlock()
-	rep, err := agent.Restore(ctx, env, file, agent.RestoreOptions{Force: opts.force})
+	rep, err := agent.Restore(ctx, env, file, agent.RestoreOptions{Force: opts.force, AuthTokenFile: opts.authFile})
 	if err != nil {
 		err = fmt.Errorf("restore: %w", err)
 	}
