@@ -12,7 +12,7 @@ NFPM    := github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
 # Debian versions start with a digit: the tag without its "v", or 0.0.0+<commit>.
 DEB_VERSION ?= $(shell v=$$(git describe --tags --abbrev=0 2>/dev/null); if [ -n "$$v" ]; then echo "$${v\#v}"; else echo "0.0.0+$(COMMIT)"; fi)
 
-.PHONY: help build test test-unit lint demo lab-bins clean install deb
+.PHONY: help build test test-unit lint demo demo-adopt lab-bins clean install deb
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ test: lab-bins lint ## install prerequisites, then every test (unit and lab) wit
 
 demo: lab-bins build ## run the lifecycle against the local lab, narrated with timings
 	go run ./internal/lab/demo -agent $(BIN)
+
+demo-adopt: lab-bins build ## the second demo: a Vault set up by hand as the write-up does, adopted
+	go run ./internal/lab/demo -agent $(BIN) -adopt
 
 install: build ## binary, units, example config and credential directory under $(DESTDIR)
 	install -D -m 0755 $(BIN) $(DESTDIR)/usr/bin/pve-vault-agent

@@ -50,6 +50,7 @@ type AdoptReport struct {
 	ManifestKey  string         `json:"manifest_key,omitempty"`
 	Drill        *DrillReport   `json:"drill,omitempty"`
 	Backup       snapshot.Entry `json:"first_backup,omitzero"`
+	Offsite      []TargetResult `json:"offsite,omitempty"`
 	Unsealed     []string       `json:"unsealed,omitempty"`
 	Steps        []StepResult   `json:"steps"`
 }
@@ -80,7 +81,7 @@ var adoptSteps = []step[adoptState]{
 	{"prove", "open that snapshot in a throwaway drill pod with the shares (production untouched): the shares unseal it and its Raft index is whole", (*adoptState).prove},
 	{"tokens", "write the agent's policies and canary, mint its periodic tokens", (*adoptState).tokens},
 	{"keyfile", "record the node of each pod on a hostPath volume without node affinity; seal the shares and tokens into the keyfile (and the offline recovery copy)", (*adoptState).keyfile},
-	{"first-backup", "store the proven snapshot as the first backup, its drill recorded", (*adoptState).firstBackup},
+	{"first-backup", "store the proven snapshot as the first backup, its drill recorded, and push it to the off-host targets", (*adoptState).firstBackup},
 	{"unseal", "unseal every sealed pod with the keyfile (a follower that never joined joins through retry_join)", (*adoptState).unseal},
 }
 
@@ -352,7 +353,19 @@ func (s *adoptState) firstBackup(ctx context.Context) (string, error) {
 	if err := snapshot.RecordDrill(s.rep.Backup.Path, snapshot.DrillResult{At: d.Started, Passed: true, DurationSecs: d.DurationSecs}); err != nil {
 		env.Log.Warn("could not record the proof drill in the first backup's manifest", "err", err)
 	}
-	return s.rep.Backup.Path, nil
+	if len(env.Config.Snapshots.Targets) == 0 {
+		return s.rep.Backup.Path, nil
+	}
+	// As backup-now does: off-host copies (and the recovery copy) now, not at the next
+	// scheduled backup; a target that fails is retried then.
+	s.rep.Offsite = PushOffsite(ctx, env, s.kf, store)
+	failed := 0
+	for _, r := range s.rep.Offsite {
+		if r.Error != "" {
+			failed++
+		}
+	}
+	return fmt.Sprintf("%s; %d of %d off-host target(s) up to date", s.rep.Backup.Path, len(s.rep.Offsite)-failed, len(s.rep.Offsite)), nil
 }
 
 func (s *adoptState) unseal(ctx context.Context) (string, error) {

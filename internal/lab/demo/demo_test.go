@@ -25,9 +25,11 @@ func TestDemoLifecycle(t *testing.T) {
 		t.Fatalf("build: %v\n%s", err, out)
 	}
 	// The demo finds the test chart relative to the repository root.
+	wd, _ := os.Getwd()
 	if err := os.Chdir("../../.."); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() { os.Chdir(wd) })
 	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
 	defer cancel()
 	var out bytes.Buffer
@@ -51,6 +53,53 @@ func TestDemoLifecycle(t *testing.T) {
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q", want)
+		}
+	}
+	if strings.Contains(out.String(), "FAILED") {
+		t.Errorf("a demo step failed:\n%s", out.String())
+	}
+}
+
+// The second demo, as `make demo-adopt` runs it: the write-up's Vault (hand-written
+// volume, the operator's Helm install, vault operator init, a manual snapshot) adopted,
+// the manual snapshot imported, drilled, and recovered from after a node rebuild.
+func TestDemoAdopt(t *testing.T) {
+	lab.Need(t)
+	bin := filepath.Join(t.TempDir(), "pve-vault-agent")
+	build := exec.Command("go", "build", "-o", bin, "../../../cmd/agent")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	wd, _ := os.Getwd()
+	if err := os.Chdir("../../.."); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Chdir(wd) })
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	var out bytes.Buffer
+	code := run(ctx, []string{"-agent", bin, "-adopt"}, &out)
+	if code != 0 {
+		t.Fatalf("demo exit %d:\n%s", code, out.String())
+	}
+	for _, want := range []string{
+		"release vault installed: revision 1",
+		"unsealed by hand with three of them",
+		"warning: ", "fails while Vault is sealed",
+		"adopted; the proof drill took",
+		"imported, not drilled",
+		"drill PASSED in ",
+		"the daemon's log shows it unsealed it",
+		"node rebuilt → unsealed with the manual snapshot's data",
+		`kv/demo = "written by hand before the agent came" (from the manual snapshot)`,
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("demo output lacks %q", want)
+		}
+	}
+	for _, l := range strings.Split(out.String(), "\n") {
+		if strings.Contains(l, "adopted; ") || strings.Contains(l, " → ") {
+			t.Log(strings.TrimSpace(l))
 		}
 	}
 	if strings.Contains(out.String(), "FAILED") {

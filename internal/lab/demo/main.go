@@ -37,6 +37,12 @@ func main() {
 	os.Exit(code)
 }
 
+// step is one narrated step of a demo.
+type step struct {
+	title string
+	f     func() error
+}
+
 type demo struct {
 	out   io.Writer
 	agent string
@@ -138,6 +144,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	agent := fs.String("agent", "bin/pve-vault-agent", "the built pve-vault-agent binary")
 	keep := fs.Bool("keep", false, "keep the lab directory after the demo")
+	adopt := fs.Bool("adopt", false, "the second demo: start where the deployment write-up ends (a Vault initialised by hand on a hand-written volume) and adopt it")
 	if err := fs.Parse(args); err != nil {
 		return 2
 	}
@@ -199,10 +206,71 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		return 2
 	}
 	daemonLog := &lab.LogBuffer{}
-	steps := []struct {
-		title string
-		f     func() error
-	}{
+	const kubeletTitle = "register the node in Kubernetes and let the lab play kubelet: pods run as real Vault processes (uid 100, data on the hostPath)"
+	startKubelet := func() error {
+		cs, err := kubeClient(cp.Kubeconfig)
+		if err != nil {
+			return err
+		}
+		if err := lab.RegisterNodes(ctx, cs, "k8s-node-1"); err != nil {
+			return err
+		}
+		uid, gid := uint32(100), uint32(100)
+		pods = &lab.VaultPods{Bins: bins, Clients: cs, Release: "vault", StateDir: filepath.Join(dir, "pods"), UID: &uid, GID: &gid,
+			// The pod runs on the node: in its network namespace, at its address, and the
+			// agent reaches it through an SSH tunnel to the node like any pod IP.
+			IP:      func(int) string { return ns.NodeIP },
+			Netns:   func(int) *lab.Netns { return ns },
+			DataDir: func(*corev1.Pod) string { return hostPath },
+			// A restore drill's pod runs on the same node, at another address there.
+			DrillIP: func() string { return ns.PodIP }}
+		cleanup = append(cleanup, pods.Close)
+		k := lab.StartKubelet(cs, "vault", pods.Hooks())
+		cleanup = append(cleanup, k.Stop)
+		return nil
+	}
+	startDaemon := func() error {
+		daemon = exec.CommandContext(ctx, d.agent, "run", "--config", filepath.Join(dir, "config.yaml"))
+		var mu sync.Mutex
+		daemon.Stderr = io.MultiWriter(&prefixed{w: d.out, mu: &mu}, daemonLog)
+		if err := daemon.Start(); err != nil {
+			return err
+		}
+		cleanup = append(cleanup, func() { _ = daemon.Process.Signal(os.Interrupt); _ = daemon.Wait() })
+		return nil
+	}
+	const rebootTitle = "\"reboot\": kill -9 the pod's Vault and start it again; it comes back sealed and the daemon unseals it"
+	reboot := func() error {
+		v := pods.Vault("vault-0")
+		if v == nil {
+			return fmt.Errorf("no Vault process for pod vault-0")
+		}
+		if sealed, err := sealedAt(v.Addr); err != nil || sealed {
+			return fmt.Errorf("vault-0 is not unsealed before the reboot (sealed %v, %v)", sealed, err)
+		}
+		before := unsealedLines(daemonLog.String(), "vault-0")
+		v.Kill()
+		if err := v.Start(ctx); err != nil {
+			return err
+		}
+		t0 := time.Now()
+		for {
+			sealed, err := sealedAt(v.Addr)
+			if err == nil && !sealed && unsealedLines(daemonLog.String(), "vault-0") > before {
+				break
+			}
+			if gone, _ := v.Process().Exited(); gone {
+				return fmt.Errorf("the restarted vault-0 exited:\n%s", v.Process().Tail(10))
+			}
+			if time.Since(t0) > 30*time.Second {
+				return fmt.Errorf("vault-0 not unsealed by the daemon 30s after the restart (sealed %v, %v)", sealed, err)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		d.say("vault-0 came back sealed (pid %d) and the daemon's log shows it unsealed it: listening → unsealed in %s", v.Process().PID(), time.Since(t0).Round(time.Millisecond))
+		return nil
+	}
+	setup := []step{
 		{"start the Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager)", func() (err error) {
 			cp, err = lab.StartControlPlane(ctx, bins, filepath.Join(dir, "kube"))
 			if err == nil {
@@ -253,6 +321,8 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			return d.useAgentAccounts(ctx, cfgPath, cp.Kubeconfig)
 		}},
 		{"pve-vault-agent version", func() error { return d.agentCmd(ctx, "version") }},
+	}
+	lifecycle := []step{
 		{"pve-vault-agent config check (validates, prints the effective config; secrets are references)", func() error {
 			return d.agentCmd(ctx, "config", "check", "--config", filepath.Join(dir, "config.yaml"))
 		}},
@@ -262,28 +332,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		{"pve-vault-agent provision again: nothing to do", func() error {
 			return d.agentCmd(ctx, "provision", "--config", filepath.Join(dir, "config.yaml"))
 		}},
-		{"register the node in Kubernetes and let the lab play kubelet: pods run as real Vault processes (uid 100, data on the hostPath)", func() error {
-			cs, err := kubeClient(cp.Kubeconfig)
-			if err != nil {
-				return err
-			}
-			if err := lab.RegisterNodes(ctx, cs, "k8s-node-1"); err != nil {
-				return err
-			}
-			uid, gid := uint32(100), uint32(100)
-			pods = &lab.VaultPods{Bins: bins, Clients: cs, Release: "vault", StateDir: filepath.Join(dir, "pods"), UID: &uid, GID: &gid,
-				// The pod runs on the node: in its network namespace, at its address, and the
-				// agent reaches it through an SSH tunnel to the node like any pod IP.
-				IP:      func(int) string { return ns.NodeIP },
-				Netns:   func(int) *lab.Netns { return ns },
-				DataDir: func(*corev1.Pod) string { return hostPath },
-				// A restore drill's pod runs on the same node, at another address there.
-				DrillIP: func() string { return ns.PodIP }}
-			cleanup = append(cleanup, pods.Close)
-			k := lab.StartKubelet(cs, "vault", pods.Hooks())
-			cleanup = append(cleanup, k.Stop)
-			return nil
-		}},
+		{kubeletTitle, startKubelet},
 		{"pve-vault-agent install: the Vault chart via the Helm SDK, Raft on the provisioned hostPath", func() error {
 			return d.agentCmd(ctx, "install", "--config", filepath.Join(dir, "config.yaml"))
 		}},
@@ -306,46 +355,8 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		{"pve-vault-agent keyfile check: the keyfile decrypts; only metadata is shown", func() error {
 			return d.agentCmd(ctx, "keyfile", "check", "--config", filepath.Join(dir, "config.yaml"))
 		}},
-		{"start the daemon (pve-vault-agent run), as the systemd service would", func() error {
-			daemon = exec.CommandContext(ctx, d.agent, "run", "--config", filepath.Join(dir, "config.yaml"))
-			var mu sync.Mutex
-			daemon.Stderr = io.MultiWriter(&prefixed{w: d.out, mu: &mu}, daemonLog)
-			if err := daemon.Start(); err != nil {
-				return err
-			}
-			cleanup = append(cleanup, func() { _ = daemon.Process.Signal(os.Interrupt); _ = daemon.Wait() })
-			return nil
-		}},
-		{"\"reboot\": kill -9 the pod's Vault and start it again; it comes back sealed and the daemon unseals it", func() error {
-			v := pods.Vault("vault-0")
-			if v == nil {
-				return fmt.Errorf("no Vault process for pod vault-0")
-			}
-			if sealed, err := sealedAt(v.Addr); err != nil || sealed {
-				return fmt.Errorf("vault-0 is not unsealed before the reboot (sealed %v, %v)", sealed, err)
-			}
-			before := unsealedLines(daemonLog.String(), "vault-0")
-			v.Kill()
-			if err := v.Start(ctx); err != nil {
-				return err
-			}
-			t0 := time.Now()
-			for {
-				sealed, err := sealedAt(v.Addr)
-				if err == nil && !sealed && unsealedLines(daemonLog.String(), "vault-0") > before {
-					break
-				}
-				if gone, _ := v.Process().Exited(); gone {
-					return fmt.Errorf("the restarted vault-0 exited:\n%s", v.Process().Tail(10))
-				}
-				if time.Since(t0) > 30*time.Second {
-					return fmt.Errorf("vault-0 not unsealed by the daemon 30s after the restart (sealed %v, %v)", sealed, err)
-				}
-				time.Sleep(10 * time.Millisecond)
-			}
-			d.say("vault-0 came back sealed (pid %d) and the daemon's log shows it unsealed it: listening → unsealed in %s", v.Process().PID(), time.Since(t0).Round(time.Millisecond))
-			return nil
-		}},
+		{"start the daemon (pve-vault-agent run), as the systemd service would", startDaemon},
+		{rebootTitle, reboot},
 		{"pve-vault-agent unseal: nothing to do, every pod is unsealed", func() error {
 			return d.agentCmd(ctx, "unseal", "--config", cfgPath)
 		}},
@@ -460,6 +471,12 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 				return err
 			})
 		}},
+	}
+	steps := append(setup, lifecycle...)
+	if *adopt {
+		steps = append(setup, d.adoption(ctx, adoptionLab{bins: bins, cp: func() *lab.ControlPlane { return cp }, pods: func() *lab.VaultPods { return pods },
+			hostPath: hostPath, chart: chart, cfgPath: cfgPath, daemonLog: daemonLog},
+			step{kubeletTitle, startKubelet}, step{"start the daemon (pve-vault-agent run), as the systemd service would", startDaemon}, step{rebootTitle, reboot})...)
 	}
 	for _, s := range steps {
 		if err := d.timed(s.title, s.f); err != nil {
