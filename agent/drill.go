@@ -106,16 +106,8 @@ func Drill(ctx context.Context, env *Env, opts DrillOptions) (*DrillReport, erro
 	if opts.Snapshot, err = snapshotOrLatest(ctx, env, opts.Snapshot); err != nil {
 		return nil, err
 	}
-	s := &drillState{env: env, opts: opts, rep: &DrillReport{Started: env.Clock.Now().UTC(), Checks: []DrillCheck{}, Cleaned: []string{}}}
-	runErr := runSteps(ctx, env, "drill", drillSteps, s, &s.rep.Steps)
-	if s.podUID != "" {
-		s.cleanup(ctx)
-	}
-	s.rep.DurationSecs = env.Clock.Now().Sub(s.rep.Started).Seconds()
-	s.rep.Passed = runErr == nil
-	if runErr != nil {
-		s.rep.Reason = runErr.Error()
-	}
+	s := &drillState{env: env, opts: opts, rep: newDrillReport(env, "")}
+	runErr := s.run(ctx, "drill", drillSteps)
 	if err := s.record(); err != nil {
 		env.Log.Warn("could not record the drill's result", "err", err)
 	}
@@ -141,18 +133,27 @@ func proveKeyset(ctx context.Context, env *Env, path string, ks vault.Keyset, in
 		return nil, err
 	}
 	defer unlock()
-	s := &drillState{env: env, kf: &vault.Keyfile{Keyset: ks}, manifest: &snapshot.Manifest{RaftIndex: index},
-		rep: &DrillReport{Snapshot: path, Started: env.Clock.Now().UTC(), Checks: []DrillCheck{}, Cleaned: []string{}}}
-	runErr := runSteps(ctx, env, "adopt-drill", drillSteps[1:], s, &s.rep.Steps)
+	s := &drillState{env: env, kf: &vault.Keyfile{Keyset: ks}, manifest: &snapshot.Manifest{RaftIndex: index}, rep: newDrillReport(env, path)}
+	return s.rep, s.run(ctx, "adopt-drill", drillSteps[1:])
+}
+
+func newDrillReport(env *Env, snapshot string) *DrillReport {
+	return &DrillReport{Snapshot: snapshot, Started: env.Clock.Now().UTC(), Checks: []DrillCheck{}, Cleaned: []string{}}
+}
+
+// run runs steps, deletes what they made in the cluster whatever happened, and fills
+// in the report's outcome.
+func (s *drillState) run(ctx context.Context, flow string, steps []step[drillState]) error {
+	err := runSteps(ctx, s.env, flow, steps, s, &s.rep.Steps)
 	if s.podUID != "" {
 		s.cleanup(ctx)
 	}
-	s.rep.DurationSecs = env.Clock.Now().Sub(s.rep.Started).Seconds()
-	s.rep.Passed = runErr == nil
-	if runErr != nil {
-		s.rep.Reason = runErr.Error()
+	s.rep.DurationSecs = s.env.Clock.Now().Sub(s.rep.Started).Seconds()
+	s.rep.Passed = err == nil
+	if err != nil {
+		s.rep.Reason = err.Error()
 	}
-	return s.rep, runErr
+	return err
 }
 
 // CleanupDrills deletes every drill object of the release: what a killed drill left.

@@ -191,13 +191,9 @@ func hostnameAffinity(pv *corev1.PersistentVolume) string {
 // hostPath volume without node affinity, the node it runs on now (pod name → node):
 // what adopt records as Pins, where the operator's data is today.
 func (c *Cluster) VolumeNodes(ctx context.Context, release string) (map[string]string, error) {
-	sts, err := c.Clients.AppsV1().StatefulSets(c.cfg.Namespace).Get(ctx, release, metav1.GetOptions{})
+	sts, replicas, err := c.statefulSet(ctx, release)
 	if err != nil {
-		return nil, fmt.Errorf("read StatefulSet %s: %w", release, err)
-	}
-	replicas := 1
-	if sts.Spec.Replicas != nil {
-		replicas = int(*sts.Spec.Replicas)
+		return nil, err
 	}
 	out := map[string]string{}
 	for i := 0; i < replicas; i++ {
@@ -223,21 +219,30 @@ func (c *Cluster) VolumeNodes(ctx context.Context, release string) (map[string]s
 	return out, nil
 }
 
+// statefulSet reads the release's StatefulSet and its replica count.
+func (c *Cluster) statefulSet(ctx context.Context, release string) (*appsv1.StatefulSet, int, error) {
+	sts, err := c.Clients.AppsV1().StatefulSets(c.cfg.Namespace).Get(ctx, release, metav1.GetOptions{})
+	if err != nil {
+		return nil, 0, fmt.Errorf("read StatefulSet %s: %w", release, err)
+	}
+	replicas := 1
+	if sts.Spec.Replicas != nil {
+		replicas = int(*sts.Spec.Replicas)
+	}
+	return sts, replicas, nil
+}
+
 // OperatorVolumes maps each node to the directory of the hostPath or local volume, not
 // made by the agent, that a claim of the release is bound to and that is pinned to that
 // node (by node affinity, or Pins, or else where the release's pod runs now): where
 // provision must prepare the operator's data directory. Empty when the release has no StatefulSet yet.
 func (c *Cluster) OperatorVolumes(ctx context.Context, release string) (map[string]string, error) {
-	sts, err := c.Clients.AppsV1().StatefulSets(c.cfg.Namespace).Get(ctx, release, metav1.GetOptions{})
+	sts, replicas, err := c.statefulSet(ctx, release)
 	if apierrors.IsNotFound(err) {
 		return nil, nil
 	}
 	if err != nil {
-		return nil, fmt.Errorf("read StatefulSet %s: %w", release, err)
-	}
-	replicas := 1
-	if sts.Spec.Replicas != nil {
-		replicas = int(*sts.Spec.Replicas)
+		return nil, err
 	}
 	out := map[string]string{}
 	for i := 0; i < replicas; i++ {

@@ -18,25 +18,7 @@ import (
 // restore drill, node
 // rebuild, recover, the secret back, nothing in status needing attention.
 func TestDemoLifecycle(t *testing.T) {
-	lab.Need(t)
-	bin := filepath.Join(t.TempDir(), "pve-vault-agent")
-	build := exec.Command("go", "build", "-o", bin, "../../../cmd/agent")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
-	// The demo finds the test chart relative to the repository root.
-	wd, _ := os.Getwd()
-	if err := os.Chdir("../../.."); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.Chdir(wd) })
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
-	defer cancel()
-	var out bytes.Buffer
-	code := run(ctx, []string{"-agent", bin}, &out)
-	if code != 0 {
-		t.Fatalf("demo exit %d:\n%s", code, out.String())
-	}
+	out := runDemo(t)
 	for _, want := range []string{
 		"state=created", "unchanged",
 		"release vault in namespace vault installed: revision 1",
@@ -64,24 +46,7 @@ func TestDemoLifecycle(t *testing.T) {
 // volume, the operator's Helm install, vault operator init, a manual snapshot) adopted,
 // the manual snapshot imported, drilled, and recovered from after a node rebuild.
 func TestDemoAdopt(t *testing.T) {
-	lab.Need(t)
-	bin := filepath.Join(t.TempDir(), "pve-vault-agent")
-	build := exec.Command("go", "build", "-o", bin, "../../../cmd/agent")
-	if out, err := build.CombinedOutput(); err != nil {
-		t.Fatalf("build: %v\n%s", err, out)
-	}
-	wd, _ := os.Getwd()
-	if err := os.Chdir("../../.."); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.Chdir(wd) })
-	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
-	defer cancel()
-	var out bytes.Buffer
-	code := run(ctx, []string{"-agent", bin, "-adopt"}, &out)
-	if code != 0 {
-		t.Fatalf("demo exit %d:\n%s", code, out.String())
-	}
+	out := runDemo(t, "-adopt")
 	for _, want := range []string{
 		"release vault installed: revision 1",
 		"unsealed by hand with three of them",
@@ -105,4 +70,28 @@ func TestDemoAdopt(t *testing.T) {
 	if strings.Contains(out.String(), "FAILED") {
 		t.Errorf("a demo step failed:\n%s", out.String())
 	}
+}
+
+// runDemo builds the agent and runs the demo with args exactly as make does (from the
+// repository root, where it finds the test chart), and returns what it printed.
+func runDemo(t *testing.T, args ...string) *bytes.Buffer {
+	t.Helper()
+	lab.Need(t)
+	bin := filepath.Join(t.TempDir(), "pve-vault-agent")
+	build := exec.Command("go", "build", "-o", bin, "../../../cmd/agent")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("build: %v\n%s", err, out)
+	}
+	wd, _ := os.Getwd()
+	if err := os.Chdir("../../.."); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.Chdir(wd) })
+	ctx, cancel := context.WithTimeout(context.Background(), 8*time.Minute)
+	defer cancel()
+	var out bytes.Buffer
+	if code := run(ctx, append([]string{"-agent", bin}, args...), &out); code != 0 {
+		t.Fatalf("demo exit %d:\n%s", code, out.String())
+	}
+	return &out
 }
