@@ -196,8 +196,8 @@ func (a *podAccess) sshTo(ctx context.Context, nodeName string) (*provision.Conn
 	}
 	node, ok := a.env.node(nodeName)
 	if !ok {
-		return nil, hintf("add the node to the configuration's nodes: the agent reaches pods through their node",
-			"vault pod runs on node %s, which is not in the configuration's nodes", nodeName)
+		return nil, withHint(fmt.Errorf("%w: vault pod runs on node %s, which is not in the configuration's nodes", ErrUnknownNode, nodeName),
+			"add the node to the configuration's nodes: the agent reaches pods through their node")
 	}
 	c, _, err := a.env.dial(ctx, node)
 	if err != nil {

@@ -64,6 +64,9 @@ func TestAdoptOnAHandWrittenHostPathVolume(t *testing.T) {
 	var steps []StepResult
 	theirValues := step[installState]{"their-values", "the operator's claim template: their StorageClass", func(s *installState, _ context.Context) (string, error) {
 		s.values["server"].(map[string]any)["dataStorage"].(map[string]any)["storageClass"] = sc
+		// A hostPath volume without node affinity follows the pod wherever the scheduler
+		// puts it: the operator keeps the pod on the node with nodeSelector.
+		s.values["server"].(map[string]any)["nodeSelector"] = map[string]any{"kubernetes.io/hostname": vl.cfg.Nodes[0].Name}
 		return sc, nil
 	}}
 	helm := []step[installState]{installSteps[0], installSteps[1], installSteps[2], theirValues, installSteps[6]}

@@ -10,7 +10,8 @@ import (
 	"github.com/pve-vault-agent/pve-vault-agent/provision"
 )
 
-// ErrUnknownNode is returned when a requested node is not in the configuration.
+// ErrUnknownNode is returned when a requested node, or the node a pod runs on, is not
+// in the configuration (no waiting makes such a pod reachable).
 var ErrUnknownNode = errors.New("node not in the configuration")
 
 // ProvisionOptions narrow and permit a provision run.

@@ -147,6 +147,9 @@ func (e *Env) waitAnswering(ctx context.Context, pods []vaultPod) ([]vault.SealS
 		said := false
 		err := poll(ctx, e.Clock, e.Waits.Poll, answerWait, p.Name+" to answer", func(ctx context.Context) error {
 			st, err := p.API.SealStatus(ctx)
+			if errors.Is(err, ErrUnknownNode) {
+				return permanent(err)
+			}
 			if err != nil {
 				if !said {
 					e.Log.Warn("a pod does not answer; waiting (a liveness probe may be restarting its container)", "pod", p.Name, "err", err)

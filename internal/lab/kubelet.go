@@ -196,6 +196,11 @@ func (k *Kubelet) sync(ctx context.Context) {
 // is marked Unschedulable with the scheduler's message instead.
 func (k *Kubelet) schedule(ctx context.Context, p *corev1.Pod) {
 	node := affinityNode(p)
+	// nodeSelector: the node whose labels match (only kubernetes.io/hostname here, the
+	// one label the lab's nodes carry).
+	if h := p.Spec.NodeSelector["kubernetes.io/hostname"]; h != "" && node == "" {
+		node = h
+	}
 	for _, v := range p.Spec.Volumes {
 		if v.PersistentVolumeClaim == nil {
 			continue
