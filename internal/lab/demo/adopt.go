@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -32,6 +33,7 @@ type adoptionLab struct {
 	chart     string
 	cfgPath   string
 	daemonLog *lab.LogBuffer
+	printed   *lab.LogBuffer // all the demo printed
 }
 
 // operatorValues are the write-up's values with what it describes in words: Raft (one
@@ -56,13 +58,20 @@ func (d *demo) adoption(ctx context.Context, l adoptionLab, kubelet, daemon, reb
 	initOut, rootFile := filepath.Join(pm, "vault-init.json"), filepath.Join(pm, "root-token")
 	manual := filepath.Join(pm, "vault-manual.snap")
 	var stored, root string
+	var shares []string
 	var rebuilt time.Time
 	vaultCLI := func(args ...string) (string, error) {
 		v := l.pods().Vault("vault-0")
 		if v == nil {
 			return "", errors.New("no Vault process for pod vault-0")
 		}
-		fmt.Fprintf(d.out, "      $ vault %s\n", strings.Join(args, " "))
+		shown := append([]string(nil), args...)
+		for i, a := range shown {
+			if slices.Contains(shares, a) {
+				shown[i] = "<a share from the password manager>" // as the operator pastes it
+			}
+		}
+		fmt.Fprintf(d.out, "      $ vault %s\n", strings.Join(shown, " "))
 		cmd := exec.CommandContext(ctx, l.bins.Vault, args...)
 		cmd.Env = append(os.Environ(), "VAULT_ADDR="+v.Addr, "VAULT_TOKEN="+root)
 		out, err := cmd.Output()
@@ -152,7 +161,7 @@ func (d *demo) adoption(ctx context.Context, l adoptionLab, kubelet, daemon, reb
 			if err := json.Unmarshal([]byte(out), &res); err != nil {
 				return err
 			}
-			root = res.Root
+			root, shares = res.Root, res.Keys
 			if err := os.WriteFile(initOut, []byte(out), 0o600); err != nil {
 				return err
 			}
@@ -269,6 +278,16 @@ func (d *demo) adoption(ctx context.Context, l adoptionLab, kubelet, daemon, reb
 			return err
 		}},
 		{"pve-vault-agent status", func() error { return d.agentCmd(ctx, "status", "--config", l.cfgPath) }},
+		{"nothing printed above (the agent's output, the daemon's log, the operator's commands) holds a share or the root token", func() error {
+			all := l.printed.String() + l.daemonLog.String()
+			for i, s := range append([]string{root}, shares...) {
+				if s != "" && strings.Contains(all, s) {
+					return fmt.Errorf("secret #%d of the init output was printed", i)
+				}
+			}
+			d.say("scanned %d bytes: none of the 5 shares and not the root token", len(all))
+			return nil
+		}},
 	}
 }
 

@@ -57,6 +57,7 @@ func TestDemoAdopt(t *testing.T) {
 		"the daemon's log shows it unsealed it",
 		"node rebuilt → unsealed with the manual snapshot's data",
 		`kv/demo = "written by hand before the agent came" (from the manual snapshot)`,
+		"none of the 5 shares and not the root token",
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q", want)

@@ -140,7 +140,8 @@ func (s *syncWriter) Write(p []byte) (int, error) {
 }
 
 func run(ctx context.Context, args []string, out io.Writer) int {
-	out = &syncWriter{w: out}
+	printed := &lab.LogBuffer{} // everything the demo shows, scanned for secrets at the end
+	out = &syncWriter{w: io.MultiWriter(out, printed)}
 	fs := flag.NewFlagSet("demo", flag.ContinueOnError)
 	agent := fs.String("agent", "bin/pve-vault-agent", "the built pve-vault-agent binary")
 	keep := fs.Bool("keep", false, "keep the lab directory after the demo")
@@ -475,7 +476,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 	steps := append(setup, lifecycle...)
 	if *adopt {
 		steps = append(setup, d.adoption(ctx, adoptionLab{bins: bins, cp: func() *lab.ControlPlane { return cp }, pods: func() *lab.VaultPods { return pods },
-			hostPath: hostPath, chart: chart, cfgPath: cfgPath, daemonLog: daemonLog},
+			hostPath: hostPath, chart: chart, cfgPath: cfgPath, daemonLog: daemonLog, printed: printed},
 			step{kubeletTitle, startKubelet}, step{"start the daemon (pve-vault-agent run), as the systemd service would", startDaemon}, step{rebootTitle, reboot})...)
 	}
 	for _, s := range steps {
