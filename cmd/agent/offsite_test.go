@@ -255,12 +255,22 @@ func TestOffsiteCopies(t *testing.T) {
 func uploadsBegun(c *minio.Client, ol *offsiteLab, seen map[string]bool) <-chan struct{} {
 	ch := make(chan struct{})
 	go func() {
-		defer close(ch)
-		for deadline := time.Now().Add(time.Minute); time.Now().Before(deadline); time.Sleep(5 * time.Millisecond) {
-			for u := range c.ListIncompleteUploads(context.Background(), ol.s3.Bucket, "pve1", true) {
+		defer close(ch) // begun, or a minute passed: the kill goes in either way
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		// A 5 ms tick, finer than lab.WaitFor's: an upload can be short.
+		tick := time.NewTicker(5 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			for u := range c.ListIncompleteUploads(ctx, ol.s3.Bucket, "pve1", true) {
 				if u.Err == nil && !seen[u.UploadID] {
 					return
 				}
+			}
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
 			}
 		}
 	}()
