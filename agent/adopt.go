@@ -424,11 +424,6 @@ func AdoptInputs(sharesFile string, stdin io.Reader, typed []string, tokenFile s
 	} else if o.Keyset, err = vault.KeysetFromShares(0, typed); err != nil {
 		return o, err
 	}
-	b, err := safefile.ReadSecret(tokenFile, 4096)
-	if err != nil {
-		return o, fmt.Errorf("--auth-token-file: %w", err)
-	}
-	o.AuthToken = vault.NewToken(strings.TrimSpace(string(b)))
-	clear(b)
-	return o, nil
+	o.AuthToken, err = readTokenFile(tokenFile)
+	return o, err
 }

@@ -122,7 +122,7 @@ func checkKeyset(env *Env, path string, m *snapshot.Manifest, kf *vault.Keyfile)
 			"use a snapshot of this keyset, or the keyfile it belongs to (the offline recovery copy)")
 	}
 	if m.Imported != nil {
-		env.Log.Warn("an imported snapshot may predate the agent's policies and tokens: Vault will be restored and unsealed, and if the tokens step then fails, run `pve-vault-agent token rotate --auth-token-file F` with a token valid in that snapshot (the root token of that time)",
+		env.Log.Warn("an imported snapshot may predate the agent's policies and tokens: Vault will be restored and unsealed; give --auth-token-file with a token valid in that snapshot (the root token of that time) so the tokens step can mint the agent's, or run `pve-vault-agent token rotate --auth-token-file F` after",
 			"snapshot", path, "imported_from", m.Imported.From)
 	}
 	return nil

@@ -131,12 +131,10 @@ func (s *rotateState) open(ctx context.Context) (string, error) {
 
 func (s *rotateState) authorise(ctx context.Context) (string, error) {
 	if s.opts.AuthTokenFile != "" {
-		b, err := safefile.ReadSecret(s.opts.AuthTokenFile, 4096)
-		if err != nil {
-			return "", fmt.Errorf("--auth-token-file: %w", err)
+		var err error
+		if s.auth, err = readTokenFile(s.opts.AuthTokenFile); err != nil {
+			return "", err
 		}
-		s.auth = vault.NewToken(strings.TrimSpace(string(b)))
-		clear(b)
 		if _, err := s.pod.API.LookupSelf(ctx, s.auth); err != nil {
 			return "", fmt.Errorf("--auth-token-file: %w", err)
 		}
@@ -174,6 +172,17 @@ func validOperatorToken(ctx context.Context, p vaultPod, kf *vault.Keyfile) (vau
 
 // nonceFile records the nonce of a generate-root attempt the agent started, so an
 // interrupted attempt is recognised as its own and cancelled, never an operator's.
+// readTokenFile reads an operator's token from a private file, once; an error names the
+// flag, never the value.
+func readTokenFile(path string) (vault.Token, error) {
+	b, err := safefile.ReadSecret(path, 4096)
+	if err != nil {
+		return vault.Token{}, fmt.Errorf("--auth-token-file: %w", err)
+	}
+	defer clear(b)
+	return vault.NewToken(strings.TrimSpace(string(b))), nil
+}
+
 func (e *Env) nonceFile() string {
 	return filepath.Join(filepath.Dir(e.Config.Vault.Keyfile), ".generate-root-nonce")
 }
