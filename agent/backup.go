@@ -22,6 +22,9 @@ type BackupOptions struct {
 	// pods lists the pods to back up from; nil lists them from Kubernetes. The daemon
 	// hands its last discovery, so a hung API server does not stop its backups.
 	pods podLister
+	// fence, in a cluster of agents, proves the agent still leads right before the
+	// snapshot is committed, and names the holder recorded in its manifest.
+	fence fence
 }
 
 // podLister lists the Vault pods with their clients.
@@ -123,6 +126,13 @@ func (s *backupState) stream(ctx context.Context) (string, error) {
 	env, kf, active := s.env, s.kf, s.active
 	m := snapshot.Manifest{VaultVersion: s.health.Version, ClusterID: s.health.ClusterID, KeysetFingerprint: kf.Keyset.Fingerprint(),
 		AgentVersion: env.Version, Source: active.Name}
+	if s.opts.fence != nil {
+		s.store.BeforeCommit = func(ctx context.Context, m *snapshot.Manifest) error {
+			holder, err := s.opts.fence(ctx)
+			m.LeaseHolder = holder
+			return err
+		}
+	}
 	entry, err := s.store.Save(ctx, env.Clock.Now(), m, func(w io.Writer) error {
 		if s.opts.Progress != nil {
 			w = s.opts.Progress(w)

@@ -135,6 +135,7 @@ func Run(ctx context.Context, opts DaemonOptions) error {
 			return nil
 		case res := <-discovered:
 			discovering = false
+			d.pickUpKeyfile(ctx)
 			d.apply(ctx, res)
 		case <-clock.After(tick):
 			if !clock.Now().Before(nextDiscover) {
@@ -219,7 +220,7 @@ func (d *daemon) startWatchdog(ctx context.Context) func() {
 func (d *daemon) configure(ctx context.Context, env *Env) error {
 	kf, err := env.Keyfile.Read(ctx)
 	if errors.Is(err, vault.ErrNoKeyfile) {
-		d.log.Warn("no keyfile yet: pods are watched but not unsealed until `pve-vault-agent init` writes one (then send SIGHUP)", "keyfile", env.Keyfile.String())
+		d.log.Warn("no keyfile yet: pods are watched, and unsealed as soon as `init`, `adopt` or `keyfile enroll` from another host writes one", "keyfile", env.Keyfile.String())
 		err = nil
 	}
 	if err != nil {
@@ -238,6 +239,29 @@ func (d *daemon) configure(ctx context.Context, env *Env) error {
 		old.Close()
 	}
 	return nil
+}
+
+// pickUpKeyfile loads a keyfile that appeared since start (init, adopt, or keyfile
+// enroll from another host of the cluster) without waiting for a SIGHUP.
+func (d *daemon) pickUpKeyfile(ctx context.Context) {
+	d.mu.Lock()
+	env, have := d.env, d.keyfile != nil
+	d.mu.Unlock()
+	if have || !env.Keyfile.Exists() {
+		return
+	}
+	kf, err := env.Keyfile.Read(ctx)
+	if err != nil {
+		d.log.Warn("a keyfile appeared but cannot be read yet", "err", err)
+		return
+	}
+	d.mu.Lock()
+	if d.env == env && d.keyfile == nil {
+		d.keyfile = kf
+		d.rejected = map[string]*rejection{}
+		d.log.Info("keyfile found: unsealing with it", "keyfile", env.Keyfile.String(), "keyset", kf.Keyset.Fingerprint())
+	}
+	d.mu.Unlock()
 }
 
 // reload re-reads configuration and keyfile. A failure of either keeps everything that

@@ -31,6 +31,11 @@ type metrics struct {
 	tokenTTL           *prometheus.GaugeVec
 	tokenRenewed       *prometheus.GaugeVec
 	tokenRenewFailures *prometheus.CounterVec
+	leader             prometheus.Gauge
+	leaderChanges      prometheus.Counter
+	leaderSeen         *prometheus.GaugeVec
+	leaderMu           sync.Mutex
+	leaderLast         string
 }
 
 // newMetrics registers the daemon's metrics; the drill's are read from the drill record
@@ -66,6 +71,9 @@ func newMetrics(version string, drills func() DrillRecord, extra ...prometheus.C
 		tokenTTL:           gv("pva_token_ttl_seconds", "Remaining TTL of the agent's token after its last renewal.", "token"),
 		tokenRenewed:       gv("pva_token_last_renewal_timestamp_seconds", "When the token was last renewed.", "token"),
 		tokenRenewFailures: cv("pva_token_renewal_failures_total", "Failed token renewals.", "token"),
+		leader:             g("pva_leader", "1 while this agent leads (takes the backups, drills, renews the tokens); always 1 without cluster.hosts."),
+		leaderChanges:      c("pva_leader_acquired_total", "Times this agent became the leader."),
+		leaderSeen:         gv("pva_leader_observed", "1 for the agent this one last saw holding the Lease.", "identity"),
 	}
 	drill := []prometheus.Collector{
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pva_drill_last_success_timestamp_seconds", Help: "When the last restore drill that passed started (0: none yet)."},
@@ -91,8 +99,19 @@ func newMetrics(version string, drills func() DrillRecord, extra ...prometheus.C
 	build.WithLabelValues(version, runtime.Version()).Set(1)
 	m.reg.MustRegister(m.backupLastSuccess, m.backupNext, m.backupLastSize, m.backupFailures, m.backupDuration, m.reloadFailures,
 		m.discoveryFailures, m.sealed, m.removed, m.reachable, m.attempts, m.failures, m.lastUnseal, m.tokenTTL, m.tokenRenewed,
-		m.tokenRenewFailures, build)
+		m.tokenRenewFailures, m.leader, m.leaderChanges, m.leaderSeen, build)
 	return m
+}
+
+// leaderObserved records the holder the election last saw.
+func (m *metrics) leaderObserved(holder string) {
+	m.leaderMu.Lock()
+	defer m.leaderMu.Unlock()
+	if m.leaderLast != "" {
+		m.leaderSeen.DeleteLabelValues(m.leaderLast)
+	}
+	m.leaderLast = holder
+	m.leaderSeen.WithLabelValues(holder).Set(1)
 }
 
 func (m *metrics) forget(pod string) {
@@ -169,24 +188,22 @@ type background struct {
 	wg     sync.WaitGroup
 }
 
-// startBackground starts the backup schedule and the token renewals of the current
-// configuration.
+// startBackground starts the leader's jobs of the current configuration: at once for a
+// lone agent, while it holds the Lease for one of a Proxmox cluster's agents.
 func (d *daemon) startBackground(ctx context.Context) {
 	env := d.currentEnv()
 	bctx, cancel := context.WithCancel(ctx)
 	bg := &background{cancel: cancel}
-	if env.Config.Snapshots.Schedule != "" {
-		bg.wg.Add(1)
-		go func() { defer bg.wg.Done(); d.runBackups(bctx, env) }()
-	} else {
-		d.log.Info("no backup schedule (snapshots.schedule is empty): a timer or backup-now takes the snapshots")
-	}
-	if env.Config.Snapshots.DrillSchedule != "" {
-		bg.wg.Add(1)
-		go func() { defer bg.wg.Done(); d.runDrills(bctx, env) }()
-	}
 	bg.wg.Add(1)
-	go func() { defer bg.wg.Done(); d.runRenewals(bctx, env) }()
+	if env.Config.Cluster.Enabled() {
+		go func() {
+			defer bg.wg.Done()
+			d.elect(bctx, env, func(ctx context.Context, f fence) { d.lead(ctx, env, f) })
+		}()
+	} else {
+		d.metrics.leader.Set(1)
+		go func() { defer bg.wg.Done(); d.lead(bctx, env, nil) }()
+	}
 	d.mu.Lock()
 	d.bg = bg
 	d.mu.Unlock()

@@ -16,6 +16,9 @@ func RBACSpecFor(cfg *configs.Config) (k8s.RBACSpec, error) {
 	for _, n := range cfg.Nodes {
 		spec.Nodes = append(spec.Nodes, n.Name)
 	}
+	if cfg.Cluster.Enabled() {
+		spec.Lease = cfg.Cluster.Lease
+	}
 	files, err := k8s.ReadValuesFiles(cfg.Chart.ValuesFiles)
 	if err != nil {
 		return spec, fmt.Errorf("%w: chart.values_files: %v", ErrChartValues, err)

@@ -4,12 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/internal/lab"
 	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 )
@@ -23,6 +25,10 @@ func TestRolesAreMinimal(t *testing.T) {
 	base := newVaultLab(t, 1)
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
+	// An agent of a Proxmox cluster: the operate role has the Lease rules too.
+	base.cfg.Proxmox.Node = "pve-a"
+	base.cfg.Cluster.Hosts = []configs.ClusterHost{{Name: "pve-a", Address: "127.0.0.1"}, {Name: "pve-b", Address: "127.0.0.1"}}
+	useAgentAccounts(t, ctx, base.cfg, lab.SharedControlPlane(t).Kubeconfig, base.cs, base.dir)
 	if _, err := Init(ctx, base.env, InitOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -118,6 +124,16 @@ func prepareFlow(t *testing.T, ctx context.Context, vl *vaultLab, r k8s.Rule) {
 		// Made once per cluster: take it away, so this install must make it.
 		_ = vl.cs.SchedulingV1().PriorityClasses().Delete(ctx, k8s.DrillPriorityClass, metav1.DeleteOptions{})
 	}
+	if r.Flow == "lead" {
+		// create is needed only when there is no Lease yet, get and update when there is.
+		leases := vl.cs.CoordinationV1().Leases(vl.cfg.Chart.Namespace)
+		_ = leases.Delete(ctx, vl.cfg.Cluster.Lease, metav1.DeleteOptions{})
+		if !slices.Contains(r.Verbs, "create") {
+			if err := runFlow(t, ctx, vl, r); err != nil {
+				t.Fatalf("the Lease with every rule in place: %v", err)
+			}
+		}
+	}
 	if r.Flow != "reclaim" {
 		return
 	}
@@ -165,6 +181,12 @@ func runFlow(t *testing.T, ctx context.Context, vl *vaultLab, r k8s.Rule) error 
 	case "install", "reclaim":
 		_, err := Install(ctx, env, InstallOptions{})
 		return err
+	case "lead":
+		c, err := env.Cluster(ctx)
+		if err != nil {
+			return err
+		}
+		return leaseOnce(ctx, leaseLock(env, c.Clients.CoordinationV1(), "pve-a"), env)
 	}
 	t.Fatalf("no flow %q", r.Flow)
 	return nil

@@ -45,7 +45,7 @@ func retryBackoff(s configs.Schedule, now time.Time, prev time.Duration) time.Du
 
 // runBackups is the daemon's backup schedule: it sleeps until NextRun, takes a backup,
 // and computes the next due time from the disk again.
-func (d *daemon) runBackups(ctx context.Context, env *Env) {
+func (d *daemon) runBackups(ctx context.Context, env *Env, f fence) {
 	sched, err := configs.ParseSchedule(env.Config.Snapshots.Schedule)
 	if err != nil {
 		d.log.Error("backup schedule unusable", "err", err) // validated at load: not expected
@@ -71,7 +71,7 @@ func (d *daemon) runBackups(ctx context.Context, env *Env) {
 			return
 		}
 		t0 := clock.Now()
-		rep, err := BackupNow(ctx, env, BackupOptions{pods: d.knownPods(env)})
+		rep, err := BackupNow(ctx, env, BackupOptions{pods: d.knownPods(env), fence: f})
 		d.metrics.backupDuration.Set(clock.Now().Sub(t0).Seconds())
 		if ctx.Err() != nil {
 			return
@@ -110,6 +110,15 @@ func (d *daemon) runDrills(ctx context.Context, env *Env) {
 			d.log.Warn("read the drill record for the schedule", "err", err)
 		} else if rec.Last != nil {
 			last = rec.Last.Started
+		}
+		// The drills recorded in the snapshots' manifests count too: in a Proxmox
+		// cluster another agent may have led, and drilled, before this one.
+		if _, es, err := Snapshots(ctx, env); err == nil {
+			for _, e := range es {
+				if e.Manifest != nil && e.Manifest.Drill != nil && e.Manifest.Drill.At.After(last) {
+					last = e.Manifest.Drill.At
+				}
+			}
 		}
 		now := clock.Now()
 		if sleep(ctx, clock, NextRun(sched, last, now).Sub(now)) != nil {

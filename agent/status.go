@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
@@ -28,6 +30,7 @@ type Status struct {
 	LastDrill    *DrillStatus     `json:"last_drill,omitempty"`
 	Offsite      []OffsiteStatus  `json:"offsite,omitempty"`
 	RecoveryCopy *RecoveryStatus  `json:"recovery_copy,omitempty"`
+	Cluster      *ClusterStatus   `json:"cluster,omitempty"`
 	Warnings     []string         `json:"warnings"`
 	Attention    []string         `json:"attention"`
 }
@@ -87,7 +90,66 @@ func GetStatus(ctx context.Context, env *Env) *Status {
 	drillStatus(env, sb.st, sb.now, sb.attn)
 	sb.offsite(es)
 	sb.recovery()
+	sb.cluster(ctx)
 	return sb.st
+}
+
+// ClusterStatus is the agents of a Proxmox cluster: who leads, and which hosts hold
+// the current keyfile.
+type ClusterStatus struct {
+	Identity  string        `json:"identity"`
+	Leader    string        `json:"leader"`
+	Renewed   time.Time     `json:"lease_renewed,omitzero"`
+	Keyfiles  []HostKeyfile `json:"keyfiles"`
+	LeaseName string        `json:"lease"`
+}
+
+// cluster reads the Lease and asks every host for its keyfile's digest.
+func (sb *statusBuilder) cluster(ctx context.Context) {
+	cl := sb.env.Config.Cluster
+	if !cl.Enabled() {
+		return
+	}
+	cs := &ClusterStatus{LeaseName: cl.Lease}
+	sb.st.Cluster = cs
+	id, err := sb.env.clusterIdentity()
+	if err != nil {
+		sb.attn("%v", err)
+	}
+	cs.Identity = id
+	if c, err := sb.env.Cluster(ctx); err != nil {
+		sb.attn("the leadership Lease cannot be read: %v", firstLine(err.Error()))
+	} else if l, err := c.Clients.CoordinationV1().Leases(sb.env.Config.Chart.Namespace).Get(ctx, cl.Lease, metav1.GetOptions{}); err != nil {
+		sb.attn("the leadership Lease %s cannot be read: %v (no agent has led yet, or the operate role lacks it: `pve-vault-agent rbac`)", cl.Lease, err)
+	} else {
+		if l.Spec.HolderIdentity != nil {
+			cs.Leader = *l.Spec.HolderIdentity
+		}
+		if l.Spec.RenewTime != nil {
+			cs.Renewed = l.Spec.RenewTime.Time
+		}
+		if l.Spec.LeaseDurationSeconds != nil && sb.now.Sub(cs.Renewed) > 2*time.Duration(*l.Spec.LeaseDurationSeconds)*time.Second {
+			sb.attn("no agent leads: the Lease %s was last renewed by %q %s ago; no backup, drill or token renewal runs", cl.Lease, cs.Leader, sb.now.Sub(cs.Renewed).Round(time.Second))
+		}
+	}
+	kfs, err := HostKeyfiles(ctx, sb.env)
+	if err != nil {
+		sb.attn("the hosts' keyfiles were not compared: %v", firstLine(err.Error()))
+		return
+	}
+	cs.Keyfiles = kfs
+	for _, k := range kfs {
+		if !k.Current {
+			sb.attn("host %s: keyfile %s%s: run `pve-vault-agent keyfile enroll %s` (until then its agent cannot unseal, or leads with replaced tokens)", k.Host, k.State, errSuffix(k.Error), k.Host)
+		}
+	}
+}
+
+func errSuffix(e string) string {
+	if e == "" {
+		return ""
+	}
+	return " (" + e + ")"
 }
 
 // statusBuilder gathers one status: each part adds what it found and what needs

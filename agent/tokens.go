@@ -104,6 +104,7 @@ var rotateSteps = []step[rotateState]{
 	{"authorise", "find a valid token to authorise generate-root (Vault 2.x refuses it without one)", (*rotateState).authorise},
 	{"root", "generate a short-lived root token from the shares", (*rotateState).generateRoot},
 	{"mint", "write the agent's policies and mint fresh periodic tokens", (*rotateState).mint},
+	{"hosts", "seal the new keyfile on every other host in cluster.hosts (keyfile enroll)", (*rotateState).enrollHosts},
 	{"revoke", "revoke the replaced tokens", (*rotateState).revokeOld},
 }
 
@@ -239,6 +240,34 @@ func (s *rotateState) mint(ctx context.Context) (string, error) {
 		s.rep.Tokens = append(s.rep.Tokens, lookupToken(ctx, s.env, s.pod.API, t.name, t.tok))
 	}
 	return fmt.Sprintf("new snapshot and operator tokens, period %s; keyfile rewritten", s.env.Config.Vault.TokenPeriod), nil
+}
+
+// enrollHosts puts the rotated keyfile on the cluster's other hosts, so whichever agent
+// leads next holds the new tokens. A host that cannot be reached keeps the replaced
+// tokens valid: they are not revoked until every host has the new ones.
+func (s *rotateState) enrollHosts(ctx context.Context) (string, error) {
+	if !s.env.Config.Cluster.Enabled() {
+		return "no cluster.hosts", nil
+	}
+	id, _ := s.env.Identity()
+	var done, failed []string
+	var errs []error
+	for _, h := range s.env.Config.Cluster.Hosts {
+		if h.Name == id {
+			continue
+		}
+		if _, err := EnrollKeyfile(ctx, s.env, h.Name, EnrollOptions{}); err != nil {
+			failed = append(failed, h.Name)
+			errs = append(errs, err)
+			continue
+		}
+		done = append(done, h.Name)
+	}
+	if len(failed) > 0 {
+		return "", withHint(fmt.Errorf("the rotated keyfile is here and on [%s], not on [%s]: %w", strings.Join(done, " "), strings.Join(failed, " "), errors.Join(errs...)),
+			"the replaced tokens were left valid so those hosts keep working (they lapse after vault.token_period once no agent renews them); when the hosts answer, run `pve-vault-agent keyfile enroll HOST` for each")
+	}
+	return fmt.Sprintf("sealed on %s", strings.Join(done, ", ")), nil
 }
 
 func (s *rotateState) revokeOld(ctx context.Context) (string, error) {

@@ -35,6 +35,7 @@ type Config struct {
 	Vault      Vault      `mapstructure:"vault" json:"vault"`
 	Snapshots  Snapshots  `mapstructure:"snapshots" json:"snapshots"`
 	Metrics    Metrics    `mapstructure:"metrics" json:"metrics"`
+	Cluster    Cluster    `mapstructure:"cluster" json:"cluster"`
 	// CredentialsDir holds the encrypted credentials ({credential: NAME} is NAME.cred
 	// there, made with systemd-creds encrypt --name=NAME): the unit loads them with
 	// LoadCredentialEncrypted=, and a verb run by hand decrypts them itself.
@@ -234,6 +235,40 @@ type Metrics struct {
 	AllowRemote bool `mapstructure:"allow_remote" json:"allow_remote"`
 }
 
+// Cluster is a Proxmox cluster with an agent on several of its hosts, all keeping the
+// same Vault: every agent unseals; one, holding a Kubernetes Lease, takes the backups,
+// pushes them off-host, prunes, drills and renews the tokens.
+type Cluster struct {
+	// Hosts are the PVE nodes that run an agent (this one included, by its proxmox.node
+	// name). Empty: one agent, which always leads.
+	Hosts []ClusterHost `mapstructure:"hosts" json:"hosts"`
+	// Lease is the coordination.k8s.io Lease in chart.namespace the agents elect a
+	// leader with.
+	Lease string `mapstructure:"lease" json:"lease"`
+	// LeaseDuration is how long a leader that stopped renewing is waited for before
+	// another agent takes over; RenewDeadline how long the leader keeps trying to
+	// renew before it stops leading; RetryPeriod how often every agent tries.
+	LeaseDuration time.Duration `mapstructure:"lease_duration" json:"lease_duration"`
+	RenewDeadline time.Duration `mapstructure:"renew_deadline" json:"renew_deadline"`
+	RetryPeriod   time.Duration `mapstructure:"retry_period" json:"retry_period"`
+}
+
+// ClusterHost is one PVE node that runs an agent.
+type ClusterHost struct {
+	// Name is the PVE node name (its agent's proxmox.node).
+	Name string `mapstructure:"name" json:"name"`
+	// Address is where `keyfile enroll` and `status` reach it over SSH (ssh.user,
+	// ssh.port, ssh.identity and ssh.known_hosts apply).
+	Address string `mapstructure:"address" json:"address"`
+	// Port overrides ssh.port for this host.
+	Port int `mapstructure:"port" json:"port,omitempty"`
+	// Keyfile is the keyfile's path on that host; empty: vault.keyfile.
+	Keyfile string `mapstructure:"keyfile" json:"keyfile,omitempty"`
+}
+
+// Enabled reports whether several agents share the Vault.
+func (c Cluster) Enabled() bool { return len(c.Hosts) > 0 }
+
 // Defaults returns the configuration used where the file and environment say nothing.
 // The values follow the deployment the product was designed from (uid/gid 100, 5/3 shares).
 func Defaults() Config {
@@ -280,6 +315,7 @@ func Defaults() Config {
 			Retention:     Retention{KeepLast: 8, Daily: 7, Weekly: 4, Monthly: 6},
 		},
 		Metrics:        Metrics{Listen: "127.0.0.1:9465"},
+		Cluster:        Cluster{Lease: "pve-vault-agent", LeaseDuration: 15 * time.Second, RenewDeadline: 10 * time.Second, RetryPeriod: 2 * time.Second},
 		CredentialsDir: "/etc/pve-vault-agent/credentials",
 	}
 }

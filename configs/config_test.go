@@ -73,6 +73,7 @@ func TestLoadExampleIsValid(t *testing.T) {
 
 // Every key of the schema appears in the example, so the example documents all of them.
 func TestExampleDocumentsEveryKey(t *testing.T) {
+	tt := t
 	b, err := os.ReadFile("config.example.yaml")
 	if err != nil {
 		t.Fatal(err)
@@ -100,6 +101,10 @@ func TestExampleDocumentsEveryKey(t *testing.T) {
 				walk(f.Type, sub, prefix+key+".")
 			case f.Type.Kind() == reflect.Slice && f.Type.Elem().Kind() == reflect.Struct:
 				items, _ := v.([]any)
+				if len(items) == 0 {
+					// An empty list documents its entries in comments: "#   - {key: …}".
+					items = commentedItems(tt, b)
+				}
 				seen := map[string]any{}
 				for _, it := range items {
 					for k, x := range it.(map[string]any) {
@@ -114,6 +119,28 @@ func TestExampleDocumentsEveryKey(t *testing.T) {
 	if len(missing) > 0 {
 		t.Fatalf("config.example.yaml does not document: %s", strings.Join(missing, ", "))
 	}
+}
+
+// commentedItems parses the commented-out flow mappings ("# - {name: pve1, …}") of the
+// example, which show the entries of a list that is empty by default.
+func commentedItems(t *testing.T, example []byte) []any {
+	var out []any
+	for _, l := range strings.Split(string(example), "\n") {
+		l = strings.TrimSpace(l)
+		if !strings.HasPrefix(l, "#") {
+			continue
+		}
+		l = strings.TrimSpace(strings.TrimPrefix(l, "#"))
+		if !strings.HasPrefix(l, "- {") {
+			continue
+		}
+		var m map[string]any
+		if err := yaml.Unmarshal([]byte(strings.TrimPrefix(l, "- ")), &m); err != nil {
+			t.Fatalf("commented entry %q: %v", l, err)
+		}
+		out = append(out, m)
+	}
+	return out
 }
 
 func TestLoadReportsEveryProblemWithItsPath(t *testing.T) {
@@ -173,6 +200,17 @@ metrics:
   listen: "nope"
 `, []string{"chart.release", "chart.version", "metrics.listen", "snapshots.retention.keep_last", "snapshots.schedule", "vault.addresses", "vault.data_mode", "vault.seal"}},
 		{"unquoted mode", minimal + "vault: {data_mode: 0700}\n", []string{"vault.data_mode"}},
+		{"cluster", minimal + `
+proxmox: {node: pve9}
+cluster:
+  hosts:
+    - {name: pve1, address: 10.0.0.1}
+    - {name: pve1, address: "", port: 70000, keyfile: rel/unseal.cred}
+    - {name: "pve_2", address: 10.0.0.2}
+  lease: Agents
+  lease_duration: 5s
+  renew_deadline: 10s
+`, []string{"cluster.hosts", "cluster.hosts[1].address", "cluster.hosts[1].keyfile", "cluster.hosts[1].name", "cluster.hosts[1].port", "cluster.hosts[2].name", "cluster.lease", "cluster.lease_duration"}},
 		{"inline secret", minimal + "proxmox: {url: 'https://pve:8006/api2/json', token_id: 'a@pve!b', token_secret: 'deadbeef-secret'}\n", []string{"proxmox.token_secret"}},
 		{"typo in section", minimal + "snapshot: {dir: /x}\n", []string{"snapshot"}},
 		// viper drops a key whose value is empty: the typo must still be reported.

@@ -47,6 +47,7 @@ func (c *Config) validate() []*FieldError {
 	c.validateChart(&p)
 	c.validateVault(&p)
 	c.validateSnapshots(&p)
+	c.validateCluster(&p)
 	if !filepath.IsAbs(c.CredentialsDir) || filepath.Clean(c.CredentialsDir) != c.CredentialsDir {
 		p.add("credentials_dir", fmt.Sprintf("%q is not a clean absolute path", c.CredentialsDir), "the directory of the NAME.cred files, /etc/pve-vault-agent/credentials by default")
 	}
@@ -404,4 +405,45 @@ func validateSecretRef(p *problems, at string, r SecretRef, required bool) {
 func validPort(s string) bool {
 	n, err := strconv.Atoi(s)
 	return err == nil && n >= 0 && n <= 65535
+}
+
+func (c *Config) validateCluster(p *problems) {
+	cl := c.Cluster
+	if !cl.Enabled() {
+		return
+	}
+	if !dns1123Re.MatchString(cl.Lease) || len(cl.Lease) > 63 {
+		p.add("cluster.lease", fmt.Sprintf("%q is not a Kubernetes object name", cl.Lease), "lower-case letters, digits and '-', e.g. pve-vault-agent")
+	}
+	switch {
+	case cl.RetryPeriod <= 0:
+		p.add("cluster.retry_period", "must be positive", "e.g. 2s")
+	case cl.RenewDeadline <= time.Duration(1.2*float64(cl.RetryPeriod)):
+		p.add("cluster.renew_deadline", fmt.Sprintf("%s is not more than 1.2 × retry_period (%s)", cl.RenewDeadline, cl.RetryPeriod), "the leader needs several tries to renew: e.g. 10s with retry_period 2s")
+	case cl.LeaseDuration <= cl.RenewDeadline:
+		p.add("cluster.lease_duration", fmt.Sprintf("%s is not more than renew_deadline (%s)", cl.LeaseDuration, cl.RenewDeadline), "a leader must give up before its lease runs out: e.g. 15s with renew_deadline 10s")
+	}
+	seen := map[string]bool{}
+	for i, h := range cl.Hosts {
+		path := fmt.Sprintf("cluster.hosts[%d]", i)
+		switch {
+		case !pveNodeRe.MatchString(h.Name):
+			p.add(path+".name", fmt.Sprintf("%q is not a PVE node name", h.Name), "the name `pvecm nodes` lists, e.g. pve2")
+		case seen[h.Name]:
+			p.add(path+".name", fmt.Sprintf("%q is listed twice", h.Name), "list each PVE node once")
+		}
+		seen[h.Name] = true
+		if h.Address == "" {
+			p.add(path+".address", "is empty", "the host name or IP keyfile enroll reaches the node at over SSH")
+		}
+		if h.Port < 0 || h.Port > 65535 {
+			p.add(path+".port", fmt.Sprintf("%d is not a port", h.Port), "leave it out for ssh.port")
+		}
+		if h.Keyfile != "" && (!filepath.IsAbs(h.Keyfile) || filepath.Clean(h.Keyfile) != h.Keyfile) {
+			p.add(path+".keyfile", fmt.Sprintf("%q is not a clean absolute path", h.Keyfile), "leave it out for vault.keyfile")
+		}
+	}
+	if c.Proxmox.Node != "" && !seen[c.Proxmox.Node] {
+		p.add("cluster.hosts", fmt.Sprintf("this agent's node %q (proxmox.node) is not listed", c.Proxmox.Node), "list every PVE node that runs an agent, this one included")
+	}
 }

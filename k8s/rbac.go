@@ -37,7 +37,7 @@ type Rule struct {
 	Cluster bool // a ClusterRole rule (cluster-scoped objects), else the namespace's Role
 	rbacv1.PolicyRule
 	Why  string
-	Flow string // "unseal", "drill", "install", "reclaim"
+	Flow string // "unseal", "drill", "lead", "install", "reclaim"
 }
 
 // RBACSpec names what the roles are for.
@@ -51,6 +51,9 @@ type RBACSpec struct {
 	// Injector: the chart's agent injector is enabled (its Deployment, webhook and
 	// cluster role are the release's too).
 	Injector bool
+	// Lease is the Lease the agents of a Proxmox cluster elect their leader with (empty:
+	// one agent, no election).
+	Lease string
 }
 
 func rule(cluster bool, groups, resources, names, verbs []string, flow, why string) Rule {
@@ -74,7 +77,7 @@ func Rules(role string, spec RBACSpec) []Rule {
 	}
 	sts := []string{spec.Release}
 	if role == RoleOperate {
-		return []Rule{
+		out := []Rule{
 			rule(false, apps, []string{"statefulsets"}, sts, []string{"get"}, "unseal", "the release's StatefulSet: its UID proves a pod is the release's, its replicas which ordinals count; a drill runs its image"),
 			rule(false, core, []string{"pods"}, nil, []string{"get", "list"}, "unseal", "find the Vault server pods (and a drill's pod)"),
 			rule(false, core, []string{"persistentvolumeclaims"}, claims, []string{"get"}, "unseal", "which PersistentVolume each pod's claim is bound to"),
@@ -86,6 +89,13 @@ func Rules(role string, spec RBACSpec) []Rule {
 			rule(true, core, []string{"nodes"}, spec.Nodes, []string{"get"}, "drill", "the nodes' addresses the drill pod admits"),
 			rule(true, []string{"scheduling.k8s.io"}, []string{"priorityclasses"}, []string{DrillPriorityClass}, []string{"get"}, "drill", "the drill pod's lowest priority (install creates the class)"),
 		}
+		if spec.Lease != "" {
+			coord := []string{"coordination.k8s.io"}
+			out = append(out,
+				rule(false, coord, []string{"leases"}, []string{spec.Lease}, []string{"get", "update"}, "lead", "hold and renew the leadership Lease of the agents on the Proxmox hosts"),
+				rule(false, coord, []string{"leases"}, nil, []string{"create"}, "lead", "the first agent creates the Lease (create cannot be narrowed to a name)"))
+		}
+		return out
 	}
 	sc := []string{StorageClassName(spec.Namespace, spec.Release)}
 	managed := []string{"get", "create", "patch", "delete"}

@@ -273,6 +273,9 @@ type storageEntry struct {
 	Path    string `json:"path"`
 	Type    string `json:"type"`
 	Disable int    `json:"disable"`
+	// Shared: every node of the cluster sees the same storage (Proxmox sets it for
+	// nfs, cifs, cephfs … and for a dir storage marked shared).
+	Shared int `json:"shared"`
 }
 
 // StoragePath resolves a Proxmox storage ID to its directory on this host and the free
@@ -308,6 +311,20 @@ func (r *Resolver) StoragePath(ctx context.Context, node, id string) (string, ui
 		return "", 0, fmt.Errorf("storage %s is not active on %s (pvesm status): mount it, or check its server", id, node)
 	}
 	return strings.TrimRight(cfg.Path, "/") + "/vault-snapshots", st.Avail, nil
+}
+
+// StorageShared reports whether every node of the cluster sees storage id (GET /storage,
+// as StoragePath reads it), and its type.
+func (r *Resolver) StorageShared(ctx context.Context, id string) (bool, string, error) {
+	var list []storageEntry
+	if err := r.get(ctx, "", "/storage", &list); err != nil {
+		return false, "", fmt.Errorf("list storages: %w", err)
+	}
+	i := slices.IndexFunc(list, func(s storageEntry) bool { return s.Storage == id })
+	if i < 0 {
+		return false, "", fmt.Errorf("%w: storage %s is not among those the token sees", ErrNoStorage, id)
+	}
+	return list[i].Shared == 1, list[i].Type, nil
 }
 
 // LocalNode is the name of the Proxmox node the agent runs on: proxmox.node, or this

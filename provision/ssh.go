@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"path/filepath"
@@ -266,16 +267,26 @@ func (e *RunError) Error() string {
 // Run executes script with sh on the node (through sudo -n when configured), args as
 // $1…, and returns its stdout. The command timeout and ctx both bound it.
 func (c *Conn) Run(ctx context.Context, name, script string, args ...string) (string, error) {
+	return c.run(ctx, name, "sh -s --", strings.NewReader(script), args)
+}
+
+// RunInput executes script with sh -c (through sudo -n when configured), args as $1…,
+// with input on its standard input: a secret handed to a command there goes through
+// the SSH channel and a pipe only, never a file or an argument.
+func (c *Conn) RunInput(ctx context.Context, name, script string, input io.Reader, args ...string) (string, error) {
+	return c.run(ctx, name, "sh -c "+shellQuote(script)+" sh", input, args)
+}
+
+func (c *Conn) run(ctx context.Context, name, cmd string, stdin io.Reader, args []string) (string, error) {
 	sess, err := c.client.NewSession()
 	if err != nil {
 		return "", fmt.Errorf("%s: open session: %w", name, err)
 	}
 	defer sess.Close()
 	var stdout, stderr bytes.Buffer
-	sess.Stdin = strings.NewReader(script)
+	sess.Stdin = stdin
 	sess.Stdout = &stdout
 	sess.Stderr = &stderr
-	cmd := "sh -s --"
 	if c.cfg.useSudo() {
 		cmd = "sudo -n " + cmd
 	}

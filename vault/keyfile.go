@@ -144,6 +144,24 @@ func (k *Keyfile) marshal() ([]byte, error) {
 	return json.Marshal(p)
 }
 
+// Plaintext is the payload that is sealed, for sealing it on another host (keyfile
+// enroll). The caller clears it after use.
+func (k *Keyfile) Plaintext() ([]byte, error) { return k.marshal() }
+
+// Digest identifies the keyfile's whole payload (shares, tokens, keys) without revealing
+// it: two hosts hold the same keyfile when their digests match. It is the SHA-256 of
+// Plaintext in hex, so a host can compute it from its own sealed copy
+// (systemd-creds decrypt … | sha256sum) without the plaintext leaving it.
+func (k *Keyfile) Digest() (string, error) {
+	b, err := k.marshal()
+	if err != nil {
+		return "", err
+	}
+	defer clear(b)
+	h := sha256.Sum256(b)
+	return hex.EncodeToString(h[:]), nil
+}
+
 // ParseKeyfile reads a decrypted keyfile payload (a systemd credential the service
 // manager decrypted, or Open's output).
 func ParseKeyfile(b []byte) (*Keyfile, error) {

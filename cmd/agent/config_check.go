@@ -60,6 +60,14 @@ func runConfigCheck(ctx context.Context, opts *configCheckOptions, g *globalOpti
 	for _, w := range agent.ValuesWarnings(cfg) {
 		fmt.Fprintf(g.stderr, "warning: %s\n", w)
 	}
+	if cfg.Cluster.Enabled() {
+		if env, err := g.environment(); err == nil {
+			for _, w := range agent.ClusterSnapshotWarnings(ctx, env) {
+				fmt.Fprintf(g.stderr, "%s\n", w)
+			}
+			env.Close()
+		}
+	}
 	view := cfg.View()
 	if opts.output == "json" {
 		if err := writeJSON(g, view); err != nil {

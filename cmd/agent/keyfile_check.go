@@ -35,7 +35,52 @@ Exit 1 when the keyfile cannot be opened or a token is refused.`,
 		},
 	}
 	check.Flags().StringVarP(&opts.output, "output", "o", "text", "output format: text or json")
-	cmd.AddCommand(check)
+	cmd.AddCommand(check, newKeyfileEnrollCommand(g))
+	return cmd
+}
+
+type keyfileEnrollOptions struct {
+	acceptNewHostKey bool
+	output           string
+}
+
+func newKeyfileEnrollCommand(g *globalOptions) *cobra.Command {
+	opts := &keyfileEnrollOptions{}
+	cmd := &cobra.Command{
+		Use:   "enroll HOST",
+		Short: "Seal this keyfile on another PVE node of the cluster with that node's own key",
+		Long: `Copies the keyfile to HOST (a name in cluster.hosts) over SSH and seals it there with
+HOST's own systemd-creds key (vault.systemd_creds_key: its host secret, its TPM2, or both),
+at cluster.hosts[].keyfile or vault.keyfile. The plaintext goes from this process's memory
+through the SSH channel into systemd-creds there: it is written to neither disk. The copy
+is decrypted there and compared by SHA-256 before it replaces what was at the path. The
+agent on HOST unseals with it from its next pod listing. Safe to re-run.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			env, err := g.start(opts.output)
+			if err != nil {
+				return err
+			}
+			defer env.Close()
+			unlock, err := env.Lock("keyfile enroll")
+			if err != nil {
+				return err
+			}
+			defer unlock()
+			rep, err := agent.EnrollKeyfile(cmd.Context(), env, args[0], agent.EnrollOptions{AcceptNewHostKey: opts.acceptNewHostKey})
+			if err != nil {
+				err = fmt.Errorf("keyfile enroll: %w", err)
+			}
+			return report(g, opts.output, rep, func(w io.Writer) {
+				if rep == nil {
+					return
+				}
+				fmt.Fprintf(w, "keyfile sealed on %s at %s with its own key (payload sha256 %s…, the same as here)\n", rep.Host, rep.Path, rep.Digest)
+			}, err)
+		},
+	}
+	cmd.Flags().BoolVar(&opts.acceptNewHostKey, "accept-new-host-key", false, "pin HOST's SSH key when known_hosts does not list it yet")
+	cmd.Flags().StringVarP(&opts.output, "output", "o", "text", "output format: text or json")
 	return cmd
 }
 

@@ -94,6 +94,16 @@ func printStatus(w io.Writer, st *agent.Status) {
 		}
 		fmt.Fprintf(w, "off-host %s: last push %s, newest copy %s, %d failures, %s pushed\n", o.Target, last, dash(o.Newest), o.Failures, humanBytes(o.Bytes))
 	}
+	if c := st.Cluster; c != nil {
+		fmt.Fprintf(w, "cluster: this host %s, leader %s (Lease %s renewed %s)\n", dash(c.Identity), dash(c.Leader), c.LeaseName, c.Renewed.Format(time.RFC3339))
+		for _, k := range c.Keyfiles {
+			if k.Error != "" {
+				fmt.Fprintf(w, "  keyfile on %s: %s (%s)\n", k.Host, k.State, k.Error)
+			} else {
+				fmt.Fprintf(w, "  keyfile on %s: %s\n", k.Host, k.State)
+			}
+		}
+	}
 	for _, wmsg := range st.Warnings {
 		fmt.Fprintf(w, "warning: %s\n", wmsg)
 	}

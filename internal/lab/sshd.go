@@ -97,6 +97,16 @@ func StartSSHD(ctx context.Context, bins Bins, dir, host string) (*SSHD, error) 
 	return startSSHD(ctx, bins, dir, host, port, nil)
 }
 
+// StartSSHDWith is StartSSHD with extra sshd_config lines (SetEnv for a lab "host"'s
+// own systemd-creds secret, say).
+func StartSSHDWith(ctx context.Context, bins Bins, dir, host string, extra ...string) (*SSHD, error) {
+	port, err := FreePort(host)
+	if err != nil {
+		return nil, err
+	}
+	return startSSHD(ctx, bins, dir, host, port, nil, extra...)
+}
+
 // StartSSHDIn starts sshd inside ns on its node address, port 22, like a VM's sshd.
 func StartSSHDIn(ctx context.Context, bins Bins, dir string, ns *Netns) (*SSHD, error) {
 	return startSSHD(ctx, bins, dir, ns.NodeIP, 22, ns)

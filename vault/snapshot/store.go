@@ -52,6 +52,9 @@ type Manifest struct {
 	// and brought in with `snapshots import`. Its KeysetFingerprint stays empty until a
 	// drill opens it with the keyfile's shares (Pair).
 	Imported *Import `json:"imported,omitempty"`
+	// LeaseHolder is the agent that held the leadership Lease when the snapshot was
+	// committed (a Proxmox cluster's agents; empty for a lone agent or a verb).
+	LeaseHolder string `json:"lease_holder,omitempty"`
 }
 
 // Import says where an imported snapshot came from.
@@ -87,6 +90,10 @@ type Store struct {
 	// MinFree is the free space required before a snapshot starts (default: twice the
 	// newest snapshot, at least 64 MiB).
 	MinFree int64
+	// BeforeCommit, when set, runs after the snapshot is verified and flushed and before
+	// it is renamed into place; an error there publishes nothing. It may fill in the
+	// manifest (a cluster's leader proves it still holds the Lease, and records so).
+	BeforeCommit func(ctx context.Context, m *Manifest) error
 }
 
 // Lock takes the directory's exclusive lock (flock), waiting until ctx ends: backup-now
@@ -204,6 +211,11 @@ func (s *Store) Save(ctx context.Context, now time.Time, m Manifest, fill func(w
 	}
 	m.File, m.SHA256, m.Size = name, hex.EncodeToString(hash.Sum(nil)), counter.n
 	m.RaftIndex, m.RaftTerm, m.Created = vr.info.Index, vr.info.Term, now.UTC()
+	if s.BeforeCommit != nil {
+		if err := s.BeforeCommit(ctx, &m); err != nil {
+			return Entry{}, fmt.Errorf("snapshot not committed: %w", err)
+		}
+	}
 	if err := writeJSONAtomic(filepath.Join(s.Dir, name+".json.tmp"), &m); err != nil {
 		return Entry{}, err
 	}
