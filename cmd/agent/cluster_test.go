@@ -263,6 +263,40 @@ func TestThreeAgentsOneVault(t *testing.T) {
 		}
 	}
 
+	// token rotate reaches every host's copy; a host that cannot seal it is named, and
+	// the replaced tokens stay valid for it until it is enrolled again.
+	if err := os.Rename(cc.secret, cc.secret+".away"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Mkdir(cc.secret, 0o700); err != nil { // pve-c's systemd-creds cannot read its key
+		t.Fatal(err)
+	}
+	r := c.run(t, a, "token", "rotate")
+	if r.code == 0 || !strings.Contains(r.stderr, "not on [pve-c]") || !strings.Contains(r.stderr, "keyfile enroll HOST") {
+		t.Fatalf("token rotate with pve-c unable to seal: %d\n%s", r.code, r.stderr)
+	}
+	if err := os.Remove(cc.secret); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(cc.secret+".away", cc.secret); err != nil {
+		t.Fatal(err)
+	}
+	r = c.run(t, b, "status")
+	for _, want := range []string{"keyfile on pve-a: current", "keyfile on pve-b: current", "keyfile on pve-c: stale"} {
+		if !strings.Contains(r.stdout, want) {
+			t.Fatalf("status after a rotation pve-c missed lacks %q:\n%s\n%s", want, r.stdout, r.stderr)
+		}
+	}
+	if !strings.Contains(r.stdout+r.stderr, "run `pve-vault-agent keyfile enroll pve-c`") {
+		t.Fatalf("status does not say to enroll pve-c:\n%s", r.stderr)
+	}
+	if r := c.run(t, cc, "keyfile", "check"); r.code != 0 {
+		t.Fatalf("pve-c's replaced tokens were revoked: %d\n%s", r.code, r.stderr+r.stdout)
+	}
+	if r := c.run(t, a, "keyfile", "enroll", cc.name); r.code != 0 {
+		t.Fatalf("enroll pve-c again: %d %s", r.code, r.stderr)
+	}
+
 	// config check says who this agent is and that a per-host directory splits the history.
 	if r := c.run(t, b, "config", "check"); !strings.Contains(r.stderr, "cluster: this agent is pve-b of 3 hosts") ||
 		!strings.Contains(r.stderr, "warning: cluster: snapshots.dir "+c.snaps+" is a directory of this host") {
@@ -281,7 +315,7 @@ func TestThreeAgentsOneVault(t *testing.T) {
 		}
 	}
 	// status on any host: the leader, and every host's keyfile current.
-	r := c.run(t, b, "status")
+	r = c.run(t, b, "status")
 	for _, want := range []string{"leader " + first.name, "keyfile on pve-a: current", "keyfile on pve-b: current", "keyfile on pve-c: current"} {
 		if !strings.Contains(r.stdout, want) {
 			t.Fatalf("status on pve-b lacks %q:\n%s\n%s", want, r.stdout, r.stderr)
