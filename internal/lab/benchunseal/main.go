@@ -3,7 +3,7 @@
 // restart" to "unsealed" over N restarts (p50/p95/max), and the idle daemon's RSS and
 // CPU over a window, twice: run by hand (no watchdog) and as the unit runs it
 // (WatchdogSec=60s: WATCHDOG_USEC and a notify socket). Run it with
-// scripts/bench-unseal.sh (or make bench-unseal).
+// scripts/bench-unseal.sh (-agents 3: three daemons race to unseal it).
 package main
 
 import (
