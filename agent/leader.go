@@ -9,13 +9,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/go-logr/logr"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	coordinationv1 "k8s.io/client-go/kubernetes/typed/coordination/v1"
-	"k8s.io/client-go/tools/leaderelection"
-	"k8s.io/client-go/tools/leaderelection/resourcelock"
-	"k8s.io/klog/v2"
+	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 )
 
 // ErrNotLeader means this agent does not hold the cluster's Lease (or could not prove
@@ -74,13 +68,13 @@ func (d *daemon) lead(ctx context.Context, env *Env, f fence) {
 	wg.Wait()
 }
 
-// elect takes part in the election of the cluster's agents (client-go's leaderelection
-// on a coordination.k8s.io Lease in the Vault namespace, identity the PVE node name)
-// until ctx ends. While this agent holds the Lease, lead runs with a context that ends
-// the moment it stops holding it (a renewal that failed for renew_deadline); the next
-// attempt waits for lead to return, so two generations of jobs never overlap. With the
-// API server unreachable nobody can take or renew the Lease: the leader stops leading
-// and no other agent starts. Unsealing never waits on any of this.
+// elect takes part in the election of the cluster's agents (k8s.Cluster.Elect: a
+// coordination.k8s.io Lease in the Vault namespace, identity the PVE node name) until
+// ctx ends. While this agent holds the Lease, lead runs with a context that ends the
+// moment it stops holding it; the next attempt waits for lead to return, so two
+// generations of jobs never overlap. With the API server unreachable nobody can take or
+// renew the Lease: the leader stops leading and no other agent starts. Unsealing never
+// waits on any of this.
 func (d *daemon) elect(ctx context.Context, env *Env, lead leadFunc) {
 	cl := env.Config.Cluster
 	id, err := env.clusterIdentity()
@@ -89,8 +83,14 @@ func (d *daemon) elect(ctx context.Context, env *Env, lead leadFunc) {
 		return
 	}
 	log := d.log.With("lease", cl.Lease, "identity", id)
-	// client-go logs through klog's context logger: into the daemon's log, not stderr.
-	kctx := klog.NewContext(ctx, logr.FromSlogHandler(log.Handler()))
+	e := env.election(id)
+	e.Log = log
+	e.OnNewLeader = func(holder string) {
+		d.metrics.leaderObserved(holder)
+		if holder != id {
+			log.Info("another agent leads", "leader", holder)
+		}
+	}
 	checked := false
 	for ctx.Err() == nil {
 		c, err := env.Cluster(ctx)
@@ -101,85 +101,48 @@ func (d *daemon) elect(ctx context.Context, env *Env, lead leadFunc) {
 			}
 			continue
 		}
-		lock := leaseLock(env, c.Clients.CoordinationV1(), id)
 		if !checked {
 			// client-go only logs a refusal, every retry period: say once what is missing.
-			if err := leaseOnce(ctx, lock, env); err != nil {
+			if err := leaseOnce(ctx, c, env, id); err != nil {
 				log.Error("leader election: the Lease cannot be taken or renewed", "err", err, "hint", strings.Join(Hints(err), "; "))
 			}
 			checked = true
 		}
-		started := make(chan context.Context, 1)
-		le, err := leaderelection.NewLeaderElector(leaderelection.LeaderElectionConfig{
-			Lock: lock, Name: "pve-vault-agent",
-			LeaseDuration: cl.LeaseDuration, RenewDeadline: cl.RenewDeadline, RetryPeriod: cl.RetryPeriod,
-			ReleaseOnCancel: true,
-			Callbacks: leaderelection.LeaderCallbacks{
-				OnStartedLeading: func(lctx context.Context) { started <- lctx },
-				OnStoppedLeading: func() {},
-				OnNewLeader: func(holder string) {
-					d.metrics.leaderObserved(holder)
-					if holder != id {
-						log.Info("another agent leads", "leader", holder)
-					}
-				},
-			},
+		err = c.Elect(ctx, e, func(lctx context.Context) {
+			t0 := env.Clock.Now()
+			log.Info("leading: backups, drills and token renewals run here")
+			d.metrics.leader.Set(1)
+			d.metrics.leaderChanges.Inc()
+			lead(lctx, leaseFence(lctx, c, env, id))
+			d.metrics.leader.Set(0)
+			if ctx.Err() == nil {
+				log.Warn("stopped leading: the Lease could not be renewed; nothing new starts here until it is held again", "led_for", env.Clock.Now().Sub(t0).Round(time.Millisecond))
+			}
 		})
 		if err != nil {
 			log.Error("leader election unusable", "err", err) // validated at load: not expected
 			return
 		}
-		ran := make(chan struct{})
-		go func() { defer close(ran); le.Run(kctx) }()
-		select {
-		case lctx := <-started:
-			t0 := env.Clock.Now()
-			log.Info("leading: backups, drills and token renewals run here")
-			d.metrics.leader.Set(1)
-			d.metrics.leaderChanges.Inc()
-			lead(lctx, leaseFence(lctx, c.Clients.CoordinationV1(), env, id))
-			<-ran
-			d.metrics.leader.Set(0)
-			if ctx.Err() == nil {
-				log.Warn("stopped leading: the Lease could not be renewed; nothing new starts here until it is held again", "led_for", env.Clock.Now().Sub(t0).Round(time.Millisecond))
-			}
-		case <-ran:
-		}
 	}
 }
 
-func leaseLock(env *Env, cc coordinationv1.CoordinationV1Interface, id string) *resourcelock.LeaseLock {
-	return &resourcelock.LeaseLock{
-		LeaseMeta:  metav1.ObjectMeta{Name: env.Config.Cluster.Lease, Namespace: env.Config.Chart.Namespace},
-		Client:     cc,
-		LockConfig: resourcelock.ResourceLockConfig{Identity: id},
-	}
+func (e *Env) election(id string) k8s.Election {
+	cl := e.Config.Cluster
+	return k8s.Election{Name: cl.Lease, Identity: id, LeaseDuration: cl.LeaseDuration, RenewDeadline: cl.RenewDeadline, RetryPeriod: cl.RetryPeriod}
 }
 
-// leaseOnce does what one election round does to the Lease with the agent's account —
-// get it, then create it when there is none, or write it back unchanged — and returns
-// what the API server said. It takes nothing from a holder: the record written back is
-// the one read.
-func leaseOnce(ctx context.Context, lock *resourcelock.LeaseLock, env *Env) error {
+// leaseOnce does what one election round does to the Lease, bounded by renew_deadline.
+func leaseOnce(ctx context.Context, c *k8s.Cluster, env *Env, id string) error {
 	ctx, cancel := context.WithTimeout(ctx, env.Config.Cluster.RenewDeadline)
 	defer cancel()
-	rec, _, err := lock.Get(ctx)
-	switch {
-	case apierrors.IsNotFound(err):
-		err = lock.Create(ctx, resourcelock.LeaderElectionRecord{LeaseDurationSeconds: int(env.Config.Cluster.LeaseDuration.Seconds())})
-	case err == nil:
-		err = lock.Update(ctx, *rec)
-	}
-	if apierrors.IsConflict(err) || apierrors.IsAlreadyExists(err) {
-		return nil // another agent wrote it in between: the account may
-	}
-	return err
+	return c.LeaseOnce(ctx, env.election(id))
 }
 
-// leaseFence checks the Lease itself, not the elector's memory of it: the holder must be
-// this agent and its last renewal within the lease duration. Without an answer from the
-// API server nothing is committed.
-func leaseFence(lctx context.Context, cc coordinationv1.CoordinationV1Interface, env *Env, id string) fence {
+// leaseFence proves, right before a snapshot is committed, that this agent still holds
+// the Lease: it has not stopped leading, and the Lease itself (read again) names it and
+// was renewed within its duration. Without an answer from the API server nothing is
+// committed.
+func leaseFence(lctx context.Context, c *k8s.Cluster, env *Env, id string) fence {
 	cl := env.Config.Cluster
 	return func(ctx context.Context) (string, error) {
 		if lctx.Err() != nil {
@@ -187,20 +150,8 @@ func leaseFence(lctx context.Context, cc coordinationv1.CoordinationV1Interface,
 		}
 		ctx, cancel := context.WithTimeout(ctx, cl.RenewDeadline)
 		defer cancel()
-		l, err := cc.Leases(env.Config.Chart.Namespace).Get(ctx, cl.Lease, metav1.GetOptions{})
-		if err != nil {
-			return "", fmt.Errorf("%w: read the Lease %s: %v", ErrNotLeader, cl.Lease, err)
-		}
-		holder := ""
-		if l.Spec.HolderIdentity != nil {
-			holder = *l.Spec.HolderIdentity
-		}
-		if holder != id {
-			return "", fmt.Errorf("%w: the Lease %s is held by %q", ErrNotLeader, cl.Lease, holder)
-		}
-		if l.Spec.RenewTime == nil || l.Spec.LeaseDurationSeconds == nil ||
-			l.Spec.RenewTime.Add(time.Duration(*l.Spec.LeaseDurationSeconds)*time.Second).Before(env.Clock.Now()) {
-			return "", fmt.Errorf("%w: this agent's hold on the Lease %s has run out", ErrNotLeader, cl.Lease)
+		if err := c.HoldsLease(ctx, cl.Lease, id, env.Clock.Now()); err != nil {
+			return "", fmt.Errorf("%w: %w", ErrNotLeader, err)
 		}
 		return id, nil
 	}

@@ -186,7 +186,7 @@ func runFlow(t *testing.T, ctx context.Context, vl *vaultLab, r k8s.Rule) error 
 		if err != nil {
 			return err
 		}
-		return leaseOnce(ctx, leaseLock(env, c.Clients.CoordinationV1(), "pve-a"), env)
+		return leaseOnce(ctx, c, env, "pve-a")
 	}
 	t.Fatalf("no flow %q", r.Flow)
 	return nil

@@ -7,8 +7,6 @@ import (
 	"strings"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
 	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
@@ -119,16 +117,11 @@ func (sb *statusBuilder) cluster(ctx context.Context) {
 	cs.Identity = id
 	if c, err := sb.env.Cluster(ctx); err != nil {
 		sb.attn("the leadership Lease cannot be read: %v", firstLine(err.Error()))
-	} else if l, err := c.Clients.CoordinationV1().Leases(sb.env.Config.Chart.Namespace).Get(ctx, cl.Lease, metav1.GetOptions{}); err != nil {
+	} else if l, err := c.Lease(ctx, cl.Lease); err != nil {
 		sb.attn("the leadership Lease %s cannot be read: %v (no agent has led yet, or the operate role lacks it: `pve-vault-agent rbac`)", cl.Lease, err)
 	} else {
-		if l.Spec.HolderIdentity != nil {
-			cs.Leader = *l.Spec.HolderIdentity
-		}
-		if l.Spec.RenewTime != nil {
-			cs.Renewed = l.Spec.RenewTime.Time
-		}
-		if l.Spec.LeaseDurationSeconds != nil && sb.now.Sub(cs.Renewed) > 2*time.Duration(*l.Spec.LeaseDurationSeconds)*time.Second {
+		cs.Leader, cs.Renewed = l.Holder, l.Renewed
+		if sb.now.Sub(cs.Renewed) > 2*l.Duration {
 			sb.attn("no agent leads: the Lease %s was last renewed by %q %s ago; no backup, drill or token renewal runs", cl.Lease, cs.Leader, sb.now.Sub(cs.Renewed).Round(time.Second))
 		}
 	}

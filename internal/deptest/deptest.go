@@ -76,13 +76,16 @@ var thirdParty = map[string][]string{
 	// configs parses age recipients to validate them (a prefix proves nothing).
 	"configs":   {"github.com/spf13/viper", "github.com/go-viper/mapstructure/v2", "go.yaml.in/yaml/v3", "github.com/robfig/cron/v3", "filippo.io/age"},
 	"provision": {"github.com/luthermonson/go-proxmox", "golang.org/x/crypto/ssh"},
-	"k8s":       {"helm.sh/helm/v3", "k8s.io/", "sigs.k8s.io/yaml"},
-	"vault":     {"github.com/hashicorp/vault/api", "filippo.io/age", "golang.org/x/sys/unix"},
+	// The election's client-go logs through logr's slog bridge.
+	"k8s":   {"helm.sh/helm/v3", "k8s.io/", "sigs.k8s.io/yaml", "github.com/go-logr/logr"},
+	"vault": {"github.com/hashicorp/vault/api", "filippo.io/age", "golang.org/x/sys/unix"},
 	// Off-host copies speak SFTP over the SSH connection the agent dialled and S3.
 	"vault/snapshot/offsite": {"filippo.io/age", "github.com/pkg/sftp", "golang.org/x/crypto/ssh", "github.com/minio/minio-go/v7"},
 	// The lab and its tools run real servers through their SDKs; they ship in nothing.
 	"internal/lab":      {""},
 	"internal/sdnotify": {},
+	// Push services through one well-kept library; mail and webhooks are the standard library.
+	"internal/notify":   {"github.com/nicholas-fedor/shoutrrr"},
 	"internal/safefile": {},
 	"internal/deptest":  {},
 }
