@@ -47,6 +47,8 @@ install: build ## binary, units, example config and credential directory under $
 	install -D -m 0644 configs/config.example.yaml $(DESTDIR)/usr/share/doc/pve-vault-agent/config.example.yaml
 	install -D -m 0644 configs/values.example.yaml $(DESTDIR)/usr/share/doc/pve-vault-agent/values.example.yaml
 	install -D -m 0644 README.md $(DESTDIR)/usr/share/doc/pve-vault-agent/README.md
+	install -D -m 0644 -t $(DESTDIR)/usr/share/pve-vault-agent/prometheus packaging/prometheus/pve-vault-agent.rules.yml packaging/prometheus/pve-vault-agent.rules.test.yml
+	install -D -m 0644 -t $(DESTDIR)/usr/share/pve-vault-agent/grafana packaging/grafana/pve-vault-agent.json
 	install -d -m 0700 $(DESTDIR)/etc/pve-vault-agent $(DESTDIR)/etc/pve-vault-agent/credentials
 	@echo "installed; nothing enabled or started: see README (Install on a Proxmox host)"
 

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"log/slog"
 	"os"
 	"runtime/debug"
@@ -79,13 +80,18 @@ func Run(ctx context.Context, opts DaemonOptions) error {
 	}
 	log := env.Log.With("component", "daemon")
 	d := &daemon{opts: opts, log: log, watchers: map[string]*watcher{}, rejected: map[string]*rejection{}, state: map[string]string{}}
+	am := newAlertMetrics()
 	d.metrics = newMetrics(env.Version, func() DrillRecord {
 		rec, _ := LastDrill(d.currentEnv())
 		return rec
-	}, newOffsiteCollector(d.currentEnv))
+	}, newOffsiteCollector(d.currentEnv), am.sent, am.failed, am.dropped)
+	stopAlerts := d.startAlerts(env, am)
+	defer stopAlerts()
 	if err := d.configure(ctx, env); err != nil {
+		d.alerts.Failing("keyfile", env.Keyfile.String(), "the daemon cannot start: "+err.Error())
 		return err
 	}
+	d.noteUncleanExit(env)
 	stopMetrics, err := d.serveMetrics(env.Config.Metrics.Listen)
 	if err != nil {
 		return err
@@ -131,6 +137,7 @@ func Run(ctx context.Context, opts DaemonOptions) error {
 			d.stopBackground()
 			d.stopAll()
 			d.currentEnv().Close()
+			d.currentEnv().clearRunning()
 			log.Info("daemon stopped")
 			return nil
 		case res := <-discovered:
@@ -163,6 +170,7 @@ type daemon struct {
 	rejected map[string]*rejection // pod incarnation → the keyset Vault rejected there, and when to try again
 	state    map[string]string     // pod name → last state, for STATUS
 	bg       *background
+	alerts   *alerter // nil without notify.targets
 }
 
 // knownPods lists the last discovery's pods, or asks Kubernetes when there is none yet.
@@ -221,6 +229,7 @@ func (d *daemon) configure(ctx context.Context, env *Env) error {
 	kf, err := env.Keyfile.Read(ctx)
 	if errors.Is(err, vault.ErrNoKeyfile) {
 		d.log.Warn("no keyfile yet: pods are watched, and unsealed as soon as `init`, `adopt` or `keyfile enroll` from another host writes one", "keyfile", env.Keyfile.String())
+		d.alerts.Failing("keyfile", env.Keyfile.String(), "there is no keyfile: no sealed pod can be unsealed until `pve-vault-agent init`, `adopt` or `keyfile enroll` from another host writes one")
 		err = nil
 	}
 	if err != nil {
@@ -229,6 +238,8 @@ func (d *daemon) configure(ctx context.Context, env *Env) error {
 	if _, err := env.Pods(); err != nil {
 		return err
 	}
+	d.metrics.backupPeriod.Set(schedulePeriod(env.Config.Snapshots.Schedule))
+	d.metrics.drillPeriod.Set(schedulePeriod(env.Config.Snapshots.DrillSchedule))
 	d.mu.Lock()
 	old := d.env
 	d.env, d.keyfile = env, kf
@@ -239,6 +250,37 @@ func (d *daemon) configure(ctx context.Context, env *Env) error {
 		old.Close()
 	}
 	return nil
+}
+
+// startAlerts starts the notifications of env's configuration (none without
+// notify.targets). A target whose secret cannot be read is left out, loudly: nothing
+// about notifications may keep the daemon from unsealing.
+func (d *daemon) startAlerts(env *Env, am *alertMetrics) func() {
+	if len(env.Config.Notify.Targets) == 0 {
+		return func() {}
+	}
+	senders, err := NotifySenders(env.Config)
+	if err != nil {
+		d.log.Error("notifications are off: a target cannot be set up", "err", err, "hint", Hints(err))
+		return func() {}
+	}
+	host, _ := env.Identity()
+	a, stop := newAlerter(env.Config.Notify, host, env.Clock, d.log, am, senders)
+	d.alerts = a
+	return stop
+}
+
+// noteUncleanExit tells the operator when the last run of the daemon ended without
+// stopping (a crash, the watchdog, the OOM killer, kill -9), and marks this run.
+func (d *daemon) noteUncleanExit(env *Env) {
+	unclean, since, err := env.markRunning()
+	if err != nil {
+		d.log.Warn("cannot mark the daemon as running (a crash will not be reported)", "err", err)
+	}
+	if unclean {
+		d.log.Warn("the last run of the daemon did not stop cleanly", "started", since)
+		d.alerts.Once("restarted", "daemon", fmt.Sprintf("the agent started again after its last run (started %s) ended without stopping: a crash, the watchdog, the out-of-memory killer or kill -9. `journalctl -u pve-vault-agent -b` shows why.", since.UTC().Format(time.RFC3339)))
+	}
 }
 
 // pickUpKeyfile loads a keyfile that appeared since start (init, adopt, or keyfile
@@ -262,6 +304,7 @@ func (d *daemon) pickUpKeyfile(ctx context.Context) {
 		d.log.Info("keyfile found: unsealing with it", "keyfile", env.Keyfile.String(), "keyset", kf.Keyset.Fingerprint())
 	}
 	d.mu.Unlock()
+	d.alerts.OK("keyfile", env.Keyfile.String(), "the keyfile is there and opens (keyset "+kf.Keyset.Fingerprint()+")")
 }
 
 // reload re-reads configuration and keyfile. A failure of either keeps everything that

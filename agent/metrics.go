@@ -11,6 +11,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/pve-vault-agent/pve-vault-agent/configs"
 )
 
 type metrics struct {
@@ -32,6 +34,9 @@ type metrics struct {
 	tokenRenewed       *prometheus.GaugeVec
 	tokenRenewFailures *prometheus.CounterVec
 	leader             prometheus.Gauge
+	backupPeriod       prometheus.Gauge
+	drillPeriod        prometheus.Gauge
+	unsealLatency      *prometheus.GaugeVec
 	leaderChanges      prometheus.Counter
 	leaderSeen         *prometheus.GaugeVec
 	leaderMu           sync.Mutex
@@ -71,6 +76,9 @@ func newMetrics(version string, drills func() DrillRecord, extra ...prometheus.C
 		tokenTTL:           gv("pva_token_ttl_seconds", "Remaining TTL of the agent's token after its last renewal.", "token"),
 		tokenRenewed:       gv("pva_token_last_renewal_timestamp_seconds", "When the token was last renewed.", "token"),
 		tokenRenewFailures: cv("pva_token_renewal_failures_total", "Failed token renewals.", "token"),
+		backupPeriod:       g("pva_backup_schedule_period_seconds", "The backup schedule's period (0: no schedule, a timer runs backup-now)."),
+		drillPeriod:        g("pva_drill_schedule_period_seconds", "The drill schedule's period (0: no scheduled drills)."),
+		unsealLatency:      gv("pva_unseal_latency_seconds", "From the agent first seeing the pod sealed (a restart) to the pod unsealed, at the last unseal.", "pod"),
 		leader:             g("pva_leader", "1 while this agent leads (takes the backups, drills, renews the tokens); always 1 without cluster.hosts."),
 		leaderChanges:      c("pva_leader_acquired_total", "Times this agent became the leader."),
 		leaderSeen:         gv("pva_leader_observed", "1 for the agent this one last saw holding the Lease.", "identity"),
@@ -85,6 +93,13 @@ func newMetrics(version string, drills func() DrillRecord, extra ...prometheus.C
 			}),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "pva_drill_failures_total", Help: "Restore drills that failed (daemon and verb), as recorded in the state directory."},
 			func() float64 { return float64(drills().Failures) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pva_drill_last_failed", Help: "1 when the last restore drill failed, 0 when it passed or none ran."},
+			func() float64 {
+				if l := drills().Last; l != nil && !l.Passed {
+					return 1
+				}
+				return 0
+			}),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "pva_drill_duration_seconds", Help: "How long the last restore drill took."},
 			func() float64 {
 				if l := drills().Last; l != nil {
@@ -99,7 +114,7 @@ func newMetrics(version string, drills func() DrillRecord, extra ...prometheus.C
 	build.WithLabelValues(version, runtime.Version()).Set(1)
 	m.reg.MustRegister(m.backupLastSuccess, m.backupNext, m.backupLastSize, m.backupFailures, m.backupDuration, m.reloadFailures,
 		m.discoveryFailures, m.sealed, m.removed, m.reachable, m.attempts, m.failures, m.lastUnseal, m.tokenTTL, m.tokenRenewed,
-		m.tokenRenewFailures, m.leader, m.leaderChanges, m.leaderSeen, build)
+		m.tokenRenewFailures, m.leader, m.leaderChanges, m.leaderSeen, m.backupPeriod, m.drillPeriod, m.unsealLatency, build)
 	return m
 }
 
@@ -118,6 +133,22 @@ func (m *metrics) forget(pod string) {
 	m.sealed.DeleteLabelValues(pod)
 	m.removed.DeleteLabelValues(pod)
 	m.reachable.DeleteLabelValues(pod)
+	m.unsealLatency.DeleteLabelValues(pod)
+	m.attempts.DeletePartialMatch(prometheus.Labels{"pod": pod})
+	m.failures.DeletePartialMatch(prometheus.Labels{"pod": pod})
+}
+
+// schedulePeriod is the spacing of a schedule's next two slots (0: no schedule).
+func schedulePeriod(spec string) float64 {
+	if spec == "" {
+		return 0
+	}
+	s, err := configs.ParseSchedule(spec)
+	if err != nil {
+		return 0
+	}
+	next := s.Next(time.Now())
+	return s.Next(next).Sub(next).Seconds()
 }
 
 // metricsMaxConns bounds concurrent scrapes: idle or slow clients cannot exhaust the

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"fmt"
 	"time"
 
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
@@ -65,8 +66,14 @@ func (d *daemon) renewTokens(ctx context.Context, env *Env) bool {
 			ok = false
 			d.metrics.tokenRenewFailures.WithLabelValues(t.name).Inc()
 			d.log.Error("token renewal failed", "token", t.name, "err", st.Error)
+			d.alerts.Failing("token", t.name, fmt.Sprintf("the agent's %s token could not be renewed: %s. Backups and drills stop when it lapses: `pve-vault-agent token rotate`.", t.name, st.Error))
 			d.tokenRefused(ctx, env, kf)
 			continue
+		}
+		if below := env.Config.Notify.TokenTTLBelow; st.TTL < below {
+			d.alerts.Failing("token", t.name, fmt.Sprintf("the agent's %s token has %s left after its renewal (notify.token_ttl_below %s): `pve-vault-agent token rotate` mints fresh ones", t.name, st.TTL.Round(time.Second), below))
+		} else {
+			d.alerts.OK("token", t.name, fmt.Sprintf("the agent's %s token renews again (%s left)", t.name, st.TTL.Round(time.Second)))
 		}
 		d.metrics.tokenTTL.WithLabelValues(t.name).Set(st.TTLSeconds)
 		d.metrics.tokenRenewed.WithLabelValues(t.name).SetToCurrentTime()

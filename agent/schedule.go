@@ -2,6 +2,8 @@ package agent
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"time"
 
 	"github.com/pve-vault-agent/pve-vault-agent/configs"
@@ -60,6 +62,8 @@ func (d *daemon) runBackups(ctx context.Context, env *Env, f fence) {
 			d.log.Warn("list snapshots for the schedule", "err", err)
 		} else if e, ok := newestVerified(es); ok {
 			newest = e.Time
+			// From the disk: a restarted daemon (or a new leader) does not report 0.
+			d.metrics.backupLastSuccess.Set(float64(e.Time.Unix()))
 		}
 		now := clock.Now()
 		due := NextRun(sched, newest, now)
@@ -80,9 +84,20 @@ func (d *daemon) runBackups(ctx context.Context, env *Env, f fence) {
 			backoff, failedAt = retryBackoff(sched, clock.Now(), backoff), clock.Now()
 			d.metrics.backupFailures.Inc()
 			d.log.Error("scheduled backup failed; retrying", "due", due, "retry_in", backoff, "err", err)
+			if !errors.Is(err, ErrNotLeader) {
+				d.alerts.Failing("backup", "scheduled backup", fmt.Sprintf("the scheduled backup stored nothing: %v. Retrying in %s.", err, backoff))
+			}
 			continue
 		}
 		backoff = 0
+		d.alerts.OK("backup", "scheduled backup", fmt.Sprintf("a scheduled backup was stored again: %s (%d bytes)", rep.Snapshot.Path, rep.Snapshot.Size))
+		for _, t := range rep.Offsite {
+			if t.Error != "" {
+				d.alerts.Failing("offsite", t.Target, fmt.Sprintf("the push to off-host target %s failed: %s. It is behind: the next backup pushes what it lacks.", t.Target, t.Error))
+			} else {
+				d.alerts.OK("offsite", t.Target, fmt.Sprintf("off-host target %s caught up (newest copy %s)", t.Target, t.Newest))
+			}
+		}
 		d.metrics.backupLastSuccess.Set(float64(rep.Snapshot.Time.Unix()))
 		d.metrics.backupLastSize.Set(float64(rep.Snapshot.Size))
 		if rep.Token != nil {
@@ -143,8 +158,10 @@ func (d *daemon) runDrills(ctx context.Context, env *Env) {
 			}
 		case err != nil:
 			d.log.Error("scheduled restore drill FAILED", "snapshot", rep.Snapshot, "err", err)
+			d.alerts.Failing("drill", "restore drill", fmt.Sprintf("the restore drill of %s FAILED: %v. The snapshot may not restore: run `pve-vault-agent drill --latest` and read its steps.", rep.Snapshot, err))
 		default:
 			d.log.Info("scheduled restore drill passed", "snapshot", rep.Snapshot, "seconds", rep.DurationSecs)
+			d.alerts.OK("drill", "restore drill", fmt.Sprintf("the restore drill of %s passed (%.1f s)", rep.Snapshot, rep.DurationSecs))
 		}
 	}
 }

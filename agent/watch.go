@@ -44,14 +44,20 @@ func (d *daemon) watch(ctx context.Context, name, key string, api podAPI) {
 	env := d.currentEnv()
 	clock := env.Clock
 	log := d.log.With("pod", name)
+	// Every series the alert rules and the dashboard read exists from the start, at 0.
+	d.metrics.attempts.WithLabelValues(name)
+	for _, reason := range []string{"wrong_keys", "uninitialised", "error"} {
+		d.metrics.failures.WithLabelValues(name, reason)
+	}
 	backoff := time.Duration(0)
 	lastReport := ""
-	var joiningUntil time.Time
+	var joiningUntil, sealedSince time.Time
 	for {
 		state, err := d.check(ctx, log, clock, name, key, api, &joiningUntil)
 		if ctx.Err() != nil {
 			return
 		}
+		sealedSince = d.sealedFor(env, name, state, err, sealedSince)
 		wait := d.opts.PollInterval
 		if state == "unsealed" {
 			wait = d.opts.IdleInterval
@@ -121,6 +127,7 @@ func (d *daemon) check(ctx context.Context, log *slog.Logger, clock Clock, name,
 		case errors.Is(err, vault.ErrWrongKeys):
 			reason = "wrong_keys"
 			d.reject(key, sig, fp, clock.Now())
+			d.alerts.Failing("unseal_refused", name, fmt.Sprintf("Vault refused the keyfile's shares (keyset %s): %v. The keyfile is not this cluster's, or the pod's data was replaced.", fp, err))
 			log.Error("the keyfile's shares do not unseal this pod; trying again later, or at once when the pod or keyfile changes", "keyset", fp, "err", err)
 		case errors.Is(err, ErrDataGone):
 			reason = "uninitialised"
@@ -136,8 +143,12 @@ func (d *daemon) check(ctx context.Context, log *slog.Logger, clock Clock, name,
 		return "joining", nil
 	}
 	if !res.Sealed {
+		d.alerts.OK("unseal_refused", name, "the keyfile's shares unsealed the pod")
 		d.metrics.sealed.WithLabelValues(name).Set(0)
 		d.metrics.lastUnseal.WithLabelValues(name).SetToCurrentTime()
+		// At least this unseal's own time; the watcher that saw the pod go down makes it
+		// the whole time since (sealedFor).
+		d.metrics.unsealLatency.WithLabelValues(name).Set(clock.Now().Sub(t0).Seconds())
 		log.Info("unsealed", "shares", res.SharesUsed, "reset_stale", res.ResetStale, "took", clock.Now().Sub(t0).Round(time.Millisecond))
 		return "unsealed", nil
 	}
@@ -179,4 +190,30 @@ func (d *daemon) peerInitialised(ctx context.Context, self string) bool {
 		}
 	}
 	return false
+}
+
+// sealedFor reports a pod that stays sealed (or unreachable while sealed) longer than
+// notify.sealed_after, and its unsealing after; it returns since when the pod has been
+// sealed (zero while unsealed).
+func (d *daemon) sealedFor(env *Env, name, state string, err error, since time.Time) time.Time {
+	now := env.Clock.Now()
+	if state == "unsealed" {
+		if !since.IsZero() {
+			d.metrics.unsealLatency.WithLabelValues(name).Set(now.Sub(since).Seconds())
+		}
+		// Also after a reload or a new discovery, whose new watcher never saw it sealed.
+		d.alerts.OK("sealed", name, "the pod is unsealed again")
+		return time.Time{}
+	}
+	if since.IsZero() {
+		return now
+	}
+	if limit := env.Config.Notify.SealedAfter; limit > 0 && now.Sub(since) >= limit {
+		why := state
+		if err != nil {
+			why += ": " + firstLine(err.Error())
+		}
+		d.alerts.Failing("sealed", name, fmt.Sprintf("the pod has been sealed for %s (%s); while it is, it serves nothing", now.Sub(since).Round(time.Second), why))
+	}
+	return since
 }

@@ -36,6 +36,7 @@ type Config struct {
 	Snapshots  Snapshots  `mapstructure:"snapshots" json:"snapshots"`
 	Metrics    Metrics    `mapstructure:"metrics" json:"metrics"`
 	Cluster    Cluster    `mapstructure:"cluster" json:"cluster"`
+	Notify     Notify     `mapstructure:"notify" json:"notify"`
 	// CredentialsDir holds the encrypted credentials ({credential: NAME} is NAME.cred
 	// there, made with systemd-creds encrypt --name=NAME): the unit loads them with
 	// LoadCredentialEncrypted=, and a verb run by hand decrypts them itself.
@@ -269,6 +270,49 @@ type ClusterHost struct {
 // Enabled reports whether several agents share the Vault.
 func (c Cluster) Enabled() bool { return len(c.Hosts) > 0 }
 
+// Notify is who the daemon tells when something fails and when it works again.
+type Notify struct {
+	Targets []NotifyTarget `mapstructure:"targets" json:"targets"`
+	// Timeout bounds one delivery to one target (connect, TLS, the whole exchange).
+	Timeout time.Duration `mapstructure:"timeout" json:"timeout"`
+	// Reminder repeats a failure that lasts this long since it was last told (0: never).
+	Reminder time.Duration `mapstructure:"reminder" json:"reminder"`
+	// MaxPerHour caps the messages per target and hour; the ones over it are dropped,
+	// logged and counted, and the next one that goes out says how many were.
+	MaxPerHour int `mapstructure:"max_per_hour" json:"max_per_hour"`
+	// SealedAfter: a pod sealed this long is reported (the agent could not unseal it).
+	SealedAfter time.Duration `mapstructure:"sealed_after" json:"sealed_after"`
+	// TokenTTLBelow: an agent token with less than this left after its renewal is
+	// reported.
+	TokenTTLBelow time.Duration `mapstructure:"token_ttl_below" json:"token_ttl_below"`
+}
+
+// NotifyTarget is one place messages go to.
+type NotifyTarget struct {
+	Name string `mapstructure:"name" json:"name"`
+	// Type: smtp, webhook, or shoutrrr (ntfy, Gotify, Discord, Telegram, Matrix, … by URL).
+	Type string `mapstructure:"type" json:"type"`
+	// smtp: Host and Port of the server; TLS is starttls (required), implicit (port
+	// 465) or none (only to a loopback relay); Username and Password log in (Password a
+	// secret); From and To the envelope and headers.
+	Host     string    `mapstructure:"host" json:"host,omitempty"`
+	Port     int       `mapstructure:"port" json:"port,omitempty"`
+	TLS      string    `mapstructure:"tls" json:"tls,omitempty"`
+	Username string    `mapstructure:"username" json:"username,omitempty"`
+	Password SecretRef `mapstructure:"password" json:"password,omitzero"`
+	From     string    `mapstructure:"from" json:"from,omitempty"`
+	To       []string  `mapstructure:"to" json:"to,omitempty"`
+	// webhook: URL receives a JSON POST, signed with HMACKey (X-PVA-Signature:
+	// sha256=<hex of HMAC-SHA256 over the timestamp header, ".", and the body>).
+	URL     string    `mapstructure:"url" json:"url,omitempty"`
+	HMACKey SecretRef `mapstructure:"hmac_key" json:"hmac_key,omitzero"`
+	// CAFile verifies the server's certificate (smtp, webhook) instead of the system's CAs.
+	CAFile string `mapstructure:"ca_file" json:"ca_file,omitempty"`
+	// ServiceURL is a shoutrrr URL (ntfy://…, gotify://…, discord://…, telegram://…,
+	// matrix://…): a secret, since it carries the service's token.
+	ServiceURL SecretRef `mapstructure:"service_url" json:"service_url,omitzero"`
+}
+
 // Defaults returns the configuration used where the file and environment say nothing.
 // The values follow the deployment the product was designed from (uid/gid 100, 5/3 shares).
 func Defaults() Config {
@@ -315,6 +359,7 @@ func Defaults() Config {
 			Retention:     Retention{KeepLast: 8, Daily: 7, Weekly: 4, Monthly: 6},
 		},
 		Metrics:        Metrics{Listen: "127.0.0.1:9465"},
+		Notify:         Notify{Timeout: 15 * time.Second, Reminder: 24 * time.Hour, MaxPerHour: 30, SealedAfter: 5 * time.Minute, TokenTTLBelow: 72 * time.Hour},
 		Cluster:        Cluster{Lease: "pve-vault-agent", LeaseDuration: 15 * time.Second, RenewDeadline: 10 * time.Second, RetryPeriod: 2 * time.Second},
 		CredentialsDir: "/etc/pve-vault-agent/credentials",
 	}

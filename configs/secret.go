@@ -140,6 +140,11 @@ func (c *Config) SecretRefs() []NamedRef {
 		at := fmt.Sprintf("snapshots.targets[%d]", i)
 		all = append(all, NamedRef{at + ".identity", &t.Identity}, NamedRef{at + ".access_key", &t.AccessKey}, NamedRef{at + ".secret_key", &t.SecretKey})
 	}
+	for i := range c.Notify.Targets {
+		t := &c.Notify.Targets[i]
+		at := fmt.Sprintf("notify.targets[%d]", i)
+		all = append(all, NamedRef{at + ".password", &t.Password}, NamedRef{at + ".hmac_key", &t.HMACKey}, NamedRef{at + ".service_url", &t.ServiceURL})
+	}
 	var out []NamedRef
 	for _, r := range all {
 		if r.Ref.IsSet() {

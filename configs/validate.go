@@ -48,6 +48,7 @@ func (c *Config) validate() []*FieldError {
 	c.validateVault(&p)
 	c.validateSnapshots(&p)
 	c.validateCluster(&p)
+	c.validateNotify(&p)
 	if !filepath.IsAbs(c.CredentialsDir) || filepath.Clean(c.CredentialsDir) != c.CredentialsDir {
 		p.add("credentials_dir", fmt.Sprintf("%q is not a clean absolute path", c.CredentialsDir), "the directory of the NAME.cred files, /etc/pve-vault-agent/credentials by default")
 	}
@@ -445,5 +446,86 @@ func (c *Config) validateCluster(p *problems) {
 	}
 	if c.Proxmox.Node != "" && !seen[c.Proxmox.Node] {
 		p.add("cluster.hosts", fmt.Sprintf("this agent's node %q (proxmox.node) is not listed", c.Proxmox.Node), "list every PVE node that runs an agent, this one included")
+	}
+}
+
+func (c *Config) validateNotify(p *problems) {
+	n := c.Notify
+	if len(n.Targets) == 0 {
+		return
+	}
+	if n.Timeout <= 0 {
+		p.add("notify.timeout", "must be positive", `e.g. "15s"`)
+	}
+	if n.Reminder < 0 {
+		p.add("notify.reminder", "must not be negative", `e.g. "24h", or 0 for no reminders`)
+	}
+	if n.MaxPerHour < 1 {
+		p.add("notify.max_per_hour", "must be at least 1", "e.g. 30")
+	}
+	if n.SealedAfter <= 0 {
+		p.add("notify.sealed_after", "must be positive", `e.g. "5m"`)
+	}
+	if n.TokenTTLBelow <= 0 || n.TokenTTLBelow >= c.Vault.TokenPeriod {
+		p.add("notify.token_ttl_below", fmt.Sprintf("%s is not between 0 and vault.token_period (%s)", n.TokenTTLBelow, c.Vault.TokenPeriod), "a renewed token has its whole period left: e.g. 72h with the default period of 768h")
+	}
+	seen := map[string]bool{}
+	for i, t := range n.Targets {
+		at := fmt.Sprintf("notify.targets[%d]", i)
+		switch {
+		case !dns1123Re.MatchString(t.Name) || len(t.Name) > 40:
+			p.add(at+".name", fmt.Sprintf("%q is not a target name", t.Name), "lowercase letters, digits and '-', e.g. mail or phone")
+		case seen[t.Name]:
+			p.add(at+".name", fmt.Sprintf("%q is used twice", t.Name), "give each target its own name")
+		}
+		seen[t.Name] = true
+		if t.CAFile != "" && !filepath.IsAbs(t.CAFile) {
+			p.add(at+".ca_file", "must be an absolute path", "the PEM of the CA that signed the server's certificate")
+		}
+		switch t.Type {
+		case "smtp":
+			if t.Host == "" {
+				p.add(at+".host", "required for smtp", "the mail server, e.g. mail.example.lan")
+			}
+			if t.Port < 1 || t.Port > 65535 {
+				p.add(at+".port", fmt.Sprintf("%d is not a port", t.Port), "587 (starttls), 465 (implicit) or 25")
+			}
+			switch t.TLS {
+			case "starttls", "implicit":
+			case "none":
+				if ip := net.ParseIP(t.Host); t.Host != "localhost" && (ip == nil || !ip.IsLoopback()) {
+					p.add(at+".tls", "none sends the message, and any password, in clear text over the network", "use starttls or implicit; none only to a relay on loopback")
+				}
+			default:
+				p.add(at+".tls", fmt.Sprintf("%q is not a TLS mode", t.TLS), "starttls, implicit or none")
+			}
+			if !strings.Contains(t.From, "@") {
+				p.add(at+".from", fmt.Sprintf("%q is not a mail address", t.From), "e.g. pve-vault-agent@example.lan")
+			}
+			if len(t.To) == 0 {
+				p.add(at+".to", "required for smtp", "one or more mail addresses")
+			}
+			for j, to := range t.To {
+				if !strings.Contains(to, "@") {
+					p.add(fmt.Sprintf("%s.to[%d]", at, j), fmt.Sprintf("%q is not a mail address", to), "e.g. ops@example.lan")
+				}
+			}
+			if t.Username != "" {
+				validateSecretRef(p, at+".password", t.Password, true)
+			}
+		case "webhook":
+			u, err := url.Parse(t.URL)
+			switch {
+			case err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "":
+				p.add(at+".url", fmt.Sprintf("%q is not an http(s) URL", t.URL), "e.g. https://hooks.example.lan/pva")
+			case u.Scheme == "http" && !isLoopback(u.Hostname()):
+				p.add(at+".url", "http sends the message in clear text over the network", "use https, or http only to a receiver on loopback")
+			}
+			validateSecretRef(p, at+".hmac_key", t.HMACKey, false)
+		case "shoutrrr":
+			validateSecretRef(p, at+".service_url", t.ServiceURL, true)
+		default:
+			p.add(at+".type", fmt.Sprintf("%q is not a notification type", t.Type), "smtp, webhook or shoutrrr")
+		}
 	}
 }

@@ -5,7 +5,10 @@
 #   - etcd v3.7.3, kube-apiserver and kube-controller-manager v1.37.2 from the pinned
 #     wrapper modules under internal/lab/bins;
 #   - SeaweedFS (weed), a real S3-compatible server for the off-host copy tests, built
-#     from its module at the version in versions.env (its own go.mod, replaces included).
+#     from its module at the version in versions.env (its own go.mod, replaces included);
+#   - Mailpit, a real SMTP server with an API to read what arrived (notification tests);
+#   - promtool, from Debian's prometheus package (extracted, not installed: no service),
+#     for the shipped alert rules' unit tests.
 # Binaries are cached outside the repository, keyed by version, in $PVA_LAB_CACHE, else
 # /var/cache/pve-vault-agent-lab as root (readable by the uid-100 Vault the tests run),
 # else $XDG_CACHE_HOME/pve-vault-agent-lab. internal/lab.CacheDir follows the same rule.
@@ -101,11 +104,33 @@ weed_build() {
 	rm -rf "$src"
 }
 
+# --- Mailpit ---------------------------------------------------------------------
+mailpit_build() {
+	local src
+	go mod download "github.com/axllent/mailpit@v$MAILPIT_VERSION"
+	src="$out/src"
+	cp -r "$(go env GOMODCACHE)/github.com/axllent/mailpit@v$MAILPIT_VERSION" "$src"
+	chmod -R u+w "$src"
+	(cd "$src" && go build -trimpath -ldflags="-s -w" -o "$out/mailpit" .)
+	rm -rf "$src"
+}
+
+# --- promtool (Debian's prometheus package, extracted) ----------------------------
+promtool_fetch() {
+	(cd "$out" && apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; })
+	dpkg-deb -x "$out"/prometheus_*.deb "$out/root"
+	cp "$out/root/usr/bin/promtool" "$out/promtool"
+	"$out/promtool" --version 2>&1 | head -1 >"$out/VERSION"
+	rm -rf "$out/root" "$out"/prometheus_*.deb
+}
+
 t0=$(date +%s)
 [ -x "$cache/vault-$VAULT_VERSION/vault" ] || { log "building vault $VAULT_VERSION (cold: ~10 min)"; rm -rf "$cache/vault-$VAULT_VERSION"; build_to "$cache/vault-$VAULT_VERSION" vault_build; }
 [ -x "$cache/etcd-$ETCD_VERSION/etcd" ] || { log "building etcd $ETCD_VERSION"; rm -rf "$cache/etcd-$ETCD_VERSION"; build_to "$cache/etcd-$ETCD_VERSION" etcd_build; }
 [ -x "$cache/kube-$KUBE_VERSION/kube-apiserver" ] || { log "building kube-apiserver and kube-controller-manager $KUBE_VERSION (cold: ~10 min)"; rm -rf "$cache/kube-$KUBE_VERSION"; build_to "$cache/kube-$KUBE_VERSION" kube_build; }
 [ -x "$cache/seaweedfs-$SEAWEEDFS_VERSION/weed" ] || { log "building SeaweedFS $SEAWEEDFS_VERSION (cold: ~5 min)"; rm -rf "$cache/seaweedfs-$SEAWEEDFS_VERSION"; build_to "$cache/seaweedfs-$SEAWEEDFS_VERSION" weed_build; }
+[ -x "$cache/mailpit-$MAILPIT_VERSION/mailpit" ] || { log "building mailpit $MAILPIT_VERSION (cold: ~5 min)"; rm -rf "$cache/mailpit-$MAILPIT_VERSION"; build_to "$cache/mailpit-$MAILPIT_VERSION" mailpit_build; }
+[ -x "$cache/promtool/promtool" ] || { log "fetching promtool (Debian's prometheus package)"; rm -rf "$cache/promtool"; build_to "$cache/promtool" promtool_fetch; }
 rm -rf "$cache"/*.tmp.* 2>/dev/null || true
 log "ready in $(( $(date +%s) - t0 ))s: $cache"
 echo "$cache"

@@ -18,7 +18,8 @@ fail() { echo "test-deb: FAIL: $*" >&2; dpkg -P pve-vault-agent >/dev/null 2>&1 
 
 dpkg -i "$deb" >/dev/null
 /usr/bin/pve-vault-agent version >/dev/null || fail "installed binary does not run"
-for f in /lib/systemd/system/pve-vault-agent.service /lib/systemd/system/pve-vault-agent-backup.timer /usr/share/doc/pve-vault-agent/config.example.yaml /usr/share/doc/pve-vault-agent/values.example.yaml; do
+for f in /lib/systemd/system/pve-vault-agent.service /lib/systemd/system/pve-vault-agent-backup.timer /usr/share/doc/pve-vault-agent/config.example.yaml /usr/share/doc/pve-vault-agent/values.example.yaml \
+	/usr/share/pve-vault-agent/prometheus/pve-vault-agent.rules.yml /usr/share/pve-vault-agent/grafana/pve-vault-agent.json; do
 	[ -f "$f" ] || fail "$f not installed"
 done
 [ "$(stat -c %a /etc/pve-vault-agent/credentials)" = 700 ] || fail "credential directory is not 0700"

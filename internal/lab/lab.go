@@ -34,6 +34,7 @@ var (
 	EtcdVersion  = version("ETCD_VERSION")
 	// SeaweedFSVersion is the S3-compatible server's module version.
 	SeaweedFSVersion = version("SEAWEEDFS_VERSION")
+	MailpitVersion   = version("MAILPIT_VERSION")
 )
 
 //go:embed versions.env
@@ -66,6 +67,8 @@ type Bins struct {
 	KubeControllerManager string
 	SSHD                  string
 	Weed                  string // SeaweedFS, the lab's S3 server
+	Mailpit               string // the lab's SMTP server
+	Promtool              string // Prometheus' rule checker and rule unit tests (Debian's prometheus package)
 	SSHKeygen             string
 	SystemdCreds          string
 	IP                    string // iproute2, for network namespaces
@@ -97,9 +100,11 @@ func FindBins() (Bins, error) {
 		KubeControllerManager: filepath.Join(c, "kube-"+KubeVersion, "kube-controller-manager"),
 		SSHD:                  "/usr/sbin/sshd",
 		Weed:                  filepath.Join(c, "seaweedfs-"+SeaweedFSVersion, "weed"),
+		Mailpit:               filepath.Join(c, "mailpit-"+MailpitVersion, "mailpit"),
+		Promtool:              filepath.Join(c, "promtool", "promtool"),
 	}
 	var missing []string
-	for _, p := range []string{b.Vault, b.Etcd, b.KubeAPIServer, b.KubeControllerManager, b.SSHD, b.Weed} {
+	for _, p := range []string{b.Vault, b.Etcd, b.KubeAPIServer, b.KubeControllerManager, b.SSHD, b.Weed, b.Mailpit, b.Promtool} {
 		if fi, err := os.Stat(p); err != nil || fi.Mode()&0o111 == 0 {
 			missing = append(missing, p)
 		}
@@ -112,8 +117,8 @@ func FindBins() (Bins, error) {
 		*dst = p
 	}
 	if len(missing) > 0 {
-		return b, fmt.Errorf("lab prerequisites missing: %s; run `make lab-bins` (installs openssh-server and builds Vault %s, etcd %s, Kubernetes %s, SeaweedFS %s into %s)",
-			strings.Join(missing, ", "), VaultVersion, EtcdVersion, KubeVersion, SeaweedFSVersion, c)
+		return b, fmt.Errorf("lab prerequisites missing: %s; run `make lab-bins` (installs openssh-server and promtool, builds Vault %s, etcd %s, Kubernetes %s, SeaweedFS %s, Mailpit %s into %s)",
+			strings.Join(missing, ", "), VaultVersion, EtcdVersion, KubeVersion, SeaweedFSVersion, MailpitVersion, c)
 	}
 	return b, nil
 }
