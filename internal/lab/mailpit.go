@@ -34,26 +34,38 @@ type Mailpit struct {
 // StartMailpit starts Mailpit until the test ends.
 func StartMailpit(t testing.TB, bins Bins, tlsMode string) *Mailpit {
 	t.Helper()
-	dir := t.TempDir()
-	ca, err := NewCA("pva-lab-mail-ca")
+	m, err := NewMailpit(t.TempDir(), bins, tlsMode)
 	if err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(m.Stop)
+	return m
+}
+
+// NewMailpit starts Mailpit with its state in dir; Stop ends it.
+func NewMailpit(dir string, bins Bins, tlsMode string) (*Mailpit, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	ca, err := NewCA("pva-lab-mail-ca")
+	if err != nil {
+		return nil, err
+	}
 	kp, err := ca.Issue("127.0.0.1", nil, []string{"127.0.0.1", "localhost"}, true)
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	m := &Mailpit{Host: "127.0.0.1", CAFile: filepath.Join(dir, "ca.pem"), User: "pva", Password: "mail-" + RunID() + "-password", bin: bins.Mailpit, dir: dir}
 	if err := writeFiles(dir, map[string][]byte{"ca.pem": ca.CertPEM, "smtp.crt": kp.CertPEM, "smtp.key": kp.KeyPEM,
 		"auth": []byte(m.User + ":" + m.Password + "\n")}); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	if m.Port, err = FreePort("127.0.0.1"); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	apiPort, err := FreePort("127.0.0.1")
 	if err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
 	m.api = "http://127.0.0.1:" + strconv.Itoa(apiPort)
 	m.args = []string{"--smtp", net.JoinHostPort(m.Host, strconv.Itoa(m.Port)), "--listen", "127.0.0.1:" + strconv.Itoa(apiPort),
@@ -68,10 +80,9 @@ func StartMailpit(t testing.TB, bins Bins, tlsMode string) *Mailpit {
 		m.args = append(m.args, "--smtp-auth-allow-insecure")
 	}
 	if err := m.Start(); err != nil {
-		t.Fatal(err)
+		return nil, err
 	}
-	t.Cleanup(m.Stop)
-	return m
+	return m, nil
 }
 
 // Start starts (or starts again) the server with its messages kept.

@@ -53,7 +53,7 @@ func (m Message) Body() string {
 	b.WriteString(m.Text)
 	b.WriteString("\n\n")
 	fmt.Fprintf(&b, "host: %s\nevent: %s\nsubject: %s\nstate: %s\nat: %s\n", m.Host, m.Event, m.Subject, m.Kind, m.At.UTC().Format(time.RFC3339))
-	if !m.Since.IsZero() {
+	if !m.Since.IsZero() && m.Kind != Failing {
 		fmt.Fprintf(&b, "failing since: %s (%s)\n", m.Since.UTC().Format(time.RFC3339), m.At.Sub(m.Since).Round(time.Second))
 	}
 	if m.Dropped > 0 {

@@ -32,6 +32,9 @@ func TestDemoLifecycle(t *testing.T) {
 		// The lab runs Vault's listener without TLS: status warns about it, and nothing
 		// needs attention.
 		"nothing needs attention; ",
+		// The last act: S3 down, the failure mailed and read back, the recovery mailed.
+		"mail read back from the server", "Subject: [pve-vault-agent pve1] FAILING: offsite s3",
+		"the push to off-host target s3 failed", "Subject: [pve-vault-agent pve1] recovered: offsite s3",
 	} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("demo output lacks %q", want)
@@ -39,6 +42,9 @@ func TestDemoLifecycle(t *testing.T) {
 	}
 	if strings.Contains(out.String(), "FAILED") {
 		t.Errorf("a demo step failed:\n%s", out.String())
+	}
+	if i := strings.Index(out.String(), "mail read back from the server"); i >= 0 {
+		t.Logf("the mail act:\n%s", out.String()[i:min(len(out.String()), i+1200)])
 	}
 }
 

@@ -185,6 +185,7 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 		pve     *lab.PVE
 		pods    *lab.VaultPods
 		s3      *lab.S3
+		mail    *lab.Mailpit
 		daemon  *exec.Cmd
 		rebuilt time.Time
 		// manifestKey is the fingerprint init printed, as the operator wrote it down.
@@ -315,8 +316,14 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 			d.say("S3 endpoint %s, bucket %s", s3.Endpoint, s3.Bucket)
 			return nil
 		}},
-		{"write the agent's configuration for the lab (node = VMID 201, data in " + hostPath + ", the real hashicorp/vault chart 0.34.1, copies to S3)", func() error {
-			return writeConfig(dir, hostPath, chart, cp, node, pve, s3, identity, tokenID, tokenSecret)
+		{"start a mail server (Mailpit: STARTTLS, a login) for the operator's notifications", func() (err error) {
+			if mail, err = lab.NewMailpit(filepath.Join(dir, "mail"), bins, "starttls"); err == nil {
+				cleanup = append(cleanup, mail.Stop)
+			}
+			return err
+		}},
+		{"write the agent's configuration for the lab (node = VMID 201, data in " + hostPath + ", the real hashicorp/vault chart 0.34.1, copies to S3, failures mailed)", func() error {
+			return writeConfig(dir, hostPath, chart, cp, node, pve, s3, mail, identity, tokenID, tokenSecret)
 		}},
 		{"pve-vault-agent rbac: the Kubernetes accounts the agent needs (operate for the daemon, install for changing the release), applied once by the cluster's admin; the configuration takes their kubeconfigs (pve-vault-agent rbac kubeconfig)", func() error {
 			return d.useAgentAccounts(ctx, cfgPath, cp.Kubeconfig)
@@ -472,6 +479,32 @@ func run(ctx context.Context, args []string, out io.Writer) int {
 				return err
 			})
 		}},
+		{"\"off-host target down\": S3 stopped, a backup every 5 s (snapshots.schedule, systemctl reload); the daemon stores each here, the push fails, and the operator gets one mail", func() error {
+			s3.Stop()
+			if err := setSchedule(cfgPath, "'@every 5s'"); err != nil {
+				return err
+			}
+			if err := daemon.Process.Signal(syscall.SIGHUP); err != nil {
+				return err
+			}
+			m, err := waitMail(ctx, mail, "FAILING: offsite s3")
+			if err != nil {
+				return err
+			}
+			d.say("mail read back from the server:\n\nSubject: %s\n\n%s", m.Subject, strings.TrimSpace(m.Text))
+			return nil
+		}},
+		{"S3 back: the next backup pushes what it lacks, and the recovery is mailed too", func() error {
+			if err := s3.Start(ctx); err != nil {
+				return err
+			}
+			m, err := waitMail(ctx, mail, "recovered: offsite s3")
+			if err != nil {
+				return err
+			}
+			d.say("Subject: %s", m.Subject)
+			return setSchedule(cfgPath, "6h")
+		}},
 	}
 	steps := append(setup, lifecycle...)
 	if *adopt {
@@ -514,7 +547,7 @@ server:
     initialDelaySeconds: 60
 `
 
-func writeConfig(dir, hostPath, chartPath string, cp *lab.ControlPlane, node *lab.SSHD, pve *lab.PVE, s3 *lab.S3, identity, tokenID, tokenSecret string) error {
+func writeConfig(dir, hostPath, chartPath string, cp *lab.ControlPlane, node *lab.SSHD, pve *lab.PVE, s3 *lab.S3, mail *lab.Mailpit, identity, tokenID, tokenSecret string) error {
 	id, err := age.GenerateX25519Identity()
 	if err != nil {
 		return err
@@ -539,6 +572,10 @@ func writeConfig(dir, hostPath, chartPath string, cp *lab.ControlPlane, node *la
 	}
 	known := filepath.Join(dir, "known_hosts")
 	if err := node.WriteKnownHosts(known); err != nil {
+		return err
+	}
+	mailPassword := filepath.Join(dir, "smtp-password")
+	if err := os.WriteFile(mailPassword, []byte(mail.Password+"\n"), 0o600); err != nil {
 		return err
 	}
 	cfg := fmt.Sprintf(`proxmox:
@@ -574,9 +611,53 @@ vault:
   token_period: 1h
 metrics:
   listen: 127.0.0.1:0
+notify:
+  token_ttl_below: 20m
+  targets:
+    - {name: mail, type: smtp, host: %s, port: %d, tls: starttls, ca_file: %s, username: %s, password: {file: %s}, from: pve-vault-agent@lab.test, to: [ops@lab.test]}
 `, pve.URL, tokenID, secretFile, pve.CAFile, hostPath, node.Port, node.ClientKeyPath, known, cp.Kubeconfig,
-		chartPath, valuesFile, filepath.Join(dir, "charts"), s3.Endpoint, s3.Bucket, ak, sk, id.Recipient().String(), filepath.Join(dir, "state", "unseal.cred"))
+		chartPath, valuesFile, filepath.Join(dir, "charts"), s3.Endpoint, s3.Bucket, ak, sk, id.Recipient().String(), filepath.Join(dir, "state", "unseal.cred"),
+		mail.Host, mail.Port, mail.CAFile, mail.User, mailPassword)
 	return os.WriteFile(filepath.Join(dir, "config.yaml"), []byte(cfg), 0o600)
+}
+
+// setSchedule rewrites snapshots.schedule in the configuration (the daemon reads it on
+// SIGHUP).
+func setSchedule(cfgPath, schedule string) error {
+	b, err := os.ReadFile(cfgPath)
+	if err != nil {
+		return err
+	}
+	var out []string
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "  schedule: ") {
+			continue
+		}
+		out = append(out, l)
+		if l == "snapshots:" {
+			out = append(out, "  schedule: "+schedule)
+		}
+	}
+	return os.WriteFile(cfgPath, []byte(strings.Join(out, "\n")), 0o600)
+}
+
+// waitMail waits for a mail whose subject holds want.
+func waitMail(ctx context.Context, m *lab.Mailpit, want string) (lab.Mail, error) {
+	var got lab.Mail
+	err := lab.WaitFor(ctx, 90*time.Second, "a mail "+want, func(ctx context.Context) error {
+		ms, err := m.Messages(ctx)
+		if err != nil {
+			return err
+		}
+		for _, x := range ms {
+			if strings.Contains(x.Subject, want) {
+				got = x
+				return nil
+			}
+		}
+		return fmt.Errorf("%d mails, none %q", len(ms), want)
+	})
+	return got, err
 }
 
 // sealedAt reads sys/seal-status directly.
