@@ -333,13 +333,7 @@ func (c *Config) validateSnapshots(p *problems) {
 	seen := map[string]bool{}
 	for i, t := range s.Targets {
 		at := fmt.Sprintf("snapshots.targets[%d]", i)
-		switch {
-		case !dns1123Re.MatchString(t.Name) || len(t.Name) > 40:
-			p.add(at+".name", fmt.Sprintf("%q is not a target name", t.Name), "lowercase letters, digits and '-', e.g. nas or offsite-s3")
-		case seen[t.Name]:
-			p.add(at+".name", fmt.Sprintf("%q is used twice", t.Name), "give each target its own name")
-		}
-		seen[t.Name] = true
+		validateTargetName(p, at, t.Name, seen, "nas or offsite-s3")
 		switch t.Type {
 		case "dir":
 			if !filepath.IsAbs(t.Path) {
@@ -377,6 +371,17 @@ func (c *Config) validateSnapshots(p *problems) {
 		p.add("vault.recovery_recipient", "required with snapshots.targets: copies leave the host encrypted to it",
 			"the age public key (age1…) of the operator's offline key; create it offline with age-keygen")
 	}
+}
+
+// validateTargetName checks a target's name: a short DNS label, not used before.
+func validateTargetName(p *problems, at, name string, seen map[string]bool, example string) {
+	switch {
+	case !dns1123Re.MatchString(name) || len(name) > 40:
+		p.add(at+".name", fmt.Sprintf("%q is not a target name", name), "lowercase letters, digits and '-', e.g. "+example)
+	case seen[name]:
+		p.add(at+".name", fmt.Sprintf("%q is used twice", name), "give each target its own name")
+	}
+	seen[name] = true
 }
 
 func validateRetention(p *problems, at string, r Retention) {
@@ -472,13 +477,7 @@ func (c *Config) validateNotify(p *problems) {
 	seen := map[string]bool{}
 	for i, t := range n.Targets {
 		at := fmt.Sprintf("notify.targets[%d]", i)
-		switch {
-		case !dns1123Re.MatchString(t.Name) || len(t.Name) > 40:
-			p.add(at+".name", fmt.Sprintf("%q is not a target name", t.Name), "lowercase letters, digits and '-', e.g. mail or phone")
-		case seen[t.Name]:
-			p.add(at+".name", fmt.Sprintf("%q is used twice", t.Name), "give each target its own name")
-		}
-		seen[t.Name] = true
+		validateTargetName(p, at, t.Name, seen, "mail or phone")
 		if t.CAFile != "" && !filepath.IsAbs(t.CAFile) {
 			p.add(at+".ca_file", "must be an absolute path", "the PEM of the CA that signed the server's certificate")
 		}

@@ -93,27 +93,20 @@ kube_build() {
 		-o "$out/" k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
 }
 
-# --- SeaweedFS ------------------------------------------------------------------
-weed_build() {
-	local src
-	go mod download "github.com/seaweedfs/seaweedfs@v$SEAWEEDFS_VERSION"
-	src="$out/src"
-	cp -r "$(go env GOMODCACHE)/github.com/seaweedfs/seaweedfs@v$SEAWEEDFS_VERSION" "$src"
+# module_build MODULE VERSION PACKAGE BINARY: builds a module's main package from a copy
+# of its published source, with its own go.mod (replaces included).
+module_build() {
+	local mod=$1 ver=$2 pkg=$3 bin=$4 src="$out/src"
+	go mod download "$mod@v$ver"
+	cp -r "$(go env GOMODCACHE)/$mod@v$ver" "$src"
 	chmod -R u+w "$src"
-	(cd "$src" && go build -trimpath -ldflags="-s -w" -o "$out/weed" ./weed)
+	(cd "$src" && go build -trimpath -ldflags="-s -w" -o "$out/$bin" "$pkg")
 	rm -rf "$src"
 }
 
-# --- Mailpit ---------------------------------------------------------------------
-mailpit_build() {
-	local src
-	go mod download "github.com/axllent/mailpit@v$MAILPIT_VERSION"
-	src="$out/src"
-	cp -r "$(go env GOMODCACHE)/github.com/axllent/mailpit@v$MAILPIT_VERSION" "$src"
-	chmod -R u+w "$src"
-	(cd "$src" && go build -trimpath -ldflags="-s -w" -o "$out/mailpit" .)
-	rm -rf "$src"
-}
+# --- SeaweedFS and Mailpit ---------------------------------------------------------
+weed_build() { module_build github.com/seaweedfs/seaweedfs "$SEAWEEDFS_VERSION" ./weed weed; }
+mailpit_build() { module_build github.com/axllent/mailpit "$MAILPIT_VERSION" . mailpit; }
 
 # --- promtool (Debian's prometheus package, extracted) ----------------------------
 promtool_fetch() {

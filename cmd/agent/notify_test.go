@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -266,20 +265,7 @@ func TestDaemonTellsTheOperator(t *testing.T) {
 
 	// A mail server that accepts and then says nothing: unsealing is not held up.
 	nl.mail.Stop()
-	hung, err := net.Listen("tcp", fmt.Sprintf("127.0.0.1:%d", nl.mail.Port))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer hung.Close()
-	go func() {
-		for {
-			c, err := hung.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
+	hung := lab.ListenSilent(t, fmt.Sprintf("127.0.0.1:%d", nl.mail.Port))
 	os.WriteFile(nl.keyfile, foreign, 0o600) // one more failure, so a mail is in flight
 	d.cmd.Process.Signal(syscall.SIGHUP)
 	restart()

@@ -63,23 +63,9 @@ func TestSMTPModes(t *testing.T) {
 	}
 
 	// A server that accepts the connection and never speaks.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
-	port := l.Addr().(*net.TCPAddr).Port
+	port := lab.ListenSilent(t, "127.0.0.1:0").Addr().(*net.TCPAddr).Port
 	t0 := time.Now()
-	err = send(&SMTP{Target: "hung", Host: "127.0.0.1", Port: port, TLS: "starttls", Username: "u", Password: "hung-password", From: "a@b", To: []string{"c@d"}})
+	err := send(&SMTP{Target: "hung", Host: "127.0.0.1", Port: port, TLS: "starttls", Username: "u", Password: "hung-password", From: "a@b", To: []string{"c@d"}})
 	if err == nil || time.Since(t0) > 4*time.Second || strings.Contains(err.Error(), "hung-password") {
 		t.Fatalf("hung server: %v after %s", err, time.Since(t0))
 	}
