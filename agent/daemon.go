@@ -88,7 +88,7 @@ func Run(ctx context.Context, opts DaemonOptions) error {
 	stopAlerts := d.startAlerts(env, am)
 	defer stopAlerts()
 	if err := d.configure(ctx, env); err != nil {
-		d.alerts.Failing("keyfile", env.Keyfile.String(), "the daemon cannot start: "+err.Error())
+		d.alerts.Failing("start", "daemon", "the daemon cannot start: "+err.Error())
 		return err
 	}
 	d.noteUncleanExit(env)
@@ -238,6 +238,9 @@ func (d *daemon) configure(ctx context.Context, env *Env) error {
 	if _, err := env.Pods(); err != nil {
 		return err
 	}
+	if kf != nil {
+		d.alerts.OK("keyfile", env.Keyfile.String(), "the keyfile is there and opens (keyset "+kf.Keyset.Fingerprint()+")")
+	}
 	d.metrics.backupPeriod.Set(schedulePeriod(env.Config.Snapshots.Schedule))
 	d.metrics.drillPeriod.Set(schedulePeriod(env.Config.Snapshots.DrillSchedule))
 	d.mu.Lock()
@@ -312,11 +315,12 @@ func (d *daemon) pickUpKeyfile(ctx context.Context) {
 func (d *daemon) reload(ctx context.Context) {
 	env, err := d.opts.Load()
 	if err == nil {
-		var kf *vault.Keyfile
-		kf, err = env.Keyfile.Read(ctx)
-		if err == nil || errors.Is(err, vault.ErrNoKeyfile) {
-			_ = kf
+		_, err = env.Keyfile.Read(ctx)
+		switch {
+		case err == nil || errors.Is(err, vault.ErrNoKeyfile):
 			err = nil
+		default:
+			d.alerts.Failing("keyfile", env.Keyfile.String(), "the keyfile cannot be opened: "+err.Error()+". The daemon keeps unsealing with the one it read before.")
 		}
 	}
 	if err != nil {
