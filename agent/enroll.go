@@ -31,11 +31,24 @@ type EnrollReport struct {
 // enrollScript seals its standard input on the host it runs on with that host's own
 // systemd-creds key, into a temporary file beside $1; decrypts it again and compares the
 // SHA-256 with $3 (the plaintext never leaves the pipe); and only then renames it over
-// $1. A failure leaves what was at $1 as it was.
+// $1. A file already at $1 is replaced only when it is a keyfile of the same keyset ($5,
+// a fingerprint: not a secret). A failure leaves what was at $1 as it was.
 const enrollScript = `set -eu
 umask 077
-path=$1 key=$2 want=$3 name=$4
+path=$1 key=$2 want=$3 name=$4 keyset=$5
 dir=$(dirname -- "$path")
+if [ -e "$path" ]; then
+	# Never over a keyfile the agent did not put there: what is there must open with this
+	# host's key and hold the same keyset (a token rotation rewrites it, nothing else).
+	if ! old=$(systemd-creds decrypt --name="$name" "$path" - | grep -o '"keyset_fingerprint":"[^"]*"'); then
+		echo "$path is there and does not open with this host's key as a keyfile: move it away first if it is not needed" >&2
+		exit 5
+	fi
+	if [ "$old" != "\"keyset_fingerprint\":\"$keyset\"" ]; then
+		echo "$path holds another Vault's keyfile ($old): not replaced; move it away first if that Vault is gone" >&2
+		exit 4
+	fi
+fi
 mkdir -p -- "$dir"
 tmp=$(mktemp "$dir/.keyfile-enroll-XXXXXX")
 trap 'rm -f -- "$tmp"' EXIT
@@ -134,7 +147,12 @@ func EnrollKeyfile(ctx context.Context, env *Env, host string, opts EnrollOption
 	defer conn.Close()
 	path := env.hostKeyfilePath(h)
 	key := env.Config.Vault.SystemdCredsKey
-	if _, err := conn.RunInput(ctx, "keyfile enroll", enrollScript, bytes.NewReader(plain), path, key, digest, vault.CredentialName); err != nil {
+	if _, err := conn.RunInput(ctx, "keyfile enroll", enrollScript, bytes.NewReader(plain), path, key, digest, vault.CredentialName, kf.Keyset.Fingerprint()); err != nil {
+		var re *provision.RunError
+		if errors.As(err, &re) && (re.Status == 4 || re.Status == 5) {
+			return nil, hintf("look at that file on "+h.Name+"; enroll never replaces a file it cannot prove is this Vault's keyfile",
+				"keyfile enroll %s: %s", h.Name, strings.TrimSpace(re.Stderr))
+		}
 		return nil, withHint(fmt.Errorf("seal the keyfile on %s: %w", h.Name, err),
 			"the host needs systemd-creds (systemd ≥ 250) and root over SSH (or ssh.sudo); what was at %s there is unchanged", path)
 	}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -245,6 +246,26 @@ func TestThreeAgentsOneVault(t *testing.T) {
 	}
 	if r := c.run(t, a, "keyfile", "enroll", "pve-x"); r.code == 0 || !strings.Contains(r.stderr, "one of: pve-a, pve-b, pve-c") {
 		t.Fatalf("enroll an unknown host: %d %s", r.code, r.stderr)
+	}
+	// Never over a file enroll cannot prove is this Vault's keyfile: another Vault's
+	// keyfile on pve-c (sealed with pve-c's key), something else on pve-b.
+	os.MkdirAll(filepath.Dir(cc.keyfile), 0o700)
+	seal := exec.Command("systemd-creds", "encrypt", "--name="+vault.CredentialName, "--with-key=host", "-", cc.keyfile)
+	seal.Env = append(os.Environ(), "SYSTEMD_CREDENTIAL_SECRET="+cc.secret)
+	seal.Stdin = strings.NewReader(`{"version":2,"keyset_fingerprint":"sha256:0123456789abcdef"}`)
+	if out, err := seal.CombinedOutput(); err != nil {
+		t.Fatalf("seal another Vault's keyfile on pve-c: %v %s", err, out)
+	}
+	os.MkdirAll(filepath.Dir(b.keyfile), 0o700)
+	os.WriteFile(b.keyfile, []byte("the operator's own file\n"), 0o600)
+	for h, want := range map[*pveHost]string{cc: "holds another Vault's keyfile", b: "does not open with this host's key"} {
+		before, _ := os.ReadFile(h.keyfile)
+		r := c.run(t, a, "keyfile", "enroll", h.name)
+		after, _ := os.ReadFile(h.keyfile)
+		if r.code == 0 || !strings.Contains(r.stderr, want) || !bytes.Equal(before, after) {
+			t.Fatalf("enroll over what is at %s: %d, changed %v\n%s", h.keyfile, r.code, !bytes.Equal(before, after), r.stderr)
+		}
+		os.Remove(h.keyfile)
 	}
 	for _, h := range []*pveHost{b, cc} {
 		if r := c.run(t, a, "keyfile", "enroll", h.name); r.code != 0 || !strings.Contains(r.stdout, "keyfile sealed on "+h.name) {
