@@ -94,7 +94,7 @@ func newAlertMetrics() *alertMetrics {
 	return &alertMetrics{
 		sent:    prometheus.NewCounterVec(prometheus.CounterOpts{Name: "pva_notify_sent_total", Help: "Notifications delivered, per target."}, []string{"target"}),
 		failed:  prometheus.NewCounterVec(prometheus.CounterOpts{Name: "pva_notify_failures_total", Help: "Notifications a target did not take (down, refused, timed out)."}, []string{"target"}),
-		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "pva_notify_dropped_total", Help: "Notifications dropped by notify.max_per_hour or a full queue.", ConstLabels: nil}, []string{"target", "reason"}),
+		dropped: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "pva_notify_dropped_total", Help: "Notifications dropped by notify.max_per_hour or a full queue."}, []string{"target", "reason"}),
 	}
 }
 

@@ -147,8 +147,7 @@ func schedulePeriod(spec string) float64 {
 	if err != nil {
 		return 0
 	}
-	next := s.Next(time.Now())
-	return s.Next(next).Sub(next).Seconds()
+	return periodOf(s, time.Now()).Seconds()
 }
 
 // metricsMaxConns bounds concurrent scrapes: idle or slow clients cannot exhaust the

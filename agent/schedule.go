@@ -41,8 +41,13 @@ func retryBackoff(s configs.Schedule, now time.Time, prev time.Duration) time.Du
 	if prev > 0 {
 		return min(2*prev, 15*time.Minute)
 	}
-	period := s.Next(s.Next(now)).Sub(s.Next(now))
-	return min(max(period/4, time.Second), time.Minute)
+	return min(max(periodOf(s, now)/4, time.Second), time.Minute)
+}
+
+// periodOf is the spacing of a schedule's next two slots after now.
+func periodOf(s configs.Schedule, now time.Time) time.Duration {
+	next := s.Next(now)
+	return s.Next(next).Sub(next)
 }
 
 // runBackups is the daemon's backup schedule: it sleeps until NextRun, takes a backup,
