@@ -16,6 +16,7 @@
 package configs
 
 import (
+	"strings"
 	"time"
 )
 
@@ -32,6 +33,7 @@ type Config struct {
 	SSH        SSH        `mapstructure:"ssh" json:"ssh"`
 	Kubernetes Kubernetes `mapstructure:"kubernetes" json:"kubernetes"`
 	Chart      Chart      `mapstructure:"chart" json:"chart"`
+	Install    Install    `mapstructure:"install" json:"install"`
 	Vault      Vault      `mapstructure:"vault" json:"vault"`
 	Snapshots  Snapshots  `mapstructure:"snapshots" json:"snapshots"`
 	Metrics    Metrics    `mapstructure:"metrics" json:"metrics"`
@@ -126,6 +128,34 @@ type Chart struct {
 	ValuesFiles []string      `mapstructure:"values_files" json:"values_files"`
 	CacheDir    string        `mapstructure:"cache_dir" json:"cache_dir"`
 	Timeout     time.Duration `mapstructure:"timeout" json:"timeout"`
+}
+
+// Who changes the Helm release.
+const (
+	ManagedByAgent    = "agent"    // install, upgrade and recover run Helm
+	ManagedByFlux     = "flux"     // a Flux HelmRelease installs and upgrades it from git
+	ManagedByArgoCD   = "argocd"   // an Argo CD Application applies it from git
+	ManagedByExternal = "external" // something else (helm by hand, a pipeline)
+)
+
+// Install says who owns the Helm release. With anything but agent the agent never runs
+// Helm: it provisions, unseals, backs up, drills and recovers around the release that
+// git (Flux, Argo CD) or the operator keeps, and `render` prints what to commit.
+type Install struct {
+	// ManagedBy: agent, flux, argocd or external.
+	ManagedBy string `mapstructure:"managed_by" json:"managed_by"`
+	// HelmRelease is the Flux HelmRelease, "namespace/name": what `render --flux`
+	// writes and what recover and restore suspend while they work. Empty:
+	// chart.namespace/chart.release.
+	HelmRelease string `mapstructure:"helmrelease" json:"helmrelease"`
+}
+
+// FluxHelmRelease is the HelmRelease's namespace and name.
+func (c *Config) FluxHelmRelease() (namespace, name string) {
+	if ns, n, ok := strings.Cut(c.Install.HelmRelease, "/"); ok {
+		return ns, n
+	}
+	return c.Chart.Namespace, c.Chart.Release
 }
 
 // Vault is how the agent talks to Vault and keeps its keys.
@@ -337,6 +367,7 @@ func Defaults() Config {
 			CacheDir:   "/var/cache/pve-vault-agent/charts",
 			Timeout:    5 * time.Minute,
 		},
+		Install: Install{ManagedBy: ManagedByAgent},
 		Vault: Vault{
 			UID:             100,
 			GID:             100,

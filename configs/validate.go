@@ -45,6 +45,7 @@ func (c *Config) validate() []*FieldError {
 	c.validateSSH(&p)
 	c.validateKubernetes(&p)
 	c.validateChart(&p)
+	c.validateInstall(&p)
 	c.validateVault(&p)
 	c.validateSnapshots(&p)
 	c.validateCluster(&p)
@@ -228,6 +229,20 @@ func (c *Config) validateChart(p *problems) {
 	}
 	if ch.Timeout <= 0 {
 		p.add("chart.timeout", "must be positive", `e.g. "5m"`)
+	}
+}
+
+func (c *Config) validateInstall(p *problems) {
+	switch c.Install.ManagedBy {
+	case ManagedByAgent, ManagedByFlux, ManagedByArgoCD, ManagedByExternal:
+	default:
+		p.add("install.managed_by", fmt.Sprintf("%q is not agent, flux, argocd or external", c.Install.ManagedBy), "agent: install and upgrade run Helm; flux or argocd: git owns the release (pve-vault-agent render prints what to commit)")
+	}
+	if hr := c.Install.HelmRelease; hr != "" {
+		ns, name, ok := strings.Cut(hr, "/")
+		if !ok || !dns1123Re.MatchString(ns) || !dns1123Re.MatchString(name) {
+			p.add("install.helmrelease", fmt.Sprintf("%q is not namespace/name", hr), "the Flux HelmRelease, e.g. flux-system/vault; empty: chart.namespace/chart.release")
+		}
 	}
 }
 

@@ -54,6 +54,10 @@ type RBACSpec struct {
 	// Lease is the Lease the agents of a Proxmox cluster elect their leader with (empty:
 	// one agent, no election).
 	Lease string
+	// HelmRelease is the name of the Flux HelmRelease that owns the release (empty: not
+	// managed by Flux). It may live in another namespace (flux-system): its rules are
+	// cluster rules narrowed to that name.
+	HelmRelease string
 }
 
 func rule(cluster bool, groups, resources, names, verbs []string, flow, why string) Rule {
@@ -66,6 +70,7 @@ var (
 	netw   = []string{"networking.k8s.io"}
 	rbac   = []string{"rbac.authorization.k8s.io"}
 	policy = []string{"policy"}
+	flux   = []string{"helm.toolkit.fluxcd.io"}
 )
 
 // Rules are a role's rules for spec.
@@ -95,6 +100,9 @@ func Rules(role string, spec RBACSpec) []Rule {
 				rule(false, coord, []string{"leases"}, []string{spec.Lease}, []string{"get", "update"}, "lead", "hold and renew the leadership Lease of the agents on the Proxmox hosts"),
 				rule(false, coord, []string{"leases"}, nil, []string{"create"}, "lead", "the first agent creates the Lease (create cannot be narrowed to a name)"))
 		}
+		if spec.HelmRelease != "" {
+			out = append(out, rule(true, flux, []string{"helmreleases"}, []string{spec.HelmRelease}, []string{"get"}, "flux", "the Flux HelmRelease's Ready and suspend, for status and before a recover or restore"))
+		}
 		return out
 	}
 	sc := []string{StorageClassName(spec.Namespace, spec.Release)}
@@ -102,7 +110,7 @@ func Rules(role string, spec RBACSpec) []Rule {
 	out := []Rule{
 		rule(false, core, []string{"secrets"}, nil, []string{"get", "list", "create", "update", "delete"}, "install", "Helm keeps the release's history in Secrets of its namespace"),
 		rule(false, core, []string{"configmaps", "services", "serviceaccounts"}, nil, managed, "install", "the chart's ConfigMap, Services and ServiceAccount"),
-		rule(false, apps, []string{"statefulsets"}, nil, managed, "install", "the chart's StatefulSet"),
+		rule(false, apps, []string{"statefulsets"}, nil, append(managed, "list"), "install", "the chart's StatefulSet; list finds a Vault of another release in the namespace (install refuses to build a second one)"),
 		rule(false, policy, []string{"poddisruptionbudgets"}, nil, managed, "install", "the chart's PodDisruptionBudget (HA)"),
 		rule(false, rbac, []string{"roles", "rolebindings"}, nil, managed, "install", "the chart's service-discovery Role and its binding"),
 		rule(false, core, []string{"pods"}, nil, []string{"get", "list", "watch", "update", "patch", "delete"}, "install",
@@ -117,6 +125,9 @@ func Rules(role string, spec RBACSpec) []Rule {
 		rule(true, rbac, []string{"clusterrolebindings"}, []string{spec.Release + "-server-binding"}, []string{"get", "patch", "delete"}, "install", "the chart's auth-delegator binding"),
 		rule(true, rbac, []string{"clusterroles"}, []string{"system:auth-delegator"}, []string{"bind"}, "install", "bind the chart's ServiceAccount to system:auth-delegator (Vault's Kubernetes auth) without holding its rights"),
 		rule(true, []string{"scheduling.k8s.io"}, []string{"priorityclasses"}, nil, []string{"create"}, "install", "the drill's PriorityClass, made once so the operate role only reads it"),
+	}
+	if spec.HelmRelease != "" {
+		out = append(out, rule(true, flux, []string{"helmreleases"}, []string{spec.HelmRelease}, []string{"patch"}, "flux", "recover and restore suspend the Flux HelmRelease while they restore Vault's data, then resume it (spec.suspend, as flux suspend/resume do)"))
 	}
 	if spec.Injector {
 		inj := spec.Release + "-agent-injector"
@@ -273,6 +284,9 @@ type Forbidden struct {
 	// Escalation names the chart's object that would have granted more than the account
 	// holds.
 	Escalation string
+	// InClusterRole: the rule for this namespaced resource is a cluster rule of the
+	// agent's roles (an object of another namespace, such as Flux's HelmRelease).
+	InClusterRole bool
 }
 
 // ParseForbidden finds an RBAC refusal in an error's text (Helm wraps the API server's
@@ -301,7 +315,10 @@ func ParseForbidden(err error) (Forbidden, bool) {
 // Rule is the RBAC rule the refusal asks for, as a manifest line.
 func (f Forbidden) Rule() string {
 	scope := "the ClusterRole (a cluster-scoped object)"
-	if f.Namespace != "" {
+	switch {
+	case f.InClusterRole:
+		scope = "the ClusterRole (narrowed to the object's name: it lives in namespace " + f.Namespace + ")"
+	case f.Namespace != "":
 		scope = "the Role in namespace " + f.Namespace
 	}
 	resource, sub, _ := strings.Cut(f.Resource, "/")

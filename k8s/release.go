@@ -331,3 +331,25 @@ func Render(ch *chart.Chart, release, namespace string, values map[string]any) (
 	}
 	return rel.Manifest, nil
 }
+
+// ReleaseValues are the values the release's last revision was rendered with: the
+// chart's defaults with the values it was given over them (Helm's record; Flux keeps
+// the same record). An account that may not read Secrets is refused.
+func (c *Cluster) ReleaseValues(name string) (map[string]any, error) {
+	cfg, err := c.helm()
+	if err != nil {
+		return nil, err
+	}
+	rel, err := cfg.Releases.Last(name)
+	if err != nil {
+		return nil, fmt.Errorf("read release %s's values: %w", name, err)
+	}
+	if rel.Chart == nil {
+		return map[string]any(rel.Config), nil
+	}
+	vals, err := chartutil.CoalesceValues(rel.Chart, rel.Config)
+	if err != nil {
+		return nil, fmt.Errorf("release %s's values: %w", name, err)
+	}
+	return AsValuesFile(vals.AsMap())
+}

@@ -51,9 +51,33 @@ func ClaimName(release string, i int) string { return fmt.Sprintf("data-%s-%d", 
 // by a deleted PVC is made available to the new claim again. Returns the PV names.
 func (c *Cluster) EnsureStorage(ctx context.Context, spec StorageSpec) ([]string, error) {
 	ns := c.cfg.Namespace
+	sc, pvs, err := StorageObjects(ns, spec)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := c.Clients.StorageV1().StorageClasses().Apply(ctx, sc, metav1.ApplyOptions{FieldManager: FieldManager, Force: true}); err != nil {
+		return nil, fmt.Errorf("apply StorageClass %s: %w", *sc.Name, err)
+	}
+	var names []string
+	for i, pv := range pvs {
+		name := *pv.Name
+		if err := c.releaseStaleClaim(ctx, name, ClaimName(spec.Release, i)); err != nil {
+			return nil, err
+		}
+		if _, err := c.Clients.CoreV1().PersistentVolumes().Apply(ctx, pv, metav1.ApplyOptions{FieldManager: FieldManager, Force: true}); err != nil {
+			return nil, fmt.Errorf("apply PersistentVolume %s (node %s, %s): %w", name, spec.Volumes[i].Node, spec.Volumes[i].Path, err)
+		}
+		names = append(names, name)
+	}
+	return names, nil
+}
+
+// StorageObjects are the StorageClass and PersistentVolumes EnsureStorage applies for
+// a release in namespace ns (render writes them for git).
+func StorageObjects(ns string, spec StorageSpec) (*storagev1ac.StorageClassApplyConfiguration, []*corev1ac.PersistentVolumeApplyConfiguration, error) {
 	size, err := resource.ParseQuantity(spec.Size)
 	if err != nil {
-		return nil, fmt.Errorf("storage size %q: %w", spec.Size, err)
+		return nil, nil, fmt.Errorf("storage size %q: %w", spec.Size, err)
 	}
 	scName := StorageClassName(ns, spec.Release)
 	labels := map[string]string{"app.kubernetes.io/managed-by": FieldManager, "app.kubernetes.io/instance": spec.Release, "pva.io/namespace": ns}
@@ -62,17 +86,9 @@ func (c *Cluster) EnsureStorage(ctx context.Context, spec StorageSpec) ([]string
 		WithProvisioner("kubernetes.io/no-provisioner").
 		WithReclaimPolicy(corev1.PersistentVolumeReclaimRetain).
 		WithVolumeBindingMode("WaitForFirstConsumer")
-	if _, err := c.Clients.StorageV1().StorageClasses().Apply(ctx, sc, metav1.ApplyOptions{FieldManager: FieldManager, Force: true}); err != nil {
-		return nil, fmt.Errorf("apply StorageClass %s: %w", scName, err)
-	}
-	var names []string
+	var pvs []*corev1ac.PersistentVolumeApplyConfiguration
 	for i, v := range spec.Volumes {
-		name := PVName(ns, spec.Release, i)
-		claim := ClaimName(spec.Release, i)
-		if err := c.releaseStaleClaim(ctx, name, claim); err != nil {
-			return nil, err
-		}
-		pv := corev1ac.PersistentVolume(name).
+		pv := corev1ac.PersistentVolume(PVName(ns, spec.Release, i)).
 			WithLabels(labels).
 			WithSpec(corev1ac.PersistentVolumeSpec().
 				WithCapacity(corev1.ResourceList{corev1.ResourceStorage: size}).
@@ -81,16 +97,13 @@ func (c *Cluster) EnsureStorage(ctx context.Context, spec StorageSpec) ([]string
 				WithStorageClassName(scName).
 				WithVolumeMode(corev1.PersistentVolumeFilesystem).
 				WithLocal(corev1ac.LocalVolumeSource().WithPath(v.Path)).
-				WithClaimRef(corev1ac.ObjectReference().WithKind("PersistentVolumeClaim").WithAPIVersion("v1").WithNamespace(ns).WithName(claim)).
+				WithClaimRef(corev1ac.ObjectReference().WithKind("PersistentVolumeClaim").WithAPIVersion("v1").WithNamespace(ns).WithName(ClaimName(spec.Release, i))).
 				WithNodeAffinity(corev1ac.VolumeNodeAffinity().WithRequired(corev1ac.NodeSelector().WithNodeSelectorTerms(
 					corev1ac.NodeSelectorTerm().WithMatchExpressions(corev1ac.NodeSelectorRequirement().
 						WithKey("kubernetes.io/hostname").WithOperator(corev1.NodeSelectorOpIn).WithValues(v.Node))))))
-		if _, err := c.Clients.CoreV1().PersistentVolumes().Apply(ctx, pv, metav1.ApplyOptions{FieldManager: FieldManager, Force: true}); err != nil {
-			return nil, fmt.Errorf("apply PersistentVolume %s (node %s, %s): %w", name, v.Node, v.Path, err)
-		}
-		names = append(names, name)
+		pvs = append(pvs, pv)
 	}
-	return names, nil
+	return sc, pvs, nil
 }
 
 // releaseStaleClaim clears the claimRef UID of a Released PV whose PVC is gone or was

@@ -262,3 +262,48 @@ func LivenessWarning(path string) string {
 	}
 	return fmt.Sprintf("the liveness probe %s fails while Vault is sealed (503) or uninitialised (501): the kubelet restarts a pod that waits for its keys longer than the probe allows (the agent rides through it, but a pod waiting for init or a recover, or sealed while the agent is down, restarts in a loop); add &sealedcode=204&uninitcode=204 to its path so it fails only when Vault does not answer", path)
 }
+
+// ValueDrift is one value the agent requires that the live release does not have.
+type ValueDrift struct {
+	Key  string `json:"key"`
+	Live string `json:"live"` // "(unset)" when the release does not set it
+	Want string `json:"want"`
+}
+
+func (d ValueDrift) String() string {
+	return fmt.Sprintf("%s is %s, the agent requires %s", d.Key, d.Live, d.Want)
+}
+
+// Drift lists every leaf of want that live lacks or holds another value at, in key
+// order.
+func Drift(live, want map[string]any) []ValueDrift {
+	var out []ValueDrift
+	for _, path := range leafPaths(want) {
+		wv, _ := lookup(want, path)
+		lv, ok := lookup(live, path)
+		switch {
+		case !ok:
+			out = append(out, ValueDrift{Key: strings.Join(path, "."), Live: "(unset)", Want: render(wv)})
+		case !equalValue(lv, wv):
+			out = append(out, ValueDrift{Key: strings.Join(path, "."), Live: render(lv), Want: render(wv)})
+		}
+	}
+	return out
+}
+
+// YAMLStream writes objects (maps, API objects, apply configurations) as one YAML
+// stream, "---" between documents.
+func YAMLStream(objs ...any) ([]byte, error) {
+	var b strings.Builder
+	for i, o := range objs {
+		y, err := yaml.Marshal(o)
+		if err != nil {
+			return nil, err
+		}
+		if i > 0 {
+			b.WriteString("---\n")
+		}
+		b.Write(y)
+	}
+	return []byte(b.String()), nil
+}

@@ -73,3 +73,17 @@ func TestLivenessRestartsSealed(t *testing.T) {
 		t.Fatalf("disabled by a later file: %q", p)
 	}
 }
+
+// Drift names each required leaf the live values lack or hold differently, numbers
+// compared by value, extra live keys ignored.
+func TestDrift(t *testing.T) {
+	live := map[string]any{"fullnameOverride": "vault", "server": map[string]any{"uid": int64(100), "updateStrategyType": "RollingUpdate", "extra": true}}
+	want := map[string]any{"fullnameOverride": "vault", "server": map[string]any{"uid": 100.0, "updateStrategyType": "OnDelete", "ha": map[string]any{"replicas": 3}}}
+	got := Drift(live, want)
+	if len(got) != 2 || got[0].String() != "server.ha.replicas is (unset), the agent requires 3" || got[1].String() != "server.updateStrategyType is RollingUpdate, the agent requires OnDelete" {
+		t.Fatalf("drift %v", got)
+	}
+	if d := Drift(want, want); len(d) != 0 {
+		t.Fatalf("no drift expected: %v", d)
+	}
+}

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"syscall"
 )
 
@@ -91,4 +92,36 @@ func SyncFile(p string) error {
 	}
 	defer f.Close()
 	return f.Sync()
+}
+
+// WriteFile writes p atomically: a temporary file in the same directory, fsynced and
+// renamed over p, then the directory fsynced. A reader sees the old file or the new one,
+// never half of it; a failure leaves the old one.
+func WriteFile(p string, data []byte, mode os.FileMode) (err error) {
+	dir := filepath.Dir(p)
+	tmp, err := os.CreateTemp(dir, "."+filepath.Base(p)+".*.tmp")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			os.Remove(tmp.Name())
+		}
+	}()
+	if _, err = tmp.Write(data); err == nil {
+		err = tmp.Chmod(mode)
+	}
+	if err == nil {
+		err = tmp.Sync()
+	}
+	if cerr := tmp.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", p, err)
+	}
+	if err = os.Rename(tmp.Name(), p); err != nil {
+		return fmt.Errorf("write %s: %w", p, err)
+	}
+	return SyncDir(dir)
 }
