@@ -62,6 +62,8 @@ type labOptions struct {
 	// podData, by ordinal, is where a pod's Vault keeps its data when not on the
 	// configured host_path (a volume the operator wrote elsewhere).
 	podData map[int]string
+	// configure changes the configuration before the agent's accounts are made for it.
+	configure func(*configs.Config)
 }
 
 func newVaultLab(t *testing.T, nodes int) *vaultLab {
@@ -137,6 +139,9 @@ func newVaultLabWith(t *testing.T, o labOptions) *vaultLab {
 	}
 	if err := lab.RegisterNodes(ctx, cs, names...); err != nil {
 		t.Fatal(err)
+	}
+	if o.configure != nil {
+		o.configure(&cfg)
 	}
 	// The agent talks to Kubernetes as its own accounts, bound to exactly the roles
 	// `pve-vault-agent rbac` prints; the lab's admin only sets them up.
@@ -386,3 +391,27 @@ func tail(s string, n int) string {
 }
 
 var _ = io.Discard
+
+// stepNamed is the flow's step of that name.
+func stepNamed[S any](t *testing.T, steps []step[S], name string) step[S] {
+	t.Helper()
+	for _, st := range steps {
+		if st.name == name {
+			return st
+		}
+	}
+	t.Fatalf("no step %q", name)
+	return step[S]{}
+}
+
+// resultNamed is the result of the step of that name.
+func resultNamed(t *testing.T, steps []StepResult, name string) StepResult {
+	t.Helper()
+	for _, st := range steps {
+		if st.Name == name {
+			return st
+		}
+	}
+	t.Fatalf("no step %q in %+v", name, steps)
+	return StepResult{}
+}

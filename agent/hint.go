@@ -72,8 +72,9 @@ func forbiddenHint(err error) string {
 	}
 	where := "neither of the agent's roles has it: is the account bound to the roles `pve-vault-agent rbac` prints?"
 	for _, role := range []string{k8s.RoleOperate, k8s.RoleInstall} {
-		for _, r := range k8s.Rules(role, k8s.RBACSpec{Namespace: f.Namespace, Replicas: 1, Lease: "any"}) {
+		for _, r := range k8s.Rules(role, k8s.RBACSpec{Namespace: f.Namespace, Replicas: 1, Lease: "any", HelmRelease: "any"}) {
 			if contains(r.APIGroups, f.Group) && contains(r.Resources, f.Resource) && contains(r.Verbs, f.Verb) {
+				f.InClusterRole = r.Cluster && f.Namespace != ""
 				where = fmt.Sprintf("the %s role has it (%s): apply the roles `pve-vault-agent rbac` prints, or use the %s account's kubeconfig", role, k8s.RuleString(r), role)
 				return "Kubernetes refused: " + f.Rule() + "; " + where
 			}

@@ -60,6 +60,7 @@ var ErrImmutable = errors.New("refusing to install: immutable fields would chang
 // first, then standbys one at a time, the active node last (roll.go).
 var installSteps = []step[installState]{
 	{"connect", "connect to the Kubernetes API server", (*installState).connect},
+	{"owner", "who owns the release: refuse when Flux, Argo CD or another tool does (install.managed_by, the live objects' marks)", (*installState).owner},
 	{"chart", "load the chart (downloaded once into the cache; digest checked when pinned)", (*installState).loadChart},
 	{"values", "merge your values files under the values the agent enforces", (*installState).mergeValues},
 	{"plan", "compare with the deployed release: does the upgrade change the pods?", (*installState).plan},
@@ -79,7 +80,7 @@ func Install(ctx context.Context, env *Env, opts InstallOptions) (*InstallReport
 	s := &installState{env: env, opts: opts, rep: &InstallReport{}}
 	steps := installSteps
 	if opts.DryRun {
-		steps = steps[:4]
+		steps = steps[:5]
 	}
 	err := runSteps(ctx, env, "install", steps, s, &s.rep.Steps)
 	if opts.DryRun && err == nil {
@@ -97,6 +98,14 @@ func (s *installState) connect(ctx context.Context) (string, error) {
 	}
 	s.cluster = cl
 	return "namespace " + env.Config.Chart.Namespace, nil
+}
+
+func (s *installState) owner(ctx context.Context) (string, error) {
+	o, err := checkHelmOwner(ctx, s.env, s.cluster)
+	if err != nil {
+		return "", err
+	}
+	return o.String(), nil
 }
 
 func (s *installState) loadChart(context.Context) (string, error) {

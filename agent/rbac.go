@@ -19,6 +19,9 @@ func RBACSpecFor(cfg *configs.Config) (k8s.RBACSpec, error) {
 	if cfg.Cluster.Enabled() {
 		spec.Lease = cfg.Cluster.Lease
 	}
+	if cfg.Install.ManagedBy == configs.ManagedByFlux {
+		_, spec.HelmRelease = cfg.FluxHelmRelease()
+	}
 	files, err := k8s.ReadValuesFiles(cfg.Chart.ValuesFiles)
 	if err != nil {
 		return spec, fmt.Errorf("%w: chart.values_files: %v", ErrChartValues, err)

@@ -187,6 +187,10 @@ func runFlow(t *testing.T, ctx context.Context, vl *vaultLab, r k8s.Rule) error 
 			return err
 		}
 		return leaseOnce(ctx, c, env, "pve-a")
+	case "flux":
+		// What recover and restore do first: read and suspend the HelmRelease.
+		_, err := newFluxHold(env).suspend(ctx)
+		return err
 	}
 	t.Fatalf("no flow %q", r.Flow)
 	return nil

@@ -7,6 +7,8 @@ import (
 	"os"
 	"time"
 
+	"github.com/pve-vault-agent/pve-vault-agent/configs"
+	"github.com/pve-vault-agent/pve-vault-agent/k8s"
 	"github.com/pve-vault-agent/pve-vault-agent/provision"
 	"github.com/pve-vault-agent/pve-vault-agent/vault"
 	"github.com/pve-vault-agent/pve-vault-agent/vault/snapshot"
@@ -47,6 +49,7 @@ type recoverState struct {
 	pods      []vaultPod
 	first     vaultPod
 	throwaway *vault.Keyfile // its OperatorToken field holds the throwaway's root token
+	hold      *fluxHold      // the HelmRelease suspended while the data is restored (managed_by flux)
 	restored  bool           // the data is the snapshot's (or was never lost): no restore
 	rep       *RecoverReport
 }
@@ -54,13 +57,15 @@ type recoverState struct {
 var recoverSteps = []step[recoverState]{
 	{"check", "check the snapshot offline and that the keyfile holds its keys", (*recoverState).check},
 	{"provision", "provision the hostPath on every node", (*recoverState).provision},
-	{"install", "install the chart and wait for the pods", (*recoverState).install},
+	{"suspend", "managed_by flux: suspend the HelmRelease while Vault's data is restored", (*recoverState).suspend},
+	{"install", "install the chart and wait for the pods (managed_by flux, argocd, external: wait for the pods git brings back)", (*recoverState).install},
 	{"open", "open the first pod: a throwaway init when its data is gone (resumes an interrupted recover)", (*recoverState).open},
 	{"restore", "restore the snapshot into it (snapshot-force, with the throwaway's own root token)", (*recoverState).restore},
 	{"unseal", "wait until the restore is applied, unseal with the snapshot's keys", (*recoverState).unseal},
 	{"followers", "join and unseal the other pods (wiping a removed node first), remove stale Raft peers", (*recoverState).followers},
 	{"tokens", "check the agent's tokens; replace any the snapshot brought back expired", (*recoverState).tokens},
 	{"verify", "verify every pod is unsealed and one is active", (*recoverState).verify},
+	{"resume", "managed_by flux: resume the HelmRelease and wait until it is Ready", (*recoverState).resume},
 }
 
 // RecoverPlan is recover's plan, for printing.
@@ -71,12 +76,12 @@ func RecoverPlan() []PlanStep { return planOf(recoverSteps) }
 // keys are sealed next to the keyfile until the restore is done. A snapshot whose keys
 // the keyfile does not hold is refused before anything changes.
 func Recover(ctx context.Context, env *Env, opts RecoverOptions) (*RecoverReport, error) {
-	s := &recoverState{env: env, opts: opts, rep: &RecoverReport{Plan: RecoverPlan()}}
+	s := &recoverState{env: env, opts: opts, rep: &RecoverReport{Plan: RecoverPlan()}, hold: newFluxHold(env)}
 	steps := recoverSteps
 	if opts.DryRun {
 		steps = steps[:1]
 	}
-	return s.rep, runSteps(ctx, env, "recover", steps, s, &s.rep.Steps)
+	return s.rep, s.hold.failed(runSteps(ctx, env, "recover", steps, s, &s.rep.Steps))
 }
 
 func (s *recoverState) throwawayPath() string {
@@ -121,10 +126,21 @@ func (s *recoverState) provision(ctx context.Context) (string, error) {
 	return fmt.Sprintf("%d node(s) ready", len(res)), nil
 }
 
+func (s *recoverState) suspend(ctx context.Context) (string, error) { return s.hold.suspend(ctx) }
+func (s *recoverState) resume(ctx context.Context) (string, error)  { return s.hold.resume(ctx) }
+
 func (s *recoverState) install(ctx context.Context) (string, error) {
-	r, err := Install(ctx, s.env, InstallOptions{NoSnapshot: true})
+	var r *InstallReport
+	var err error
+	if s.env.Config.Install.ManagedBy == configs.ManagedByAgent {
+		r, err = Install(ctx, s.env, InstallOptions{NoSnapshot: true})
+	} else {
+		err = s.waitGitRelease(ctx)
+	}
 	installed := ""
 	switch {
+	case s.env.Config.Install.ManagedBy != configs.ManagedByAgent && err == nil:
+		installed = "release kept by " + managedBy(s.env.Config) + ", not changed"
 	case errors.Is(err, ErrImmutable):
 		// A release installed another way, on the operator's volumes (adopted): it stays
 		// as it is; the StatefulSet brings the pods back by itself.
@@ -147,6 +163,28 @@ func (s *recoverState) install(ctx context.Context) (string, error) {
 	}
 	s.first = s.pods[0]
 	return fmt.Sprintf("%s, %d pod(s) running", installed, len(s.pods)), nil
+}
+
+// waitGitRelease is recover's install step for a release git or another tool keeps:
+// the agent runs no Helm; the StatefulSet is there (else the owner has not brought it
+// back yet) and its pods come back by themselves onto the provisioned hostPaths.
+func (s *recoverState) waitGitRelease(ctx context.Context) error {
+	cfg := s.env.Config
+	cl, err := s.env.InstallCluster(ctx)
+	if err != nil {
+		return err
+	}
+	o, err := cl.ReleaseOwner(ctx, cfg.Chart.Release)
+	if err != nil {
+		return err
+	}
+	if o.Kind == k8s.OwnerNone {
+		return hintf(fmt.Sprintf("install.managed_by is %s: let it install Vault first (for Flux: `flux reconcile helmrelease`), then run recover again", cfg.Install.ManagedBy),
+			"no Vault StatefulSet in namespace %s: %s has not installed the release", cl.Namespace(), managedBy(cfg))
+	}
+	s.env.Log.Info("recover: the release is kept by its owner; waiting for its pods", "owner", o.String(), "evidence", o.Evidence)
+	_, err = cl.WaitRunning(ctx, cfg.Chart.Release, len(cfg.Nodes), cfg.Chart.Timeout)
+	return err
 }
 
 // facts reads what decideOpen needs.

@@ -175,7 +175,7 @@ func TestRecoverHAAllNodesRebuilt(t *testing.T) {
 	if err != nil {
 		t.Fatalf("recover: %v\n%s", err, tail(vl.logs.String(), 40))
 	}
-	t.Logf("HA, all three nodes rebuilt → unsealed with data back: %s (%s)", time.Since(t0).Round(time.Millisecond), rep.Steps[6].Result)
+	t.Logf("HA, all three nodes rebuilt → unsealed with data back: %s (%s)", time.Since(t0).Round(time.Millisecond), resultNamed(t, rep.Steps, "followers").Result)
 	if !rep.Restored || rep.Opened != string(openThrowawayInit) {
 		t.Fatalf("the snapshot was not restored into an empty node: %+v", rep)
 	}
@@ -211,7 +211,7 @@ func TestRecoverHAAllNodesRebuilt(t *testing.T) {
 		t.Fatalf("status does not report the removed node: %v", st.Attention)
 	}
 	rep, err = Recover(ctx, vl.env, RecoverOptions{})
-	if err != nil || !strings.Contains(rep.Steps[6].Result, "1 wiped before rejoining") {
+	if err != nil || !strings.Contains(resultNamed(t, rep.Steps, "followers").Result, "1 wiped before rejoining") {
 		t.Fatalf("recover of a removed node: %v %+v\n%s", err, rep.Steps, tail(vl.logs.String(), 30))
 	}
 	if sealed, _ := vl.sealed(t, victim); sealed {

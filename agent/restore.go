@@ -38,29 +38,35 @@ type restoreState struct {
 	op       vault.Token
 	marker   vault.Token
 	other    bool
+	hold     *fluxHold // the HelmRelease suspended while the snapshot is applied (managed_by flux)
 	rep      *RestoreReport
 }
 
 var restoreSteps = []step[restoreState]{
 	{"check", "verify the file offline, match its keyset with the keyfile, find the active node", (*restoreState).check},
+	{"suspend", "managed_by flux: suspend the HelmRelease while the snapshot is applied", (*restoreState).suspend},
 	{"marker", "create a short-lived marker token: it vanishes when the restore is applied", (*restoreState).createMarker},
 	{"upload", "upload the snapshot with the operator token", (*restoreState).upload},
 	{"applied", "wait until Vault has applied it (Vault 2.x applies it after the upload returns)", (*restoreState).applied},
 	{"unseal", "unseal every pod again", (*restoreState).unseal},
 	{"tokens", "check the agent's tokens; replace any the snapshot brought back expired", (*restoreState).tokens},
+	{"resume", "managed_by flux: resume the HelmRelease and wait until it is Ready", (*restoreState).resume},
 }
+
+func (s *restoreState) suspend(ctx context.Context) (string, error) { return s.hold.suspend(ctx) }
+func (s *restoreState) resume(ctx context.Context) (string, error)  { return s.hold.resume(ctx) }
 
 // Restore writes a snapshot into the running cluster: the file is verified and its
 // keyset matched against the keyfile before Vault is touched; the operator token
 // uploads it; a snapshot of another cluster needs Force.
 func Restore(ctx context.Context, env *Env, file string, opts RestoreOptions) (*RestoreReport, error) {
-	s := &restoreState{env: env, file: file, opts: opts, rep: &RestoreReport{}}
+	s := &restoreState{env: env, file: file, opts: opts, rep: &RestoreReport{}, hold: newFluxHold(env)}
 	defer func() {
 		if !s.marker.Empty() && s.active.API != nil {
 			revokeRoot(ctx, env, s.active.API, s.marker)
 		}
 	}()
-	return s.rep, runSteps(ctx, env, "restore", restoreSteps, s, &s.rep.Steps)
+	return s.rep, s.hold.failed(runSteps(ctx, env, "restore", restoreSteps, s, &s.rep.Steps))
 }
 
 func (s *restoreState) check(ctx context.Context) (string, error) {

@@ -66,7 +66,7 @@ func Roll(ctx context.Context, env *Env, cl *k8s.Cluster) (*RollReport, error) {
 				err = env.waitHealthyMember(ctx, p, kf)
 			}
 			if err != nil {
-				return rep, withHint(fmt.Errorf("%w before it began: %s: %w", ErrRollStopped, p.Name, err), "bring every pod back unsealed and voting (pve-vault-agent unseal, status), then run the upgrade again; nothing was deleted")
+				return rep, withHint(fmt.Errorf("%w before it began: %s: %w", ErrRollStopped, p.Name, err), "bring every pod back unsealed and voting (pve-vault-agent unseal, status), then run it again; nothing was deleted")
 			}
 		}
 	}
@@ -88,18 +88,66 @@ func Roll(ctx context.Context, env *Env, cl *k8s.Cluster) (*RollReport, error) {
 		if p.Name == active && len(pods) > 1 {
 			if err := env.stepDown(ctx, p, kf); err != nil {
 				rep.Left = names(old[i:])
-				return rep, withHint(fmt.Errorf("%w: %s would not hand over leadership: %w", ErrRollStopped, p.Name, err), "nothing more was deleted; check the cluster (pve-vault-agent status) and run the upgrade again")
+				return rep, withHint(fmt.Errorf("%w: %s would not hand over leadership: %w", ErrRollStopped, p.Name, err), "nothing more was deleted; check the cluster (pve-vault-agent status) and run it again (pve-vault-agent roll rolls what is left)")
 			}
 		}
 		env.Log.Info("rolling pod to the new revision", "pod", p.Name, "from", p.Revision, "to", target, "active", p.Name == active)
 		if err := rollOne(ctx, env, cl, p, kf); err != nil {
 			rep.Left = names(old[i:])
 			return rep, withHint(fmt.Errorf("%w at %s: %w", ErrRollStopped, p.Name, err),
-				"nothing more was deleted; still on the old revision: %s. Fix %s (pve-vault-agent status, kubectl describe pod), then run the upgrade again", strings.Join(rep.Left, ", "), p.Name)
+				"nothing more was deleted; still on the old revision: %s. Fix %s (pve-vault-agent status, kubectl describe pod), then run pve-vault-agent roll", strings.Join(rep.Left, ", "), p.Name)
 		}
 		rep.Rolled = append(rep.Rolled, p.Name)
 	}
 	return rep, nil
+}
+
+// RollPodsReport is what `roll` did.
+type RollPodsReport struct {
+	Snapshot string `json:"snapshot,omitempty"` // taken and verified before the first pod went down
+	RollReport
+}
+
+// RollPods rolls the pods a change of the StatefulSet left on the old revision: an
+// upgrade Flux, Argo CD or helm by hand applied (the chart's OnDelete strategy, which
+// the agent's values set, restarts nothing by itself). As install does after its own
+// upgrades: a verified snapshot first (when the agent holds the keyfile), then Roll.
+// Nothing to roll: nothing is done. Safe to re-run after a stop.
+func RollPods(ctx context.Context, env *Env) (*RollPodsReport, error) {
+	rep := &RollPodsReport{}
+	cl, err := env.InstallCluster(ctx)
+	if err != nil {
+		return rep, err
+	}
+	target, err := cl.UpdateRevision(ctx, env.Config.Chart.Release, env.Config.Chart.Timeout)
+	if err != nil {
+		return rep, err
+	}
+	pods, err := env.openPods(ctx)
+	if err != nil {
+		return rep, err
+	}
+	rep.Target = target
+	var old []string
+	for _, p := range pods {
+		if p.Revision != target {
+			old = append(old, p.Name)
+		}
+	}
+	if len(old) == 0 {
+		return rep, nil
+	}
+	if env.Keyfile.Exists() {
+		b, err := BackupNow(ctx, env, BackupOptions{})
+		if err != nil {
+			return rep, withHint(fmt.Errorf("no verified snapshot, so no pod is rolled: %w", err), "fix the backup (pve-vault-agent backup-now) and run roll again; nothing was changed")
+		}
+		rep.Snapshot = b.Snapshot.Path
+	}
+	env.Log.Info("rolling the pods left on the old revision", "pods", strings.Join(old, ","), "to", target)
+	rr, err := Roll(ctx, env, cl)
+	rep.RollReport = *rr
+	return rep, err
 }
 
 // rollOne replaces one pod and waits until its successor is a healthy member again.

@@ -17,20 +17,31 @@ import (
 // Status is one screen of everything the agent looks after. Attention lists what needs
 // the operator; empty means all is well.
 type Status struct {
-	Nodes        []NodeStatus     `json:"nodes"`
-	Release      *k8s.ReleaseInfo `json:"release,omitempty"`
-	Pods         []PodStatus      `json:"pods"`
-	Rejected     []k8s.Rejected   `json:"rejected_pods,omitempty"`
-	Keyfile      *vault.Meta      `json:"keyfile,omitempty"`
-	Tokens       []TokenStatus    `json:"tokens,omitempty"`
-	LastSnapshot *SnapshotStatus  `json:"last_snapshot,omitempty"`
-	NextBackup   time.Time        `json:"next_backup,omitzero"`
-	LastDrill    *DrillStatus     `json:"last_drill,omitempty"`
-	Offsite      []OffsiteStatus  `json:"offsite,omitempty"`
-	RecoveryCopy *RecoveryStatus  `json:"recovery_copy,omitempty"`
-	Cluster      *ClusterStatus   `json:"cluster,omitempty"`
-	Warnings     []string         `json:"warnings"`
-	Attention    []string         `json:"attention"`
+	Nodes        []NodeStatus          `json:"nodes"`
+	Release      *k8s.ReleaseInfo      `json:"release,omitempty"`
+	Owner        *k8s.Owner            `json:"release_owner,omitempty"`
+	ManagedBy    string                `json:"managed_by"`
+	HelmRelease  *k8s.HelmReleaseState `json:"helmrelease,omitempty"`
+	Drift        *DriftStatus          `json:"values_drift,omitempty"`
+	Pods         []PodStatus           `json:"pods"`
+	Rejected     []k8s.Rejected        `json:"rejected_pods,omitempty"`
+	Keyfile      *vault.Meta           `json:"keyfile,omitempty"`
+	Tokens       []TokenStatus         `json:"tokens,omitempty"`
+	LastSnapshot *SnapshotStatus       `json:"last_snapshot,omitempty"`
+	NextBackup   time.Time             `json:"next_backup,omitzero"`
+	LastDrill    *DrillStatus          `json:"last_drill,omitempty"`
+	Offsite      []OffsiteStatus       `json:"offsite,omitempty"`
+	RecoveryCopy *RecoveryStatus       `json:"recovery_copy,omitempty"`
+	Cluster      *ClusterStatus        `json:"cluster,omitempty"`
+	Warnings     []string              `json:"warnings"`
+	Attention    []string              `json:"attention"`
+}
+
+// DriftStatus compares the live release's values with what the agent requires.
+type DriftStatus struct {
+	Checked bool             `json:"checked"`
+	Why     string           `json:"why_not,omitempty"` // why it was not checked
+	Keys    []k8s.ValueDrift `json:"keys"`
 }
 
 // NodeStatus is a node VM and its hostPath.
@@ -76,7 +87,7 @@ type SnapshotStatus struct {
 // GetStatus gathers the status; a part that cannot be read becomes an attention line,
 // never an abort.
 func GetStatus(ctx context.Context, env *Env) *Status {
-	sb := &statusBuilder{env: env, now: env.Clock.Now(), st: &Status{Attention: []string{}, Warnings: []string{}, Pods: []PodStatus{}}}
+	sb := &statusBuilder{env: env, now: env.Clock.Now(), st: &Status{Attention: []string{}, Warnings: []string{}, Pods: []PodStatus{}, ManagedBy: env.Config.Install.ManagedBy}}
 	if env.Config.Vault.TLSCAFile == "" {
 		sb.st.Warnings = append(sb.st.Warnings, tlsOffWarning)
 	}
@@ -198,11 +209,67 @@ func (sb *statusBuilder) release(ctx context.Context) {
 		} else if sb.st.Release.Status != "deployed" && !sb.st.Release.FromStatefulSet {
 			sb.attn("helm release %s is %s (run install)", sb.st.Release.Name, sb.st.Release.Status)
 		}
+		if sb.st.Release != nil {
+			sb.owner(ctx, cl)
+		}
 		if path, err := cl.LivenessPath(ctx, cfg.Chart.Release); err == nil {
 			if w := k8s.LivenessWarning(path); w != "" {
 				sb.st.Warnings = append(sb.st.Warnings, "StatefulSet "+cfg.Chart.Release+": "+w)
 			}
 		}
+	}
+}
+
+// owner says who owns the release, whether that is what install.managed_by says, how
+// the HelmRelease is, and which required values the live release lacks.
+func (sb *statusBuilder) owner(ctx context.Context, cl *k8s.Cluster) {
+	cfg := sb.env.Config
+	o, err := cl.ReleaseOwner(ctx, cfg.Chart.Release)
+	if err != nil {
+		sb.attn("release owner: %v", err)
+		return
+	}
+	sb.st.Owner = o
+	want := map[string]string{k8s.OwnerFlux: configs.ManagedByFlux, k8s.OwnerArgoCD: configs.ManagedByArgoCD, k8s.OwnerOther: configs.ManagedByExternal}[o.Kind]
+	switch {
+	case cfg.Install.ManagedBy == configs.ManagedByAgent && want != "":
+		sb.attn("release %s is owned by %s (%s) but install.managed_by is agent: set install.managed_by: %s", o.Release, o, o.Evidence, want)
+	case cfg.Install.ManagedBy == configs.ManagedByFlux && o.Kind != k8s.OwnerFlux:
+		sb.attn("install.managed_by is flux but the release is owned by %s (%s)", o, o.Evidence)
+	}
+	if cfg.Install.ManagedBy == configs.ManagedByFlux {
+		ns, name := cfg.FluxHelmRelease()
+		if o.Kind == k8s.OwnerFlux && (o.Namespace != ns || o.Name != name) {
+			sb.attn("the release belongs to HelmRelease %s/%s, not %s/%s: set install.helmrelease: %s/%s", o.Namespace, o.Name, ns, name, o.Namespace, o.Name)
+		}
+		hr, err := cl.HelmRelease(ctx, ns, name)
+		switch {
+		case err != nil:
+			sb.attn("flux: %v", err)
+		case hr.Suspended:
+			sb.attn("HelmRelease %s/%s is suspended: a recover or restore that did not finish leaves it so; run it again, or `flux resume helmrelease -n %s %s`", ns, name, ns, name)
+		case hr.Ready != "True":
+			sb.attn("HelmRelease %s/%s is not Ready: %s: %s", ns, name, hr.Reason, hr.Message)
+		}
+		sb.st.HelmRelease = hr
+	}
+	d := &DriftStatus{Keys: []k8s.ValueDrift{}}
+	sb.st.Drift = d
+	keys, err := ValuesDrift(ctx, sb.env, cl, o.Release)
+	if _, refused := k8s.ParseForbidden(err); refused {
+		d.Why = "the operate account reads no Helm records: `pve-vault-agent config check` compares them with the install account"
+		return
+	}
+	if err != nil {
+		d.Why = err.Error()
+		return
+	}
+	d.Checked, d.Keys = true, keys
+	if cfg.Install.ManagedBy == configs.ManagedByAgent {
+		return // the next install applies them; an adopted release keeps its own until then
+	}
+	for _, k := range keys {
+		sb.attn("values drift: %s (put it in git: pve-vault-agent render)", k)
 	}
 }
 

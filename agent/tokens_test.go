@@ -164,7 +164,7 @@ func TestRotationAndAnOlderSnapshot(t *testing.T) {
 	if err != nil {
 		t.Fatalf("restore: %v\n%s", err, tail(vl.logs.String(), 30))
 	}
-	tokensStep := rrep.Steps[len(rrep.Steps)-1]
+	tokensStep := resultNamed(t, rrep.Steps, "tokens")
 	if !strings.Contains(tokensStep.Result, "replaced") {
 		t.Fatalf("the restored data's tokens were not replaced: %+v", rrep.Steps)
 	}

@@ -157,7 +157,7 @@ Exit codes: 0 ok, 1 operation failed, 2 usage, 78 invalid configuration, 130 int
 	root.AddCommand(newVersionCommand(g), newConfigCommand(g), newProvisionCommand(g), newInstallCommand(g), newDrillCommand(g),
 		newUpgradeCommand(g), newInitCommand(g), newAdoptCommand(g), newUnsealCommand(g), newKeyfileCommand(g), newRunCommand(g),
 		newBackupNowCommand(g), newSnapshotsCommand(g), newRecoverCommand(g), newRestoreCommand(g),
-		newStatusCommand(g), newTokenCommand(g), newRBACCommand(g), newNotifyCommand(g))
+		newStatusCommand(g), newTokenCommand(g), newRBACCommand(g), newNotifyCommand(g), newRenderCommand(g), newRollCommand(g))
 	return root
 }
 

@@ -73,7 +73,7 @@ func runConfigCheck(ctx context.Context, opts *configCheckOptions, g *globalOpti
 		if err := writeJSON(g, view); err != nil {
 			return err
 		}
-		return errors.Join(checkUnitCredentials(ctx, g, cfg), checkKubernetesAccess(ctx, g))
+		return errors.Join(checkUnitCredentials(ctx, g, cfg), checkCluster(ctx, g))
 	}
 	out, err := yaml.Marshal(view)
 	if err != nil {
@@ -83,20 +83,57 @@ func runConfigCheck(ctx context.Context, opts *configCheckOptions, g *globalOpti
 	if _, err = g.stdout.Write(out); err != nil {
 		return err
 	}
-	return errors.Join(checkUnitCredentials(ctx, g, cfg), checkKubernetesAccess(ctx, g))
+	return errors.Join(checkUnitCredentials(ctx, g, cfg), checkCluster(ctx, g))
 }
 
-// checkKubernetesAccess asks the API server whether the configured kubeconfigs may do
-// what their roles need; a cluster that cannot be reached is a warning, a refused rule
-// an error.
-func checkKubernetesAccess(ctx context.Context, g *globalOptions) error {
+// checkRelease says who owns the live release and which values the agent requires it
+// lacks: a problem when git owns it (git must carry them), a note when the agent does.
+// A cluster that cannot be reached is a warning.
+func checkRelease(ctx context.Context, g *globalOptions, env *agent.Env) error {
+	rc, err := agent.CheckRelease(ctx, env)
+	if err != nil {
+		fmt.Fprintf(g.stderr, "warning: could not check the live release: %v\n", err)
+		return nil
+	}
+	if rc.Owner.Kind != "" {
+		fmt.Fprintf(g.stderr, "release: owned by %s (%s); install.managed_by: %s\n", rc.Owner, rc.Owner.Evidence, env.Config.Install.ManagedBy)
+		if len(rc.Drift) == 0 && rc.Owner.Kind != "other" {
+			fmt.Fprintln(g.stderr, "release values: every value the agent requires is live")
+		}
+	}
+	for _, n := range rc.Notes {
+		fmt.Fprintf(g.stderr, "note: %s\n", n)
+	}
+	for _, p := range rc.Problems {
+		fmt.Fprintf(g.stderr, "error: %s\n", p)
+	}
+	if len(rc.Problems) > 0 {
+		return fmt.Errorf("%d problem(s) with the live release: see above", len(rc.Problems))
+	}
+	return nil
+}
+
+// checkCluster runs the checks that ask the API server, in one environment and within
+// 30 seconds each.
+func checkCluster(ctx context.Context, g *globalOptions) error {
 	env, err := g.environment()
 	if err != nil {
 		return err
 	}
 	defer env.Close()
-	ctx, cancel := context.WithTimeout(ctx, 30*time.Second)
-	defer cancel()
+	var errs []error
+	for _, check := range []func(context.Context, *globalOptions, *agent.Env) error{checkKubernetesAccess, checkRelease} {
+		cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		errs = append(errs, check(cctx, g, env))
+		cancel()
+	}
+	return errors.Join(errs...)
+}
+
+// checkKubernetesAccess asks the API server whether the configured kubeconfigs may do
+// what their roles need; a cluster that cannot be reached is a warning, a refused rule
+// an error.
+func checkKubernetesAccess(ctx context.Context, g *globalOptions, env *agent.Env) error {
 	rep, err := agent.CheckKubernetesAccess(ctx, env)
 	if err != nil {
 		fmt.Fprintf(g.stderr, "warning: could not check the Kubernetes accounts' access: %v\n", err)

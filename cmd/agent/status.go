@@ -57,6 +57,20 @@ func printStatus(w io.Writer, st *agent.Status) {
 	} else if r != nil {
 		fmt.Fprintf(w, "\nrelease %s/%s: revision %d, %s, chart %s\n", r.Namespace, r.Name, r.Revision, r.Status, r.ChartVersion)
 	}
+	if o := st.Owner; o != nil {
+		fmt.Fprintf(w, "owned by %s; install.managed_by: %s\n", o, st.ManagedBy)
+	}
+	if h := st.HelmRelease; h != nil {
+		fmt.Fprintf(w, "HelmRelease %s/%s: ready %s (%s), suspended %v\n", h.Namespace, h.Name, h.Ready, dash(h.Reason), h.Suspended)
+	}
+	if d := st.Drift; d != nil && d.Checked {
+		if len(d.Keys) == 0 {
+			fmt.Fprintln(w, "values: the live release has every value the agent requires")
+		}
+		for _, k := range d.Keys {
+			fmt.Fprintf(w, "values drift: %s\n", k)
+		}
+	}
 	fmt.Fprintln(w)
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "POD\tNODE\tINITIALISED\tSEALED\tACTIVE\tHEALTH\tVERSION")
