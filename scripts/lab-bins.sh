@@ -7,6 +7,9 @@
 #   - SeaweedFS (weed), a real S3-compatible server for the off-host copy tests, built
 #     from its module at the version in versions.env (its own go.mod, replaces included);
 #   - Mailpit, a real SMTP server with an API to read what arrived (notification tests);
+#   - Flux's source-controller and helm-controller (the pair Flux 2.7 ships) from the
+#     pinned wrapper module internal/lab/bins/flux, and their CRDs from the modules'
+#     config/crd/bases, for the GitOps tests;
 #   - promtool, from Debian's prometheus package (extracted, not installed: no service),
 #     for the shipped alert rules' unit tests.
 # Binaries are cached outside the repository, keyed by version, in $PVA_LAB_CACHE, else
@@ -23,6 +26,7 @@ else cache=${XDG_CACHE_HOME:-$HOME/.cache}/pve-vault-agent-lab; fi
 . "$here/internal/lab/versions.env"
 grep -q "require k8s.io/kubernetes v$KUBE_VERSION\$" "$here/internal/lab/bins/kube/go.mod" || { echo "lab-bins: internal/lab/bins/kube/go.mod does not require kubernetes v$KUBE_VERSION (versions.env)" >&2; exit 1; }
 grep -q "require go.etcd.io/etcd/server/v3 v$ETCD_VERSION\$" "$here/internal/lab/bins/etcd/go.mod" || { echo "lab-bins: internal/lab/bins/etcd/go.mod does not require etcd v$ETCD_VERSION (versions.env)" >&2; exit 1; }
+grep -q "github.com/fluxcd/helm-controller v$FLUX_HELM_CONTROLLER_VERSION\$" "$here/internal/lab/bins/flux/go.mod" && grep -q "github.com/fluxcd/source-controller v$FLUX_SOURCE_CONTROLLER_VERSION\$" "$here/internal/lab/bins/flux/go.mod" || { echo "lab-bins: internal/lab/bins/flux/go.mod does not require helm-controller v$FLUX_HELM_CONTROLLER_VERSION and source-controller v$FLUX_SOURCE_CONTROLLER_VERSION (versions.env)" >&2; exit 1; }
 export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 log() { printf 'lab-bins: %s\n' "$*" >&2; }
@@ -108,6 +112,18 @@ module_build() {
 weed_build() { module_build github.com/seaweedfs/seaweedfs "$SEAWEEDFS_VERSION" ./weed weed; }
 mailpit_build() { module_build github.com/axllent/mailpit "$MAILPIT_VERSION" . mailpit; }
 
+# --- Flux's controllers and CRDs --------------------------------------------------
+flux_build() {
+	local m
+	(cd "$here/internal/lab/bins/flux" && go build -trimpath -ldflags="-s -w" -o "$out/" github.com/fluxcd/helm-controller github.com/fluxcd/source-controller)
+	mkdir -p "$out/crds"
+	for m in "helm-controller@v$FLUX_HELM_CONTROLLER_VERSION" "source-controller@v$FLUX_SOURCE_CONTROLLER_VERSION"; do
+		(cd "$here/internal/lab/bins/flux" && go mod download "github.com/fluxcd/$m")
+		cp "$(go env GOMODCACHE)/github.com/fluxcd/$m/config/crd/bases/"*.yaml "$out/crds/"
+	done
+	chmod 0644 "$out/crds/"*.yaml
+}
+
 # --- promtool (Debian's prometheus package, extracted) ----------------------------
 promtool_fetch() {
 	(cd "$out" && apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq && apt-get download prometheus >/dev/null; })
@@ -123,6 +139,8 @@ t0=$(date +%s)
 [ -x "$cache/kube-$KUBE_VERSION/kube-apiserver" ] || { log "building kube-apiserver and kube-controller-manager $KUBE_VERSION (cold: ~10 min)"; rm -rf "$cache/kube-$KUBE_VERSION"; build_to "$cache/kube-$KUBE_VERSION" kube_build; }
 [ -x "$cache/seaweedfs-$SEAWEEDFS_VERSION/weed" ] || { log "building SeaweedFS $SEAWEEDFS_VERSION (cold: ~5 min)"; rm -rf "$cache/seaweedfs-$SEAWEEDFS_VERSION"; build_to "$cache/seaweedfs-$SEAWEEDFS_VERSION" weed_build; }
 [ -x "$cache/mailpit-$MAILPIT_VERSION/mailpit" ] || { log "building mailpit $MAILPIT_VERSION (cold: ~5 min)"; rm -rf "$cache/mailpit-$MAILPIT_VERSION"; build_to "$cache/mailpit-$MAILPIT_VERSION" mailpit_build; }
+flux=flux-$FLUX_HELM_CONTROLLER_VERSION-$FLUX_SOURCE_CONTROLLER_VERSION
+[ -x "$cache/$flux/helm-controller" ] || { log "building Flux helm-controller $FLUX_HELM_CONTROLLER_VERSION and source-controller $FLUX_SOURCE_CONTROLLER_VERSION (cold: ~9 min)"; rm -rf "$cache/$flux"; build_to "$cache/$flux" flux_build; }
 [ -x "$cache/promtool/promtool" ] || { log "fetching promtool (Debian's prometheus package)"; rm -rf "$cache/promtool"; build_to "$cache/promtool" promtool_fetch; }
 rm -rf "$cache"/*.tmp.* 2>/dev/null || true
 log "ready in $(( $(date +%s) - t0 ))s: $cache"

@@ -35,6 +35,9 @@ var (
 	// SeaweedFSVersion is the S3-compatible server's module version.
 	SeaweedFSVersion = version("SEAWEEDFS_VERSION")
 	MailpitVersion   = version("MAILPIT_VERSION")
+	// Flux 2.7's controllers (the GitOps tests).
+	FluxHelmControllerVersion   = version("FLUX_HELM_CONTROLLER_VERSION")
+	FluxSourceControllerVersion = version("FLUX_SOURCE_CONTROLLER_VERSION")
 )
 
 //go:embed versions.env
@@ -69,6 +72,9 @@ type Bins struct {
 	Weed                  string // SeaweedFS, the lab's S3 server
 	Mailpit               string // the lab's SMTP server
 	Promtool              string // Prometheus' rule checker and rule unit tests (Debian's prometheus package)
+	HelmController        string // Flux's helm-controller
+	SourceController      string // Flux's source-controller
+	FluxCRDs              string // the directory of both controllers' CRDs
 	SSHKeygen             string
 	SystemdCreds          string
 	IP                    string // iproute2, for network namespaces
@@ -103,8 +109,10 @@ func FindBins() (Bins, error) {
 		Mailpit:               filepath.Join(c, "mailpit-"+MailpitVersion, "mailpit"),
 		Promtool:              filepath.Join(c, "promtool", "promtool"),
 	}
+	flux := filepath.Join(c, "flux-"+FluxHelmControllerVersion+"-"+FluxSourceControllerVersion)
+	b.HelmController, b.SourceController, b.FluxCRDs = filepath.Join(flux, "helm-controller"), filepath.Join(flux, "source-controller"), filepath.Join(flux, "crds")
 	var missing []string
-	for _, p := range []string{b.Vault, b.Etcd, b.KubeAPIServer, b.KubeControllerManager, b.SSHD, b.Weed, b.Mailpit, b.Promtool} {
+	for _, p := range []string{b.Vault, b.Etcd, b.KubeAPIServer, b.KubeControllerManager, b.SSHD, b.Weed, b.Mailpit, b.Promtool, b.HelmController, b.SourceController} {
 		if fi, err := os.Stat(p); err != nil || fi.Mode()&0o111 == 0 {
 			missing = append(missing, p)
 		}
@@ -117,8 +125,8 @@ func FindBins() (Bins, error) {
 		*dst = p
 	}
 	if len(missing) > 0 {
-		return b, fmt.Errorf("lab prerequisites missing: %s; run `make lab-bins` (installs openssh-server and promtool, builds Vault %s, etcd %s, Kubernetes %s, SeaweedFS %s, Mailpit %s into %s)",
-			strings.Join(missing, ", "), VaultVersion, EtcdVersion, KubeVersion, SeaweedFSVersion, MailpitVersion, c)
+		return b, fmt.Errorf("lab prerequisites missing: %s; run `make lab-bins` (installs openssh-server and promtool, builds Vault %s, etcd %s, Kubernetes %s, SeaweedFS %s, Mailpit %s, Flux helm-controller %s and source-controller %s into %s)",
+			strings.Join(missing, ", "), VaultVersion, EtcdVersion, KubeVersion, SeaweedFSVersion, MailpitVersion, FluxHelmControllerVersion, FluxSourceControllerVersion, c)
 	}
 	return b, nil
 }
