@@ -83,29 +83,28 @@ func startFlux(ctx context.Context, bins Bins, cp *ControlPlane, ns, dir string)
 	if err := f.serveCharts(); err != nil {
 		return f, err
 	}
-	storage, err := FreePort("127.0.0.1")
-	if err != nil {
-		return f, err
+	var ports [5]int // source: storage, metrics, health; helm: metrics, health
+	for i := range ports {
+		if ports[i], err = FreePort("127.0.0.1"); err != nil {
+			return f, err
+		}
 	}
-	addr := func() string {
-		p, _ := FreePort("127.0.0.1")
-		return "127.0.0.1:" + strconv.Itoa(p)
-	}
+	addr := func(i int) string { return "127.0.0.1:" + strconv.Itoa(ports[i]) }
 	env := []string{"KUBECONFIG=" + cp.Kubeconfig, "RUNTIME_NAMESPACE=" + ns}
-	srcHealth, helmHealth := addr(), addr()
+	srcHealth, helmHealth := addr(2), addr(4)
 	if err := os.MkdirAll(filepath.Join(dir, "artifacts"), 0o700); err != nil {
 		return f, err
 	}
 	f.Source, err = startProcess("source-controller", filepath.Join(dir, "source-controller.log"), bins.SourceController, []string{
 		"--watch-all-namespaces=false", "--storage-path=" + filepath.Join(dir, "artifacts"),
-		"--storage-addr=127.0.0.1:" + strconv.Itoa(storage), "--storage-adv-addr=127.0.0.1:" + strconv.Itoa(storage),
-		"--metrics-addr=" + addr(), "--health-addr=" + srcHealth, "--log-level=debug",
+		"--storage-addr=" + addr(0), "--storage-adv-addr=" + addr(0),
+		"--metrics-addr=" + addr(1), "--health-addr=" + srcHealth, "--log-level=debug",
 	}, nil, env)
 	if err != nil {
 		return f, err
 	}
 	f.Helm, err = startProcess("helm-controller", filepath.Join(dir, "helm-controller.log"), bins.HelmController, []string{
-		"--watch-all-namespaces=false", "--metrics-addr=" + addr(), "--health-addr=" + helmHealth, "--log-level=debug",
+		"--watch-all-namespaces=false", "--metrics-addr=" + addr(3), "--health-addr=" + helmHealth, "--log-level=debug",
 	}, nil, env)
 	if err != nil {
 		return f, err

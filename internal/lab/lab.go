@@ -16,11 +16,13 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	mrand "math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -151,14 +153,43 @@ func Need(t testing.TB) Bins {
 	return b
 }
 
-// FreePort returns a TCP port on ip that was free a moment ago.
+// FreePort returns a TCP port on ip that was free a moment ago, for a server the lab
+// starts and that binds it itself. It is chosen at random outside the kernel's
+// ephemeral range (net.ipv4.ip_local_port_range): a port from that range, free when
+// asked, can be taken a moment later as the local port of any outgoing connection
+// (the Flux controllers, the agents and the API server make many), and a server then
+// fails to bind it (seen: SeaweedFS's S3 gRPC port, "address already in use").
 func FreePort(ip string) (int, error) {
-	l, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
-	if err != nil {
-		return 0, fmt.Errorf("find a free port on %s: %w", ip, err)
+	lo, hi := portsOutsideEphemeral()
+	var err error
+	for range 500 {
+		port := lo + mrand.IntN(hi-lo+1)
+		var l net.Listener
+		if l, err = net.Listen("tcp", net.JoinHostPort(ip, strconv.Itoa(port))); err == nil {
+			l.Close()
+			return port, nil
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return 0, fmt.Errorf("find a free port on %s in %d-%d: %w", ip, lo, hi, err)
+}
+
+// portsOutsideEphemeral is the widest range of ports above 10000 that the kernel never
+// hands out as local ports of outgoing connections.
+func portsOutsideEphemeral() (lo, hi int) {
+	elo, ehi := 32768, 60999 // Linux's default
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if a, err1 := strconv.Atoi(f[0]); err1 == nil {
+				if z, err2 := strconv.Atoi(f[1]); err2 == nil {
+					elo, ehi = a, z
+				}
+			}
+		}
+	}
+	if elo-1-10000 >= 65535-ehi {
+		return 10000, elo - 1
+	}
+	return ehi + 1, 65535
 }
 
 // Permanent marks a condition error that polling cannot fix (the server exited):
