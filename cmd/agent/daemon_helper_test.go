@@ -84,12 +84,20 @@ func (d *daemonProc) waitLogged(t *testing.T, want string, n int, timeout time.D
 	}
 }
 
-// stop sends SIGTERM and waits for the exit status.
+// stop sends SIGTERM and waits for the exit status. The log is read to its end first:
+// Wait closes the stderr pipe once the process has exited, dropping whatever the reader
+// had not read yet (seen: the daemon's last line, "daemon stopped", lost in a CI run).
 func (d *daemonProc) stop(t *testing.T) {
 	t.Helper()
 	d.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-d.done: // EOF: the daemon has exited and everything it wrote was read
+	case <-time.After(2 * time.Minute):
+		d.cmd.Process.Kill()
+		<-d.done
+		t.Fatalf("the daemon did not stop within 2 minutes of SIGTERM\n%s", tailLines(d.Logs(), 40))
+	}
 	err := d.cmd.Wait()
-	<-d.done
 	if err != nil {
 		t.Fatalf("daemon exit: %v\n%s", err, tailLines(d.Logs(), 40))
 	}
