@@ -202,15 +202,7 @@ func CheckRelease(ctx context.Context, env *Env) (*ReleaseCheck, error) {
 		rc.Notes = append(rc.Notes, fmt.Sprintf("no Vault release in namespace %s yet (install.managed_by: %s)", cl.Namespace(), cfg.Install.ManagedBy))
 		return rc, nil
 	}
-	if _, err := checkHelmOwner(ctx, env, cl); err != nil && cfg.Install.ManagedBy == configs.ManagedByAgent {
-		rc.Problems = append(rc.Problems, err.Error()+"; "+firstHint(err))
-	}
-	if cfg.Install.ManagedBy == configs.ManagedByFlux && o.Kind != k8s.OwnerFlux {
-		rc.Problems = append(rc.Problems, fmt.Sprintf("install.managed_by is flux, but the release is owned by %s (%s)", o, o.Evidence))
-	}
-	if ns, name := cfg.FluxHelmRelease(); cfg.Install.ManagedBy == configs.ManagedByFlux && o.Kind == k8s.OwnerFlux && (o.Namespace != ns || o.Name != name) {
-		rc.Problems = append(rc.Problems, fmt.Sprintf("the release belongs to HelmRelease %s/%s, not %s/%s: set install.helmrelease: %s/%s", o.Namespace, o.Name, ns, name, o.Namespace, o.Name))
-	}
+	rc.Problems = append(rc.Problems, ownerProblems(cfg, o)...)
 	if o.Kind == k8s.OwnerOther {
 		rc.Notes = append(rc.Notes, "no Helm release record to compare values with: "+o.Evidence)
 		return rc, nil
@@ -228,9 +220,29 @@ func CheckRelease(ctx context.Context, env *Env) (*ReleaseCheck, error) {
 	return rc, nil
 }
 
-func firstHint(err error) string {
-	if h := Hints(err); len(h) > 0 {
-		return h[0]
+// ownerProblems is where the live owner o contradicts the configuration: a release
+// Flux, Argo CD or another tool owns while install.managed_by is agent, a Vault of
+// another release name, another owner than Flux or another HelmRelease than
+// install.helmrelease with managed_by flux. status shows them, config check fails on them.
+func ownerProblems(cfg *configs.Config, o *k8s.Owner) []string {
+	var out []string
+	want := map[string]string{k8s.OwnerFlux: configs.ManagedByFlux, k8s.OwnerArgoCD: configs.ManagedByArgoCD, k8s.OwnerOther: configs.ManagedByExternal}[o.Kind]
+	switch cfg.Install.ManagedBy {
+	case configs.ManagedByAgent:
+		if want != "" {
+			out = append(out, fmt.Sprintf("release %s is owned by %s (%s) but install.managed_by is agent: set install.managed_by: %s", o.Release, o, o.Evidence, want))
+		}
+		if o.Kind == k8s.OwnerHelm && o.Release != cfg.Chart.Release {
+			out = append(out, fmt.Sprintf("a Vault of release %s (StatefulSet %s) runs in namespace %s, not release %s: set chart.release: %s", o.Release, o.StatefulSet, cfg.Chart.Namespace, cfg.Chart.Release, o.Release))
+		}
+	case configs.ManagedByFlux:
+		ns, name := cfg.FluxHelmRelease()
+		switch {
+		case o.Kind != k8s.OwnerFlux:
+			out = append(out, fmt.Sprintf("install.managed_by is flux, but the release is owned by %s (%s)", o, o.Evidence))
+		case o.Namespace != ns || o.Name != name:
+			out = append(out, fmt.Sprintf("the release belongs to HelmRelease %s/%s, not %s/%s: set install.helmrelease: %s/%s", o.Namespace, o.Name, ns, name, o.Namespace, o.Name))
+		}
 	}
-	return ""
+	return out
 }

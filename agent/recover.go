@@ -130,17 +130,15 @@ func (s *recoverState) suspend(ctx context.Context) (string, error) { return s.h
 func (s *recoverState) resume(ctx context.Context) (string, error)  { return s.hold.resume(ctx) }
 
 func (s *recoverState) install(ctx context.Context) (string, error) {
-	var r *InstallReport
-	var err error
-	if s.env.Config.Install.ManagedBy == configs.ManagedByAgent {
-		r, err = Install(ctx, s.env, InstallOptions{NoSnapshot: true})
-	} else {
-		err = s.waitGitRelease(ctx)
+	if s.env.Config.Install.ManagedBy != configs.ManagedByAgent {
+		if err := s.waitGitRelease(ctx); err != nil {
+			return "", err
+		}
+		return s.podsRunning(ctx, "release kept by "+managedBy(s.env.Config)+", not changed")
 	}
+	r, err := Install(ctx, s.env, InstallOptions{NoSnapshot: true})
 	installed := ""
 	switch {
-	case s.env.Config.Install.ManagedBy != configs.ManagedByAgent && err == nil:
-		installed = "release kept by " + managedBy(s.env.Config) + ", not changed"
 	case errors.Is(err, ErrImmutable):
 		// A release installed another way, on the operator's volumes (adopted): it stays
 		// as it is; the StatefulSet brings the pods back by itself.
@@ -158,6 +156,12 @@ func (s *recoverState) install(ctx context.Context) (string, error) {
 	default:
 		installed = fmt.Sprintf("release %s revision %d", r.Action, r.Revision)
 	}
+	return s.podsRunning(ctx, installed)
+}
+
+// podsRunning opens the running pods, the first of them the one recover opens.
+func (s *recoverState) podsRunning(ctx context.Context, installed string) (string, error) {
+	var err error
 	if s.pods, err = s.env.openPods(ctx); err != nil {
 		return "", err
 	}

@@ -230,18 +230,11 @@ func (sb *statusBuilder) owner(ctx context.Context, cl *k8s.Cluster) {
 		return
 	}
 	sb.st.Owner = o
-	want := map[string]string{k8s.OwnerFlux: configs.ManagedByFlux, k8s.OwnerArgoCD: configs.ManagedByArgoCD, k8s.OwnerOther: configs.ManagedByExternal}[o.Kind]
-	switch {
-	case cfg.Install.ManagedBy == configs.ManagedByAgent && want != "":
-		sb.attn("release %s is owned by %s (%s) but install.managed_by is agent: set install.managed_by: %s", o.Release, o, o.Evidence, want)
-	case cfg.Install.ManagedBy == configs.ManagedByFlux && o.Kind != k8s.OwnerFlux:
-		sb.attn("install.managed_by is flux but the release is owned by %s (%s)", o, o.Evidence)
+	for _, p := range ownerProblems(cfg, o) {
+		sb.attn("%s", p)
 	}
 	if cfg.Install.ManagedBy == configs.ManagedByFlux {
 		ns, name := cfg.FluxHelmRelease()
-		if o.Kind == k8s.OwnerFlux && (o.Namespace != ns || o.Name != name) {
-			sb.attn("the release belongs to HelmRelease %s/%s, not %s/%s: set install.helmrelease: %s/%s", o.Namespace, o.Name, ns, name, o.Namespace, o.Name)
-		}
 		hr, err := cl.HelmRelease(ctx, ns, name)
 		switch {
 		case err != nil:

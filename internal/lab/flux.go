@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"helm.sh/helm/v3/pkg/repo"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -292,8 +291,7 @@ func ApplyManifests(ctx context.Context, rc *rest.Config, stream string) error {
 			return err
 		}
 		force := true
-		_, err = ri.Patch(ctx, u.GetName(), types.ApplyPatchType, body, metav1.PatchOptions{FieldManager: "kustomize-controller", Force: &force, FieldValidation: "Strict"})
-		if err != nil && !apierrors.IsAlreadyExists(err) {
+		if _, err := ri.Patch(ctx, u.GetName(), types.ApplyPatchType, body, metav1.PatchOptions{FieldManager: "kustomize-controller", Force: &force, FieldValidation: "Strict"}); err != nil {
 			return fmt.Errorf("apply %s %s/%s: %w", gvk.Kind, u.GetNamespace(), u.GetName(), err)
 		}
 	}
